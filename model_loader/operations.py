@@ -1,0 +1,96 @@
+"""Layer classes that let weights be stored in one dtype and computed in another.
+
+Engine modules build their layers from an `operations` namespace (default `torch.nn`). `CastOps` is the
+pack's own: its Linear casts its weight to the input's dtype at call time (layer by layer, so a model
+stored in fp8 computes in bf16 with only one layer's weight upcast at a time) and applies the
+per-tensor `scale_weight` of ComfyUI's scaled-fp8 files. Inside ComfyUI the host may pass its own
+`comfy.ops.manual_cast` instead.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+_warned_no_fast_fp8 = False
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """True on GPUs with fp8 matrix units (compute capability 8.9 and newer) and a torch that exposes them."""
+    if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class CastLinear(nn.Linear):
+    """nn.Linear computing in the input's dtype whatever the stored weight dtype.
+
+    `scale_weight` (a 0-d or 1-element tensor, optional): the stored weight is `real_weight / scale`.
+    `fast_fp8`: when set and supported, fp8 weights are multiplied with torch._scaled_mm instead of
+    being upcast; elsewhere it falls back to the upcast path with one warning.
+    """
+
+    scale_weight: torch.Tensor | None
+    fast_fp8: bool = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale_weight", None, persistent=False)
+
+    def set_scale(self, scale: torch.Tensor | None) -> None:
+        self.scale_weight = None if scale is None else scale.reshape(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.fast_fp8 and w.dtype == torch.float8_e4m3fn:
+            out = self._fast_fp8(x)
+            if out is not None:
+                return out
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        if self.scale_weight is not None:
+            w = w * self.scale_weight.to(x.dtype)
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(x, w, b)
+
+    def _fast_fp8(self, x: torch.Tensor) -> torch.Tensor | None:
+        global _warned_no_fast_fp8
+        if not fp8_matmul_supported(x.device):
+            if not _warned_no_fast_fp8:
+                log.warning(
+                    "fp8_e4m3fn_fast: this device (%s) has no fp8 matrix units; computing in %s instead.",
+                    x.device, x.dtype,
+                )
+                _warned_no_fast_fp8 = True
+            return None
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        # Per-tensor input scale so activations fit e4m3's range (max 448).
+        amax = x2.abs().amax().float().clamp(min=1e-12)
+        x_scale = (amax / 448.0).reshape(())
+        x8 = (x2.float() / x_scale).to(torch.float8_e4m3fn)
+        w_scale = (self.scale_weight if self.scale_weight is not None else torch.ones((), device=x.device))
+        out = torch._scaled_mm(
+            x8, self.weight.t(), scale_a=x_scale.to(x.device, torch.float32),
+            scale_b=w_scale.to(x.device, torch.float32).reshape(()), out_dtype=x.dtype,
+            bias=None if self.bias is None else self.bias.to(x.dtype),
+        )
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+CastOps = types.SimpleNamespace(
+    Linear=CastLinear,
+    Conv2d=nn.Conv2d,
+    LayerNorm=nn.LayerNorm,
+    GroupNorm=nn.GroupNorm,
+    Embedding=nn.Embedding,
+)

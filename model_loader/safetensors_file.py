@@ -1,0 +1,172 @@
+"""Zero-copy, memory-mapped reading of safetensors files (and folders of shards).
+
+Tensors returned here are views of a private (copy-on-write) memory map of the file: nothing is read
+until a tensor is touched, and loading them with `load_state_dict(assign=True)` never holds a second
+copy of the weights. The header is validated first so that a truncated download or a file of another
+format gives a clear error instead of a crash deep inside torch.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelFileError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset of the data, from the start of the file
+    end: int
+
+
+class SafetensorsFile:
+    """One safetensors file: its header on open, its tensors as memory-mapped views on demand."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(f"Model file not found: {self.path}")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFileError(f"{self.path} is not a safetensors file (it is {size} bytes long).")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len <= 1 or header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ModelFileError(self._not_safetensors(size))
+            raw = f.read(header_len)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelFileError(self._not_safetensors(size)) from None
+        if not isinstance(header, dict):
+            raise ModelFileError(self._not_safetensors(size))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_len
+        self.tensors: dict[str, TensorInfo] = {}
+        data_end = data_start
+        for name, entry in header.items():
+            try:
+                dtype = _DTYPES[entry["dtype"]]
+                begin, end = entry["data_offsets"]
+                shape = tuple(int(d) for d in entry["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise ModelFileError(
+                    f"{self.path}: tensor {name!r} has an entry this loader cannot read ({entry!r})."
+                ) from None
+            self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+            data_end = max(data_end, data_start + end)
+        if data_end > size:
+            raise ModelFileError(
+                f"{self.path} is truncated: its header promises {data_end} bytes but the file has {size}. "
+                "The download did not finish; download the file again."
+            )
+        self._map: mmap.mmap | None = None
+
+    def _not_safetensors(self, size: int) -> str:
+        hint = ""
+        if self.path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            hint = " Pickled checkpoints are not loaded; use the .safetensors release of the model."
+        elif self.path.suffix == ".gguf":
+            hint = " GGUF files are not supported yet; use the .safetensors release."
+        return f"{self.path} is not a safetensors file ({size} bytes, no valid safetensors header).{hint}"
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key].shape
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A zero-copy view of one tensor (copy-on-write: writing to it never changes the file)."""
+        info = self.tensors[key]
+        count = 1
+        for d in info.shape:
+            count *= d
+        if count == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
+        return flat.view(info.dtype).reshape(info.shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: self.tensor(k) for k in self.tensors}
+
+
+class Checkpoint:
+    """A model given as one safetensors file or a folder of them (diffusers shards): key -> lazy tensor."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise ModelFileError(f"The folder {self.path} holds no .safetensors files.")
+        elif self.path.exists():
+            files = [self.path]
+        else:
+            raise ModelFileError(f"Model file not found: {self.path}")
+        self.files = [SafetensorsFile(f) for f in files]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for k in f.keys():
+                self._where[k] = f
+        self.metadata: dict[str, str] = {}
+        for f in self.files:
+            self.metadata.update(f.metadata)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._where[key].tensors[key].dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._where[key].tensor(key)
+
+    def nbytes(self) -> int:
+        return sum(i.end - i.start for f in self.files for i in f.tensors.values())
+
+
+def common_prefix(keys: list[str], candidates: tuple[str, ...]) -> str:
+    """The first candidate prefix that every key starts with ('' when none does)."""
+    for prefix in candidates:
+        if prefix and keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""

@@ -1,0 +1,136 @@
+"""The only module that imports ComfyUI. Everything else asks the host through these functions.
+
+Inside ComfyUI they use folder_paths, comfy.model_management and comfy.utils; outside (tests, the CLI)
+they use a models folder with ComfyUI's layout and an output folder, set by `configure_standalone`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..model_loader.errors import ModelFileError
+
+log = logging.getLogger(__name__)
+
+try:  # ComfyUI's modules are importable only when the pack runs inside it.
+    import folder_paths  # type: ignore[import-not-found]
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+    import comfy.utils as comfy_utils  # type: ignore[import-not-found]
+
+    IN_COMFYUI = True
+except ImportError:
+    folder_paths = None
+    model_management = None
+    comfy_utils = None
+    IN_COMFYUI = False
+
+MODEL_EXTENSIONS = (".safetensors", ".sft")
+
+# Our folder name -> the sub-folders of a models folder searched for it (ComfyUI's names and aliases).
+MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "safety_checker": ("safety_checker",),
+}
+
+_standalone = {"models_dir": Path(os.environ.get("KREA_MODELS_DIR", "models")),
+               "output_dir": Path(os.environ.get("KREA_OUTPUT_DIR", "output"))}
+
+if IN_COMFYUI and "safety_checker" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["safety_checker"] = (
+        [os.path.join(folder_paths.models_dir, "safety_checker")],
+        set(MODEL_EXTENSIONS),
+    )
+
+
+def configure_standalone(models_dir: str | os.PathLike[str] | None = None,
+                         output_dir: str | os.PathLike[str] | None = None) -> None:
+    """Set the folders used outside ComfyUI (CLI, tests)."""
+    if models_dir is not None:
+        _standalone["models_dir"] = Path(models_dir)
+    if output_dir is not None:
+        _standalone["output_dir"] = Path(output_dir)
+
+
+def model_search_paths(folder: str) -> list[Path]:
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+    return [_standalone["models_dir"] / sub for sub in MODEL_FOLDERS[folder]]
+
+
+def list_models(folder: str) -> list[str]:
+    """Model files (relative names, '/'-separated) of one folder; diffusers model folders are listed too."""
+    if IN_COMFYUI:
+        return list(folder_paths.get_filename_list(folder))
+    names: set[str] = set()
+    for root in model_search_paths(folder):
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*"):
+            if path.is_file() and path.suffix in MODEL_EXTENSIONS:
+                names.add(path.relative_to(root).as_posix())
+    return sorted(names)
+
+
+def model_path(folder: str, name: str) -> Path:
+    """The full path of a model file, or an error listing where it was looked for."""
+    if IN_COMFYUI:
+        found = folder_paths.get_full_path(folder, name)
+        if found is not None:
+            return Path(found)
+    else:
+        for root in model_search_paths(folder):
+            candidate = root / name
+            if candidate.exists():
+                return candidate
+    searched = ", ".join(str(p) for p in model_search_paths(folder)) or "(no folder configured)"
+    raise ModelFileError(
+        f"Model file {name!r} not found. Searched the {folder!r} folders: {searched}. "
+        f"Put the file in one of them (or pick another file in the node)."
+    )
+
+
+def output_directory() -> Path:
+    if IN_COMFYUI:
+        return Path(folder_paths.get_output_directory())
+    return _standalone["output_dir"]
+
+
+def torch_device() -> torch.device:
+    """Where the transformer runs: ComfyUI's device inside it, else CUDA when there is one."""
+    if IN_COMFYUI:
+        return model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where IMAGE and LATENT outputs live between nodes."""
+    if IN_COMFYUI:
+        return model_management.intermediate_device()
+    return torch.device("cpu")
+
+
+def throw_if_interrupted() -> None:
+    if IN_COMFYUI:
+        model_management.throw_exception_if_processing_interrupted()
+
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
+    """callback(step, total, latent): progress bar, and the interrupt check, once per step."""
+    if not IN_COMFYUI:
+        return lambda step, total_, latent: None
+    bar = comfy_utils.ProgressBar(total, node_id=node_id)
+
+    def on_step(step: int, total_: int, latent: torch.Tensor) -> None:
+        throw_if_interrupted()
+        bar.update_absolute(step, total_)
+
+    return on_step
