@@ -134,3 +134,38 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
         bar.update_absolute(step, total_)
 
     return on_step
+
+
+def comfyui_tokenizer_dirs() -> dict[str, Path] | None:
+    """The CLIP and T5 tokenizer folders that ComfyUI ships, when the pack runs inside it."""
+    if not IN_COMFYUI:
+        return None
+    comfy_dir = Path(comfy_utils.__file__).resolve().parent
+    return {"clip": comfy_dir / "sd1_tokenizer", "t5": comfy_dir / "text_encoders" / "t5_tokenizer"}
+
+
+def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:
+    """(folder, filename base, first free counter, subfolder) for saving images, with ComfyUI's naming.
+
+    Inside ComfyUI this is folder_paths.get_save_image_path (it refuses prefixes that leave the output
+    folder). Outside, the same `<prefix>_<counter:05>_` scheme in the standalone output folder.
+    """
+    if IN_COMFYUI:
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, str(output_directory()), width, height)
+        return Path(folder), filename, counter, subfolder
+    root = output_directory().resolve()
+    folder = (root / filename_prefix).parent.resolve()
+    if folder != root and root not in folder.parents:
+        raise ValueError(f"filename_prefix {filename_prefix!r} points outside the output folder {root}.")
+    filename = Path(filename_prefix).name
+    subfolder = folder.relative_to(root).as_posix() if folder != root else ""
+    counter = 1
+    if folder.is_dir():
+        for existing in folder.iterdir():
+            stem = existing.name
+            if stem.startswith(filename + "_"):
+                digits = stem[len(filename) + 1:].split("_", 1)[0]
+                if digits.isdigit():
+                    counter = max(counter, int(digits) + 1)
+    return folder, filename, counter, subfolder
