@@ -65,11 +65,15 @@ class TextEncoderHandle:
 
     def load(self):
         from ..model_loader.text_encoders import load_text_encoders
+        from .host import comfyui_tokenizer_dirs
 
+        # Inside ComfyUI its shipped tokenizer folders are the last place searched.
+        shipped = comfyui_tokenizer_dirs()
         key = (_file_key(self.clip_path), _file_key(self.t5_path), str(self.tokenizer_dir), str(self.device))
         return cached_load(
             "text_encoder", key,
-            lambda: load_text_encoders(self.clip_path, self.t5_path, self.tokenizer_dir, self.device),
+            lambda: load_text_encoders(self.clip_path, self.t5_path, self.tokenizer_dir, self.device,
+                                       extra_tokenizer_dirs=[shipped] if shipped else []),
         )
 
 

@@ -38,23 +38,34 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "safety_checker": ("safety_checker",),
 }
 
-_standalone = {"models_dir": Path(os.environ.get("KREA_MODELS_DIR", "models")),
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+_standalone: dict = {"progress": None, "tokenizer_dir": None,
+               "models_dir": Path(os.environ.get("KREA_MODELS_DIR", "models")),
                "output_dir": Path(os.environ.get("KREA_OUTPUT_DIR", "output"))}
 
-if IN_COMFYUI and "safety_checker" not in folder_paths.folder_names_and_paths:
+if IN_COMFYUI:
+    # Register models/safety_checker, keeping folders that extra_model_paths.yaml may have added already
+    # (those come with an empty extension set, which would list config.json files too).
+    _paths = folder_paths.folder_names_and_paths.get("safety_checker", ([], set()))[0]
+    _default = os.path.join(folder_paths.models_dir, "safety_checker")
     folder_paths.folder_names_and_paths["safety_checker"] = (
-        [os.path.join(folder_paths.models_dir, "safety_checker")],
-        set(MODEL_EXTENSIONS),
-    )
+        [*_paths, _default] if _default not in _paths else _paths, set(MODEL_EXTENSIONS))
 
 
 def configure_standalone(models_dir: str | os.PathLike[str] | None = None,
-                         output_dir: str | os.PathLike[str] | None = None) -> None:
-    """Set the folders used outside ComfyUI (CLI, tests)."""
+                         output_dir: str | os.PathLike[str] | None = None,
+                         progress: StepCallback | None = None,
+                         tokenizer_dir: str | os.PathLike[str] | None = None) -> None:
+    """Set the folders (and a per-step progress reporter) used outside ComfyUI (CLI, tests)."""
+    if tokenizer_dir is not None:
+        _standalone["tokenizer_dir"] = Path(tokenizer_dir)
     if models_dir is not None:
         _standalone["models_dir"] = Path(models_dir)
     if output_dir is not None:
         _standalone["output_dir"] = Path(output_dir)
+    if progress is not None:
+        _standalone["progress"] = progress
 
 
 def model_search_paths(folder: str) -> list[Path]:
@@ -95,6 +106,11 @@ def model_path(folder: str, name: str) -> Path:
     )
 
 
+def tokenizer_dir() -> Path | None:
+    """The tokenizer folder the user named outside ComfyUI (None: look beside the model files)."""
+    return None if IN_COMFYUI else _standalone["tokenizer_dir"]
+
+
 def output_directory() -> Path:
     if IN_COMFYUI:
         return Path(folder_paths.get_output_directory())
@@ -120,18 +136,22 @@ def throw_if_interrupted() -> None:
         model_management.throw_exception_if_processing_interrupted()
 
 
-StepCallback = Callable[[int, int, torch.Tensor], None]
-
-
 def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
-    """callback(step, total, latent): progress bar, and the interrupt check, once per step."""
+    """callback(step, total, x0): progress bar, latent preview (when the server has previews on) and the
+    interrupt check, once per step. x0 is the model-space (B, 16, H/8, W/8) prediction of the clean latent."""
     if not IN_COMFYUI:
-        return lambda step, total_, latent: None
-    bar = comfy_utils.ProgressBar(total, node_id=node_id)
+        reporter = _standalone.get("progress")
+        return reporter if reporter is not None else (lambda step, total_, x0: None)
+    import latent_preview  # type: ignore[import-not-found]
+    from comfy import latent_formats  # type: ignore[import-not-found]
 
-    def on_step(step: int, total_: int, latent: torch.Tensor) -> None:
+    bar = comfy_utils.ProgressBar(total, node_id=node_id)
+    previewer = latent_preview.get_previewer(torch_device(), latent_formats.Flux())
+
+    def on_step(step: int, total_: int, x0: torch.Tensor) -> None:
         throw_if_interrupted()
-        bar.update_absolute(step, total_)
+        preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
+        bar.update_absolute(step, total_, preview)
 
     return on_step
 

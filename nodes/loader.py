@@ -1,3 +1,69 @@
-"""Placeholder until this node family lands."""
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+"""KreaModelLoader: picks the transformer, text encoder and VAE files; the models load on first use."""
+from __future__ import annotations
+
+from ..model_loader.errors import ModelFileError
+from . import host
+from .handles import TextEncoderHandle, TransformerHandle, VaeHandle
+
+WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
+
+
+def _choices(folder: str) -> list[str]:
+    # An empty list would make every saved workflow fail validation with a confusing message; a named
+    # placeholder instead fails at run time with the folder to put the file in.
+    return host.list_models(folder) or [f"(no files in models/{folder})"]
+
+
+class KreaModelLoader:
+    DESCRIPTION = ("Loads FLUX.1 Krea [dev]: the transformer (diffusion_models), CLIP-L and T5-XXL "
+                   "(text_encoders) and the autoencoder (vae). Models load when first used and stay loaded "
+                   "for the next run.")
+    CATEGORY = "Krea/loaders"
+    RETURN_TYPES = ("KREA_MODEL", "KREA_TEXT_ENCODER", "KREA_VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model_name": (_choices("diffusion_models"), {
+                "tooltip": "flux1-krea-dev.safetensors (BFL), a ComfyUI repack (e.g. flux1-krea-dev_fp8_scaled), "
+                           "or a diffusers transformer file."}),
+            "weight_dtype": (WEIGHT_DTYPES, {
+                "default": "default",
+                "tooltip": "How the transformer weights are held: as stored, bf16, fp16, or fp8 (half the "
+                           "memory; computed in bf16, or with fp8 matrix units with _fast on GPUs that have them)."}),
+            "clip_name": (_choices("text_encoders"), {"tooltip": "CLIP-L text encoder, e.g. clip_l.safetensors"}),
+            "t5_name": (_choices("text_encoders"), {
+                "tooltip": "T5-XXL encoder, e.g. t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn_scaled.safetensors"}),
+            "vae_name": (_choices("vae"), {"tooltip": "The FLUX autoencoder, ae.safetensors"}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name: str, clip_name: str, t5_name: str, vae_name: str) -> bool | str:
+        # Replaces ComfyUI's "value not in list" for these inputs with a message that names the folders
+        # searched and what to put there; runs before anything is loaded.
+        for folder, name in (("diffusion_models", model_name), ("text_encoders", clip_name),
+                             ("text_encoders", t5_name), ("vae", vae_name)):
+            if name is None:  # linked from another node: known only at run time
+                continue
+            try:
+                host.model_path(folder, name)
+            except ModelFileError as err:
+                return str(err)
+        return True
+
+    def load(self, model_name: str, weight_dtype: str, clip_name: str, t5_name: str,
+             vae_name: str) -> tuple[TransformerHandle, TextEncoderHandle, VaeHandle]:
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}.")
+        device = host.torch_device()
+        transformer = TransformerHandle(host.model_path("diffusion_models", model_name), weight_dtype, device)
+        text_encoder = TextEncoderHandle(host.model_path("text_encoders", clip_name),
+                                         host.model_path("text_encoders", t5_name), host.tokenizer_dir(), device)
+        vae = VaeHandle(host.model_path("vae", vae_name), device)
+        return transformer, text_encoder, vae
+
+
+NODE_CLASS_MAPPINGS = {"KreaModelLoader": KreaModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"KreaModelLoader": "Krea Model Loader"}

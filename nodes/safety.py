@@ -1,3 +1,137 @@
-"""Placeholder until this node family lands."""
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+"""KreaSafetyCheck: fal's safety checker as a node. Images an NSFW classifier flags come out black.
+
+When the check is enabled it either runs or fails with a message saying what to install: images are
+never passed through unchecked because the classifier was missing or broken.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..model_loader.errors import ModelFileError
+from ..model_loader.safety_checker import WHERE_TO_GET_IT, SafetyChecker, load_safety_checker
+from . import host
+from .handles import cached_load
+
+log = logging.getLogger(__name__)
+
+FOLDER = "safety_checker"
+NO_CLASSIFIER = "(no classifier found: put model.safetensors in models/safety_checker)"
+IMAGES_PER_BATCH = 4  # images classified per forward pass (fal's num_images is at most 4)
+
+
+def _checker_choices() -> list[str]:
+    # An empty combo would make every saved workflow fail validation; the sentinel validates and, when the
+    # check is enabled, fails at run time with the folder to put the classifier in.
+    return host.list_models(FOLDER) or [NO_CLASSIFIER]
+
+
+def _no_classifier_error(checker_name: str) -> ModelFileError:
+    folders = ", ".join(str(p) for p in host.model_search_paths(FOLDER)) or "(no safety_checker folder configured)"
+    found = "" if checker_name == NO_CLASSIFIER else f" ({checker_name!r} is not there)"
+    return ModelFileError(
+        f"The safety check is enabled but no NSFW classifier was found{found}. Put {WHERE_TO_GET_IT} in "
+        f"{folders}, refresh the node list and pick it in checker_name; or turn enable_safety_checker off "
+        f"to pass images through unchecked."
+    )
+
+
+def _classifier_path(checker_name: str) -> Path:
+    if checker_name == NO_CLASSIFIER:
+        raise _no_classifier_error(checker_name)
+    try:
+        return host.model_path(FOLDER, checker_name)
+    except ModelFileError as error:
+        raise _no_classifier_error(checker_name) from error
+
+
+def _load_checker(path: Path) -> SafetyChecker:
+    device = host.torch_device()
+    stats = [path.stat()]
+    config_json = (path if path.is_dir() else path.parent) / "config.json"
+    if config_json.is_file():  # a config.json added or edited later must reload the classifier
+        stats.append(config_json.stat())
+    key = (str(path.resolve()), str(device), *((s.st_size, s.st_mtime_ns) for s in stats))
+    return cached_load(FOLDER, key, lambda: load_safety_checker(path, device))
+
+
+def _flags_json(flags: list[bool]) -> str:
+    return json.dumps(flags)
+
+
+class KreaSafetyCheck:
+    DESCRIPTION = ("Checks images with an NSFW image classifier (Falconsai/nsfw_image_detection, in "
+                   "models/safety_checker), as fal's enable_safety_checker does: an image whose NSFW probability "
+                   "is above the threshold is replaced by a black image of the same size. Outputs the images and "
+                   "has_nsfw_concepts, a JSON list with one true/false per image.")
+    CATEGORY = "Krea/image"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "has_nsfw_concepts")
+    OUTPUT_TOOLTIPS = ("The images, with flagged ones replaced by black images of the same size.",
+                       "JSON list of booleans, one per image in order: true where the image was flagged.")
+    FUNCTION = "check"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The images to check (any size, any batch size)."}),
+            "enable_safety_checker": ("BOOLEAN", {
+                "default": True, "label_on": "enabled", "label_off": "disabled",
+                "tooltip": "When disabled, images pass unchanged, every flag is false and no model is loaded."}),
+            "threshold": ("FLOAT", {
+                "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                "tooltip": "An image is flagged when its NSFW probability is above this value (fal uses 0.5)."}),
+            "checker_name": (_checker_choices(), {
+                "tooltip": "The NSFW classifier in models/safety_checker: the model.safetensors of "
+                           "Falconsai/nsfw_image_detection (its config.json beside it is optional)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checker_name: str | None = None) -> bool | str:
+        # Taking checker_name here turns off ComfyUI's combo check for it: a workflow saved where another
+        # classifier was installed must still run with the check disabled, and with it enabled the run
+        # fails with the folder to put the classifier in (clearer than "value not in list").
+        if checker_name is not None and not isinstance(checker_name, str):
+            return f"checker_name must be a file name from models/{FOLDER}; got {checker_name!r}"
+        return True
+
+    def check(self, images: torch.Tensor, enable_safety_checker: bool, threshold: float,
+              checker_name: str) -> dict:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
+                or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a number from 0 to 1 (an image is flagged when its NSFW "
+                             f"probability is above it); got {threshold!r}.")
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be an IMAGE batch (B, H, W, 3); got {shape}.")
+
+        if not enable_safety_checker:
+            flags = [False] * images.shape[0]
+            return self._result(images, flags)
+
+        checker = _load_checker(_classifier_path(checker_name))
+        probabilities = []
+        for batch in images.split(IMAGES_PER_BATCH):
+            host.throw_if_interrupted()
+            probabilities.append(checker.nsfw_probabilities(batch))
+        nsfw = torch.cat(probabilities) if probabilities else torch.zeros(0)
+        flags = [bool(p > threshold) for p in nsfw.tolist()]
+        log.info("Safety check (threshold %.2f): P(nsfw) = %s", threshold, [round(p, 4) for p in nsfw.tolist()])
+
+        if any(flags):
+            images = images.clone()
+            images[torch.tensor(flags, device=images.device)] = 0.0
+        return self._result(images, flags)
+
+    @staticmethod
+    def _result(images: torch.Tensor, flags: list[bool]) -> dict:
+        has_nsfw_concepts = _flags_json(flags)
+        return {"ui": {"text": [has_nsfw_concepts]}, "result": (images, has_nsfw_concepts)}
+
+
+NODE_CLASS_MAPPINGS = {"KreaSafetyCheck": KreaSafetyCheck}
+NODE_DISPLAY_NAME_MAPPINGS = {"KreaSafetyCheck": "Krea Safety Check"}

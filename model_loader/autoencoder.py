@@ -1,0 +1,306 @@
+"""FLUX's 16-channel KL autoencoder (the VAE), with BFL `ae.safetensors` module names.
+
+Module attribute names are the checkpoint keys of BFL's file (`encoder.down.0.block.1.conv1.weight`,
+`decoder.up.3.upsample.conv.weight`, `decoder.mid.attn_1.q.weight`...), so that file loads strictly with no
+renaming; `autoencoder_loading.py` reads it (and the diffusers `vae/` layout) into this module.
+
+`AutoEncoder.encode` / `decode` work on raw latents: no scale or shift (LATENT holds raw VAE latents; the
+sampler applies FLUX's `(z - 0.1159) * 0.3611`). Images are in [-1, 1]. Large inputs are split into
+overlapping tiles when the estimated activation memory would not fit (`autoencoder_tiling.py`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import autoencoder_tiling as tiling
+
+log = logging.getLogger(__name__)
+
+TileCallback = Callable[[int, int], None]  # (tiles or batch chunks done, total)
+
+
+@dataclass(frozen=True)
+class AutoEncoderConfig:
+    """Shape of the autoencoder; every field is read off a checkpoint's tensor shapes except `norm_groups`."""
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    mid_attention: bool = True
+    norm_groups: int = 32  # not stored in any file: 32 in FLUX (and every LDM-family VAE)
+
+    @property
+    def downscale_factor(self) -> int:
+        """Image pixels per latent pixel along a side (8 for FLUX)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.ch * m for m in self.ch_mult)
+
+
+FLUX_AUTOENCODER = AutoEncoderConfig()
+
+
+def _norm(ops: types.SimpleNamespace | types.ModuleType, groups: int, channels: int) -> nn.Module:
+    return ops.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int, ops=nn) -> None:
+        super().__init__()
+        self.norm1 = _norm(ops, groups, in_channels)
+        self.conv1 = ops.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = _norm(ops, groups, out_channels)
+        self.conv2 = ops.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = ops.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+        else:
+            self.nin_shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place activations and sum: at 2048x2048 each full-resolution tensor is gigabytes.
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return h.add_(shortcut)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convolutions as in BFL's file."""
+
+    def __init__(self, channels: int, groups: int, ops=nn) -> None:
+        super().__init__()
+        self.norm = _norm(ops, groups, channels)
+        self.q = ops.Conv2d(channels, channels, kernel_size=1)
+        self.k = ops.Conv2d(channels, channels, kernel_size=1)
+        self.v = ops.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = ops.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        normed = self.norm(x)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1, H*W, C)
+            # Contiguous: with a strided last dim torch falls back to the math kernel, which holds the
+            # whole (HW x HW) score matrix (16 GiB for a 2048x2048 image).
+            return t.reshape(b, 1, c, h * w).transpose(-1, -2).contiguous()
+
+        q, k, v = tokens(self.q(normed)), tokens(self.k(normed)), tokens(self.v(normed))
+        del normed
+        out = F.scaled_dot_product_attention(q, k, v)  # fused kernels: no (HW x HW) matrix in memory
+        del q, k, v
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return self.proj_out(out).add_(x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, ops=nn) -> None:
+        super().__init__()
+        self.conv = ops.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric padding (right and bottom only), as the checkpoint was trained with.
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, ops=nn) -> None:
+        super().__init__()
+        self.conv = ops.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, attention: bool, ops=nn) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups, ops)
+        self.attn_1 = AttnBlock(channels, groups, ops) if attention else None
+        self.block_2 = ResnetBlock(channels, channels, groups, ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class EncoderLevel(nn.Module):
+    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, blocks: list[ResnetBlock], upsample: Upsample | None) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.upsample = upsample
+
+
+class Encoder(nn.Module):
+    """(B, in_channels, H, W) -> (B, 2*z_channels, H/f, W/f): posterior mean, then log-variance."""
+
+    def __init__(self, config: AutoEncoderConfig, ops=nn) -> None:
+        super().__init__()
+        widths = config.level_channels
+        groups = config.norm_groups
+        self.conv_in = ops.Conv2d(config.in_channels, config.ch, kernel_size=3, stride=1, padding=1)
+        levels = []
+        block_in = config.ch
+        for i, width in enumerate(widths):
+            blocks = []
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, width, groups, ops))
+                block_in = width
+            last = i == len(widths) - 1
+            levels.append(EncoderLevel(blocks, None if last else Downsample(block_in, ops)))
+        self.down = nn.ModuleList(levels)
+        self.mid = MidBlock(block_in, groups, config.mid_attention, ops)
+        self.norm_out = _norm(ops, groups, block_in)
+        self.conv_out = ops.Conv2d(block_in, 2 * config.z_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+        h = self.mid(h)
+        h = F.silu(self.norm_out(h), inplace=True)
+        return self.conv_out(h)
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, out_channels, h*f, w*f)."""
+
+    def __init__(self, config: AutoEncoderConfig, ops=nn) -> None:
+        super().__init__()
+        widths = config.level_channels
+        groups = config.norm_groups
+        block_in = widths[-1]
+        self.conv_in = ops.Conv2d(config.z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = MidBlock(block_in, groups, config.mid_attention, ops)
+        levels: list[DecoderLevel] = []
+        for i in reversed(range(len(widths))):  # built deepest first, stored by level index (BFL's order)
+            blocks = []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, widths[i], groups, ops))
+                block_in = widths[i]
+            levels.insert(0, DecoderLevel(blocks, Upsample(block_in, ops) if i != 0 else None))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(ops, groups, block_in)
+        self.conv_out = ops.Conv2d(block_in, config.out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid(h)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if level.upsample is not None:
+                h = level.upsample(h)
+        h = F.silu(self.norm_out(h), inplace=True)
+        return self.conv_out(h)
+
+
+class AutoEncoder(nn.Module):
+    """Encoder and decoder; `encode`/`decode` pick batch chunks and tiles to fit the memory at hand."""
+
+    def __init__(self, config: AutoEncoderConfig, ops=nn) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config, ops)
+        self.decoder = Decoder(config, ops)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    def _encode_pass(self, images: torch.Tensor, out_device: torch.device) -> torch.Tensor:
+        moments = self.encoder(images.to(self.device, self.dtype))
+        return moments[:, : self.config.z_channels].to(out_device, torch.float32)  # the posterior mean
+
+    def _decode_pass(self, latents: torch.Tensor, out_device: torch.device) -> torch.Tensor:
+        return self.decoder(latents.to(self.device, self.dtype)).to(out_device, torch.float32)
+
+    def encode(self, images: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None,
+               callback: TileCallback | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> raw latents (B, z, H/f, W/f) float32, on the input's device.
+
+        H and W must be multiples of the downscale factor f (8). `tile_size` / `tile_overlap` (image pixels)
+        force tiling; by default tiles are used only when the whole image would not fit in memory.
+        """
+        f = self.config.downscale_factor
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"encode expects images of shape (B, {self.config.in_channels}, H, W), "
+                             f"got {tuple(images.shape)}.")
+        b, _, h, w = images.shape
+        if h % f or w % f or h == 0 or w == 0:
+            raise ValueError(f"encode needs a height and width that are multiples of {f}, got {h}x{w}.")
+        with torch.inference_mode():
+            plan = tiling.plan(self.config, "encode", b, h // f, w // f, self.dtype, self.device,
+                               tile_size, tile_overlap)
+            return tiling.run(plan, images, lambda x: self._encode_pass(x, images.device),
+                              in_scale=f, out_scale=1, out_channels=self.config.z_channels, callback=callback)
+
+    def decode(self, latents: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None,
+               callback: TileCallback | None = None) -> torch.Tensor:
+        """Raw latents (B, z, h, w) -> images (B, 3, h*f, w*f) float32, about [-1, 1], on the input's device.
+
+        `tile_size` / `tile_overlap` are in image pixels (multiples of f); see `encode`.
+        """
+        if latents.ndim != 4 or latents.shape[1] != self.config.z_channels:
+            raise ValueError(f"decode expects latents of shape (B, {self.config.z_channels}, h, w), "
+                             f"got {tuple(latents.shape)}.")
+        b, _, h, w = latents.shape
+        f = self.config.downscale_factor
+        with torch.inference_mode():
+            plan = tiling.plan(self.config, "decode", b, h, w, self.dtype, self.device, tile_size, tile_overlap)
+            return tiling.run(plan, latents, lambda z: self._decode_pass(z, latents.device),
+                              in_scale=1, out_scale=f, out_channels=self.config.out_channels,
+                              callback=callback)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU; bfloat16 on GPUs that support it (fp16 overflows in this VAE), else float32."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str) -> AutoEncoder:
+    """The autoencoder of a BFL `ae.safetensors` or a diffusers `vae/` (folder or file), ready on `device`."""
+    from .autoencoder_loading import load_autoencoder_file  # the loader imports this module
+
+    return load_autoencoder_file(Path(path), torch.device(device))
+
+
+def write_random_autoencoder_checkpoint(path: str | os.PathLike[str], config: AutoEncoderConfig = FLUX_AUTOENCODER,
+                                        seed: int = 0, dtype: torch.dtype = torch.float32,
+                                        layout: str = "bfl") -> Path:
+    """A random-weight checkpoint in the BFL ("bfl") or diffusers ("diffusers") key layout (tests, demos)."""
+    from .autoencoder_loading import write_random_checkpoint
+
+    return write_random_checkpoint(Path(path), config, seed=seed, dtype=dtype, layout=layout)

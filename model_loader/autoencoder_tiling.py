@@ -1,0 +1,248 @@
+"""Memory planning and overlapped tiles for the autoencoder.
+
+A 2048x2048 decode in float32 holds several (256, 2048, 2048) activations at once (about 4 GiB each), so
+large images are split: the estimate below walks the architecture stage by stage, and when the whole
+image does not fit the memory at hand (available RAM on CPU, free memory on CUDA), the batch is split and
+then the image is cut into overlapping tiles. Tiles are blended with linear ramps across each overlap, so
+the seams fade instead of showing as edges. Tiling is an approximation (group norms and the mid attention
+see one tile, not the whole image); an untiled pass is used whenever it fits.
+
+All tile geometry is in latent pixels, so encoder tiles start on multiples of the downscale factor.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .autoencoder import AutoEncoderConfig
+
+log = logging.getLogger(__name__)
+
+# Share of the memory at hand one pass may plan to use (the rest: the weights' pages, the caller, fragmentation).
+_CPU_BUDGET_SHARE = 0.7
+_CUDA_BUDGET_SHARE = 0.8
+# Measured peak / estimated peak (oneDNN reorder buffers on CPU, cuDNN workspaces and the caching allocator).
+_CPU_OVERHEAD = 1.5
+_CUDA_OVERHEAD = 1.35
+# Automatic tile sides in image pixels, largest first; overlap is 1/8 of the side (ComfyUI: 512 and 64).
+_AUTO_TILE_SIDES = (1024, 768, 512, 384, 256)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    batch_chunk: int   # samples per pass
+    tile: int | None   # largest tile side in latent pixels; None: the whole image in one pass
+    overlap: int       # latent pixels shared by neighbouring tiles
+
+
+def _cgroup_limit_left() -> int | None:
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            return max(0, int(limit) - usage)
+    return None
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a pass may still allocate on `device`: free GPU memory (plus torch's cached blocks) or RAM."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    available: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        available = None
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30  # no way to ask (e.g. Windows without /proc): assume a modest machine
+    cgroup_left = _cgroup_limit_left()
+    return available if cgroup_left is None else min(available, cgroup_left)
+
+
+def _resnet_peak(c_in: int, c_out: int) -> int:
+    # Channels alive at once (per pixel): input + normalized copy + conv1 output; then input + two c_out.
+    return max(2 * c_in + c_out, c_in + 2 * c_out)
+
+
+def activation_elements(config: "AutoEncoderConfig", kind: str, h: int, w: int) -> int:
+    """Peak number of activation elements of one sample's pass; (h, w) in latent pixels."""
+    widths = config.level_channels
+    z, f = config.z_channels, config.downscale_factor
+    levels = len(widths)
+    peak = 0
+
+    def at(channels: int, pixels: int) -> None:
+        nonlocal peak
+        peak = max(peak, channels * pixels)
+
+    if kind == "decode":
+        pixels = h * w
+        top = widths[-1]
+        at(z + top, pixels)
+        at(_resnet_peak(top, top), pixels)
+        if config.mid_attention:
+            at(6 * top, pixels)  # x, normed, q, k, v, attention output
+        block_in = top
+        for i in reversed(range(levels)):
+            at(_resnet_peak(block_in, widths[i]), pixels)
+            block_in = widths[i]
+            if i != 0:
+                pixels *= 4
+                at(block_in // 4 + 2 * block_in, pixels)  # input, nearest-upsampled copy, conv output
+        at(2 * block_in + config.out_channels, pixels)
+    elif kind == "encode":
+        pixels = h * w * f * f
+        at(config.in_channels + 2 * config.ch, pixels)
+        block_in = config.ch
+        for i, width in enumerate(widths):
+            at(_resnet_peak(block_in, width), pixels)
+            block_in = width
+            if i != levels - 1:
+                at(2 * block_in + block_in // 4, pixels)  # input, padded copy, strided conv output
+                pixels //= 4
+        if config.mid_attention:
+            at(6 * block_in, pixels)
+        at(2 * block_in + 2 * z, pixels)
+    else:
+        raise ValueError(f"kind must be 'encode' or 'decode', not {kind!r}")
+    return peak
+
+
+def estimate_bytes(config: "AutoEncoderConfig", kind: str, h: int, w: int, dtype: torch.dtype,
+                   device: torch.device) -> int:
+    """Estimated peak bytes of one sample's pass, with the measured allocator/library overhead."""
+    overhead = _CUDA_OVERHEAD if device.type == "cuda" else _CPU_OVERHEAD
+    element = torch.empty((), dtype=dtype).element_size()
+    return int(activation_elements(config, kind, h, w) * element * overhead)
+
+
+def plan(config: "AutoEncoderConfig", kind: str, batch: int, h: int, w: int, dtype: torch.dtype,
+         device: torch.device, tile_size: int | None = None, tile_overlap: int | None = None,
+         budget_bytes: int | None = None) -> TilePlan:
+    """How to run a pass over a (batch, h, w latent pixels) input: explicit tiles, or what fits the budget."""
+    f = config.downscale_factor
+    if tile_size is not None:
+        if tile_size <= 0 or tile_size % f:
+            raise ValueError(f"tile_size must be a positive multiple of {f} image pixels, got {tile_size}.")
+        overlap_px = tile_size // 4 if tile_overlap is None else tile_overlap
+        if overlap_px < 0 or overlap_px % f or overlap_px >= tile_size:
+            raise ValueError(f"tile_overlap must be a multiple of {f} smaller than tile_size ({tile_size}), "
+                             f"got {overlap_px}.")
+        return TilePlan(batch, tile_size // f, overlap_px // f)
+
+    if budget_bytes is None:
+        share = _CUDA_BUDGET_SHARE if device.type == "cuda" else _CPU_BUDGET_SHARE
+        budget_bytes = int(available_memory(device) * share)
+    whole = estimate_bytes(config, kind, h, w, dtype, device)
+    if whole * batch <= budget_bytes:
+        return TilePlan(batch, None, 0)
+    if whole <= budget_bytes:
+        chunk = max(1, budget_bytes // whole)
+        log.info("VAE %s: %d images of %dx%d in chunks of %d (estimated %.1f GiB each, budget %.1f GiB).",
+                 kind, batch, w * f, h * f, chunk, whole / 2**30, budget_bytes / 2**30)
+        return TilePlan(chunk, None, 0)
+    chosen = _AUTO_TILE_SIDES[-1] // f
+    for side_px in _AUTO_TILE_SIDES:
+        side = side_px // f
+        if estimate_bytes(config, kind, min(side, h), min(side, w), dtype, device) <= budget_bytes:
+            chosen = side
+            break
+    else:
+        log.warning("VAE %s: even %d px tiles may not fit the %.1f GiB at hand; trying them anyway.",
+                    kind, _AUTO_TILE_SIDES[-1], budget_bytes / 2**30)
+    overlap = max(1, chosen // 8)
+    log.info("VAE %s of %dx%d: %.1f GiB estimated, %.1f GiB at hand: tiles of %d px, overlap %d px.",
+             kind, w * f, h * f, whole / 2**30, budget_bytes / 2**30, chosen * f, overlap * f)
+    return TilePlan(1, chosen, overlap)
+
+
+def axis_tiles(length: int, max_tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile length, starts) covering [0, length) with the fewest tiles of at most `max_tile`, each pair of
+    neighbours sharing at least `overlap`; tiles are shrunk to the smallest length that still covers, so
+    no work is spent on needlessly wide overlaps."""
+    if length <= max_tile:
+        return length, [0]
+    count = math.ceil((length - overlap) / (max_tile - overlap))
+    tile = math.ceil((length + (count - 1) * overlap) / count)
+    return tile, [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(starts: list[int], index: int, tile: int, scale: int) -> torch.Tensor:
+    """1-D blend weight of one tile at output resolution: rises across the overlap with the previous tile,
+    falls across the overlap with the next; the two ramps of an overlap sum to one."""
+    start = starts[index]
+    size = tile * scale
+    pos = torch.arange(size, dtype=torch.float32) + 0.5
+    weight = torch.ones(size)
+    if index > 0:
+        rise = (starts[index - 1] + tile - start) * scale
+        if rise > 0:
+            weight = torch.minimum(weight, pos / rise)
+    if index < len(starts) - 1:
+        fall = (start + tile - starts[index + 1]) * scale
+        if fall > 0:
+            weight = torch.minimum(weight, (size - pos) / fall)
+    return weight
+
+
+def run(plan_: TilePlan, x: torch.Tensor, pass_fn: Callable[[torch.Tensor], torch.Tensor], in_scale: int,
+        out_scale: int, out_channels: int, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Apply `pass_fn` (input pixels -> output pixels, spatial ratio out_scale/in_scale) as the plan says.
+
+    x: (B, C, H, W) with H, W multiples of in_scale; returns (B, out_channels, H/in*out, W/in*out) float32.
+    """
+    batch = x.shape[0]
+    h, w = x.shape[-2] // in_scale, x.shape[-1] // in_scale  # latent pixels
+    chunks = list(range(0, batch, plan_.batch_chunk))
+    if plan_.tile is None:
+        parts = []
+        for done, first in enumerate(chunks, start=1):
+            parts.append(pass_fn(x[first:first + plan_.batch_chunk]))
+            if callback is not None:
+                callback(done, len(chunks))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    tile_h, rows = axis_tiles(h, plan_.tile, plan_.overlap)
+    tile_w, cols = axis_tiles(w, plan_.tile, plan_.overlap)
+    out = torch.zeros(batch, out_channels, h * out_scale, w * out_scale, dtype=torch.float32, device=x.device)
+    weight_sum = torch.zeros(h * out_scale, w * out_scale, dtype=torch.float32, device=x.device)
+    total = len(chunks) * len(rows) * len(cols)
+    done = 0
+    for first in chunks:
+        part = x[first:first + plan_.batch_chunk]
+        for ri, top in enumerate(rows):
+            bottom = top + tile_h
+            row_weight = _ramp(rows, ri, tile_h, out_scale).to(x.device)
+            for ci, left in enumerate(cols):
+                right = left + tile_w
+                weight = row_weight[:, None] * _ramp(cols, ci, tile_w, out_scale).to(x.device)[None, :]
+                piece = pass_fn(part[..., top * in_scale:bottom * in_scale, left * in_scale:right * in_scale])
+                ys = slice(top * out_scale, bottom * out_scale)
+                xs = slice(left * out_scale, right * out_scale)
+                out[first:first + plan_.batch_chunk, :, ys, xs] += piece * weight
+                if first == 0:
+                    weight_sum[ys, xs] += weight
+                done += 1
+                if callback is not None:
+                    callback(done, total)
+    return out.div_(weight_sum)

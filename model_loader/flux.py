@@ -1,0 +1,382 @@
+"""The FLUX.1 flow transformer in plain torch, laid out like Black Forest Labs' reference.
+
+Module attribute names are the checkpoint keys of the BFL release (`double_blocks.0.img_attn.qkv.weight`,
+`single_blocks.0.linear1.weight`, `final_layer.adaLN_modulation.1.weight`, ...), so the official file loads
+strictly without remapping. Every Linear is built from `operations.Linear`, so weights can be stored in one
+dtype (fp8) and computed in another. The model computes in the dtype of its inputs; the rotary and
+timestep embeddings are computed in float32 (rope frequencies in float64) like the reference.
+
+The forward pass is split in three public steps so a step cache can run parts of it on its own:
+
+    img, txt, vec, pe = model.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+    for block in model.double_blocks:
+        img, txt = block(img, txt, vec, pe)         # DoubleStreamBlock: (B,L,D), (B,T,D) -> same
+    x = torch.cat((txt, img), dim=1)
+    for block in model.single_blocks:
+        x = block(x, vec, pe)                       # SingleStreamBlock: (B,T+L,D) -> (B,T+L,D)
+    out = model.final(x[:, txt.shape[1]:], vec)     # (B,L,D) -> (B,L,out_channels)
+
+`run_blocks(img, txt, vec, pe, first_double_block)` runs the two loops (optionally skipping leading double
+blocks that the caller already ran) and returns the image tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
+        if any(d % 2 for d in self.axes_dim):
+            raise ValueError(f"every rotary axis dim must be even, got {self.axes_dim}")
+
+
+FLUX_DEV = FluxConfig()  # FLUX.1 [dev] and FLUX.1 Krea [dev]
+
+# ------------------------------------------------------------------------------------------------ math
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices for positions `pos` (B,L) on `dim` channels: (B,L,dim/2,2,2) float32."""
+    # float64 frequencies as in the reference (MPS has no float64).
+    freq_dtype = torch.float32 if pos.device.type == "mps" else torch.float64
+    scale = torch.arange(0, dim, 2, dtype=freq_dtype, device=pos.device) / dim
+    omega = 1.0 / (theta**scale)
+    angles = pos.to(freq_dtype)[..., None] * omega  # (B,L,dim/2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rot = torch.stack([cos, -sin, sin, cos], dim=-1)
+    return rot.reshape(*angles.shape, 2, 2).float()
+
+
+def apply_rope(xq: Tensor, xk: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate channel pairs of q and k (B,H,L,D) by `freqs` (B,1,L,D/2,2,2); computed in float32."""
+    q = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
+    k = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
+    q_out = freqs[..., 0] * q[..., 0] + freqs[..., 1] * q[..., 1]
+    k_out = freqs[..., 0] * k[..., 0] + freqs[..., 1] * k[..., 1]
+    return q_out.reshape(xq.shape).type_as(xq), k_out.reshape(xk.shape).type_as(xk)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """Rotary attention over (B,H,L,D) inputs; returns (B,L,H*D)."""
+    q, k = apply_rope(q, k, pe)
+    x = F.scaled_dot_product_attention(q, k, v)
+    return x.transpose(1, 2).flatten(2)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding (cos, sin) of t (B,) in [0,1], scaled by `time_factor`: (B,dim) float32."""
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B,L,3*H*D) -> three (B,H,L,D) tensors."""
+    b, length, _ = qkv.shape
+    q, k, v = qkv.view(b, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    # fp16 activations of the 12B model can overflow; keep them finite (bf16/fp32 untouched).
+    if x.dtype == torch.float16:
+        return torch.nan_to_num(x, nan=0.0, posinf=65504.0, neginf=-65504.0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+class EmbedND(nn.Module):
+    """Rotary embedding of n-axis position ids (B,L,n) -> (B,1,L,sum(axes_dim)/2,2,2)."""
+
+    def __init__(self, dim: int, theta: int, axes_dim: tuple[int, ...]) -> None:
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+        self.axes_dim = tuple(axes_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        parts = [rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)]
+        return torch.cat(parts, dim=-3).unsqueeze(1)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, operations: Any, **factory: Any) -> None:
+        super().__init__()
+        self.in_layer = operations.Linear(in_dim, hidden_dim, bias=True, **factory)
+        self.silu = nn.SiLU()
+        self.out_layer = operations.Linear(hidden_dim, hidden_dim, bias=True, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim, **factory))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        rrms = torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + 1e-6)
+        return (x32 * rrms).to(x.dtype) * self.scale.to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(dim, **factory)
+        self.key_norm = RMSNorm(dim, **factory)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SelfAttention(nn.Module):
+    """Holds the weights of one stream's attention (qkv, norm, proj); the mixing happens in the block."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, operations: Any, **factory: Any) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = operations.Linear(dim, dim * 3, bias=qkv_bias, **factory)
+        self.norm = QKNorm(dim // num_heads, **factory)
+        self.proj = operations.Linear(dim, dim, bias=True, **factory)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B,L,D) -> normalised q, k and v, each (B,H,L,D/H)."""
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+@dataclass
+class ModulationOut:
+    shift: Tensor  # (B,1,D)
+    scale: Tensor
+    gate: Tensor
+
+    def apply(self, x: Tensor) -> Tensor:
+        return (1 + self.scale) * x + self.shift
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim: int, double: bool, operations: Any, **factory: Any) -> None:
+        super().__init__()
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.lin = operations.Linear(dim, self.multiplier * dim, bias=True, **factory)
+
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        first = ModulationOut(*out[:3])
+        return first, (ModulationOut(*out[3:]) if self.is_double else None)
+
+
+def _mlp(hidden: int, mlp_hidden: int, operations: Any, **factory: Any) -> nn.Sequential:
+    return nn.Sequential(
+        operations.Linear(hidden, mlp_hidden, bias=True, **factory),
+        nn.GELU(approximate="tanh"),
+        operations.Linear(mlp_hidden, hidden, bias=True, **factory),
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, attending jointly.
+
+    forward(img (B,L,D), txt (B,T,D), vec (B,D), pe (B,1,T+L,head_dim/2,2,2)) -> (img, txt), same shapes.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, operations: Any,
+                 **factory: Any) -> None:
+        super().__init__()
+        mlp_hidden = int(hidden * mlp_ratio)
+
+        def norm() -> nn.Module:
+            return operations.LayerNorm(hidden, elementwise_affine=False, eps=1e-6, **factory)
+
+        self.img_mod = Modulation(hidden, True, operations, **factory)
+        self.img_norm1 = norm()
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias, operations, **factory)
+        self.img_norm2 = norm()
+        self.img_mlp = _mlp(hidden, mlp_hidden, operations, **factory)
+        self.txt_mod = Modulation(hidden, True, operations, **factory)
+        self.txt_norm1 = norm()
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias, operations, **factory)
+        self.txt_norm2 = norm()
+        self.txt_mlp = _mlp(hidden, mlp_hidden, operations, **factory)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.project(img_mod1.apply(self.img_norm1(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.project(txt_mod1.apply(self.txt_norm1(txt)))
+        # Text tokens come first in the joint sequence (and in pe).
+        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
+                         torch.cat((txt_v, img_v), dim=2), pe)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp(img_mod2.apply(self.img_norm2(img)))
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt)))
+        return _clamp_fp16(img), _clamp_fp16(txt)
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over the joined text+image tokens, attention and MLP in parallel from one projection.
+
+    forward(x (B,T+L,D), vec (B,D), pe (B,1,T+L,head_dim/2,2,2)) -> x (B,T+L,D).
+    """
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, operations: Any, **factory: Any) -> None:
+        super().__init__()
+        self.hidden_size = hidden
+        self.num_heads = num_heads
+        self.mlp_hidden_dim = int(hidden * mlp_ratio)
+        self.linear1 = operations.Linear(hidden, hidden * 3 + self.mlp_hidden_dim, bias=True, **factory)
+        self.linear2 = operations.Linear(hidden + self.mlp_hidden_dim, hidden, bias=True, **factory)
+        self.norm = QKNorm(hidden // num_heads, **factory)
+        self.pre_norm = operations.LayerNorm(hidden, elementwise_affine=False, eps=1e-6, **factory)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden, False, operations, **factory)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        mod, _ = self.modulation(vec)
+        qkv, mlp = torch.split(self.linear1(mod.apply(self.pre_norm(x))),
+                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=2))
+        return _clamp_fp16(x + mod.gate * out)
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden: int, patch_size: int, out_channels: int, operations: Any, **factory: Any) -> None:
+        super().__init__()
+        self.norm_final = operations.LayerNorm(hidden, elementwise_affine=False, eps=1e-6, **factory)
+        self.linear = operations.Linear(hidden, patch_size * patch_size * out_channels, bias=True, **factory)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), operations.Linear(hidden, 2 * hidden, bias=True, **factory))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # BFL order: shift first
+        x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
+        return self.linear(x)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class Flux(nn.Module):
+    """FLUX.1 transformer: packed latents (B,L,in_channels) -> velocity (B,L,out_channels)."""
+
+    def __init__(self, config: FluxConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 operations: Any = nn) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        # The dtype callers should feed the model (load_flux sets it from how the weights are stored).
+        if dtype is None:
+            dtype_for_compute = torch.get_default_dtype()
+        else:
+            dtype_for_compute = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+        self.compute_dtype: torch.dtype = dtype_for_compute
+        factory: dict[str, Any] = {"dtype": dtype, "device": device}
+        hidden = config.hidden_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.hidden_size = hidden
+        self.num_heads = config.num_heads
+        self.pe_embedder = EmbedND(config.head_dim, config.theta, config.axes_dim)
+        self.img_in = operations.Linear(config.in_channels, hidden, bias=True, **factory)
+        self.time_in = MLPEmbedder(256, hidden, operations, **factory)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, hidden, operations, **factory)
+        self.guidance_in = MLPEmbedder(256, hidden, operations, **factory) if config.guidance_embed else nn.Identity()
+        self.txt_in = operations.Linear(config.context_in_dim, hidden, bias=True, **factory)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden, config.num_heads, config.mlp_ratio, config.qkv_bias, operations, **factory)
+            for _ in range(config.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, config.num_heads, config.mlp_ratio, operations, **factory)
+            for _ in range(config.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(hidden, 1, config.out_channels, operations, **factory)
+
+    def embed(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+              guidance: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Input projections: -> img (B,L,D), txt (B,T,D), vec (B,D), pe (B,1,T+L,head_dim/2,2,2) float32.
+
+        timesteps and guidance are (B,) with t in [0,1]; both are scaled by 1000 inside the embedding.
+        """
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (B, L, C); got {tuple(img.shape)} and {tuple(txt.shape)}")
+        dtype = img.dtype
+        img = self.img_in(img)
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise ValueError("This FLUX model has a guidance embedding: pass `guidance` (B,).")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        return img, txt, vec, pe
+
+    def run_blocks(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, first_double_block: int = 0) -> Tensor:
+        """Double blocks from `first_double_block` on, then all single blocks: -> image tokens (B,L,D)."""
+        for block in self.double_blocks[first_double_block:]:
+            img, txt = block(img, txt, vec, pe)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return x[:, txt.shape[1]:]
+
+    def final(self, img: Tensor, vec: Tensor) -> Tensor:
+        """Image tokens (B,L,D) -> model output (B,L,out_channels)."""
+        return self.final_layer(img, vec)
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        return self.final(self.run_blocks(img, txt, vec, pe), vec)
+

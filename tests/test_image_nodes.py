@@ -1,0 +1,237 @@
+"""KreaEncodeImage, KreaDecode and KreaSaveImage: shapes, errors, file naming, metadata, atomic writes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
+from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from comfyui_krea.nodes.handles import VaeHandle
+from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage, KreaSaveImage
+
+TINY = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16)
+PROMPT = {"3": {"class_type": "KreaSampler", "inputs": {"seed": 42, "text": "a café, 東京"}}}
+WORKFLOW = {"nodes": [{"id": 3, "type": "KreaSampler"}], "links": [], "version": 0.4}
+EXIF_MODEL, EXIF_MAKE = 0x0110, 0x010F
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory) -> VaeHandle:
+    path = write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("vae") / "ae.safetensors", TINY)
+    return VaeHandle(path, torch.device("cpu"))
+
+
+@pytest.fixture
+def output_dir(tmp_path):
+    host.configure_standalone(output_dir=tmp_path)
+    return tmp_path
+
+
+def all_files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_registered_under_krea_image():
+    for node_id, name in (("KreaEncodeImage", "Krea Encode Image"), ("KreaDecode", "Krea Decode"),
+                          ("KreaSaveImage", "Krea Save Image")):
+        cls = NODE_CLASS_MAPPINGS[node_id]
+        assert NODE_DISPLAY_NAME_MAPPINGS[node_id] == name
+        assert cls.CATEGORY == "Krea/image" and cls.DESCRIPTION
+        assert hasattr(cls, cls.FUNCTION)
+    assert KreaSaveImage.OUTPUT_NODE is True
+    hidden = KreaSaveImage.INPUT_TYPES()["hidden"]
+    assert hidden == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    required = KreaSaveImage.INPUT_TYPES()["required"]
+    assert required["output_format"][0] == ["jpeg", "png", "webp"]
+    assert required["output_format"][1]["default"] == "jpeg"
+    assert required["filename_prefix"][1]["default"] == "krea/krea"
+    assert (required["quality"][1]["min"], required["quality"][1]["max"], required["quality"][1]["default"]) \
+        == (1, 100, 95)
+
+
+def test_encode_then_decode_shapes(vae):
+    image = torch.rand(2, 48, 64, 3)
+    (latent,) = KreaEncodeImage().encode(vae, image)
+    assert latent["samples"].shape == (2, 16, 6, 8) and latent["samples"].dtype == torch.float32
+    (decoded,) = KreaDecode().decode(vae, latent)
+    assert decoded.shape == (2, 48, 64, 3) and decoded.dtype == torch.float32
+    assert decoded.device.type == "cpu"
+    assert decoded.min() >= 0 and decoded.max() <= 1 and decoded.std() > 0
+
+
+def test_encode_matches_the_autoencoder_on_minus_one_to_one(vae):
+    image = torch.rand(1, 32, 32, 3)
+    (latent,) = KreaEncodeImage().encode(vae, image)
+    expected = vae.load().encode(image.permute(0, 3, 1, 2) * 2 - 1)
+    assert torch.equal(latent["samples"], expected)
+
+
+def test_encode_resizes_to_multiples_of_16(vae, caplog):
+    with caplog.at_level(logging.INFO, logger="comfyui_krea.nodes.image"):
+        (latent,) = KreaEncodeImage().encode(vae, torch.rand(1, 40, 57, 3))
+    assert latent["samples"].shape == (1, 16, 48 // 8, 64 // 8)  # 40 -> 48, 57 -> 64
+    assert "resizing 57x40 to 64x48" in caplog.text
+    (latent,) = KreaEncodeImage().encode(vae, torch.rand(1, 7, 16, 3))
+    assert latent["samples"].shape == (1, 16, 2, 2)  # never below 16
+
+
+def test_encode_drops_alpha(vae):
+    rgb = torch.rand(1, 32, 32, 3)
+    rgba = torch.cat([rgb, torch.rand(1, 32, 32, 1)], dim=-1)
+    assert torch.equal(KreaEncodeImage().encode(vae, rgba)[0]["samples"],
+                       KreaEncodeImage().encode(vae, rgb)[0]["samples"])
+
+
+@pytest.mark.parametrize("image, message", [
+    (torch.rand(1, 32, 32, 1), "grayscale"),
+    (torch.rand(32, 32, 3), "without a batch dimension"),
+    (torch.rand(1, 3, 32, 32), "channels-first"),
+    (torch.rand(2, 1, 32, 32, 3), "4 dimensions"),
+    (torch.rand(0, 32, 32, 3), "empty"),
+    ([[0.0]], "must be an IMAGE"),
+])
+def test_wrong_images_are_refused(vae, image, message):
+    with pytest.raises(ValueError, match=message):
+        KreaEncodeImage().encode(vae, image)
+
+
+@pytest.mark.parametrize("samples, message", [
+    ({"samples": torch.zeros(1, 4, 8, 8)}, "4 channels .a Stable Diffusion"),
+    ({"samples": torch.zeros(1, 16, 2, 8, 8)}, "Video"),
+    (torch.zeros(1, 16, 8, 8), "must be a LATENT"),
+    ({}, "must be a LATENT"),
+])
+def test_decode_refuses_other_latents(vae, samples, message):
+    with pytest.raises(ValueError, match=message):
+        KreaDecode().decode(vae, samples)
+
+
+def saved_paths(result, output_dir):
+    return [output_dir / r["subfolder"] / r["filename"] for r in result["ui"]["images"]]
+
+
+def test_png_metadata_round_trip(output_dir):
+    result = KreaSaveImage().save(torch.rand(1, 24, 32, 3), "krea/krea", "png", 95, PROMPT,
+                                  {"workflow": WORKFLOW, "extra": [1, 2]})
+    (path,) = saved_paths(result, output_dir)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (32, 24)
+        assert json.loads(image.text["prompt"]) == PROMPT
+        assert json.loads(image.text["workflow"]) == WORKFLOW
+        assert json.loads(image.text["extra"]) == [1, 2]
+
+
+@pytest.mark.parametrize("output_format, pil_format, extension", [("webp", "WEBP", "webp"),
+                                                                   ("jpeg", "JPEG", "jpg")])
+def test_exif_metadata_round_trip(output_dir, output_format, pil_format, extension):
+    result = KreaSaveImage().save(torch.rand(1, 24, 32, 3), "krea/krea", output_format, 90, PROMPT,
+                                  {"workflow": WORKFLOW})
+    (path,) = saved_paths(result, output_dir)
+    assert path.suffix == f".{extension}"
+    with Image.open(path) as image:
+        assert image.format == pil_format
+        exif = image.getexif()
+    key, _, value = exif[EXIF_MODEL].partition(":")
+    assert key == "prompt" and json.loads(value) == PROMPT
+    key, _, value = exif[EXIF_MAKE].partition(":")
+    assert key == "workflow" and json.loads(value) == WORKFLOW
+
+
+def test_no_metadata_without_prompt(output_dir):
+    for output_format in ("png", "webp", "jpeg"):
+        (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "plain", output_format), output_dir)
+        with Image.open(path) as image:
+            assert EXIF_MODEL not in image.getexif()
+            assert "prompt" not in getattr(image, "text", {})
+
+
+def test_jpeg_keeps_the_prompt_when_the_workflow_is_too_big(output_dir, caplog):
+    huge = {"nodes": ["x" * 1000] * 100}
+    result = KreaSaveImage().save(torch.rand(1, 16, 16, 3), "big", "jpeg", 95, PROMPT, {"workflow": huge})
+    (path,) = saved_paths(result, output_dir)
+    with Image.open(path) as image:
+        exif = image.getexif()
+    assert json.loads(exif[EXIF_MODEL].partition(":")[2]) == PROMPT
+    assert EXIF_MAKE not in exif
+    assert "too large for JPEG" in caplog.text
+
+
+def test_quality_changes_jpeg_size_and_pixels_are_kept(output_dir):
+    image = torch.rand(1, 64, 64, 3)
+    (low,) = saved_paths(KreaSaveImage().save(image, "q", "jpeg", 10), output_dir)
+    (high,) = saved_paths(KreaSaveImage().save(image, "q", "jpeg", 100), output_dir)
+    assert low.stat().st_size < high.stat().st_size
+    (png,) = saved_paths(KreaSaveImage().save(image, "q", "png", 1), output_dir)
+    with Image.open(png) as saved:
+        pixels = torch.from_numpy(np.array(saved)).float()
+    assert torch.equal(pixels, (image[0] * 255).round())  # png ignores quality: lossless
+
+
+def test_counter_naming_and_ui_result(output_dir):
+    first = KreaSaveImage().save(torch.rand(2, 16, 16, 3), "krea/krea", "jpeg")
+    second = KreaSaveImage().save(torch.rand(1, 16, 16, 3), "krea/krea", "png")
+    assert first == {"ui": {"images": [
+        {"filename": "krea_00001_.jpg", "subfolder": "krea", "type": "output"},
+        {"filename": "krea_00002_.jpg", "subfolder": "krea", "type": "output"}]}}
+    assert second["ui"]["images"] == [{"filename": "krea_00003_.png", "subfolder": "krea", "type": "output"}]
+    top = KreaSaveImage().save(torch.rand(1, 16, 16, 3), "top", "webp")
+    assert top["ui"]["images"] == [{"filename": "top_00001_.webp", "subfolder": "", "type": "output"}]
+    assert all_files(output_dir) == ["krea/krea_00001_.jpg", "krea/krea_00002_.jpg", "krea/krea_00003_.png",
+                                     "top_00001_.webp"]
+
+
+def test_no_temporary_files_are_left(output_dir):
+    KreaSaveImage().save(torch.rand(3, 16, 16, 3), "krea/krea", "webp", 80, PROMPT, {"workflow": WORKFLOW})
+    assert all_files(output_dir) == [f"krea/krea_0000{i}_.webp" for i in (1, 2, 3)]
+
+
+def test_a_failed_write_leaves_nothing(output_dir, monkeypatch):
+    def half_write(self, stream, **kwargs):
+        stream.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        KreaSaveImage().save(torch.rand(1, 16, 16, 3), "krea/krea", "png")
+    assert all_files(output_dir) == []
+
+
+def test_unwritable_output_folder_is_named(output_dir, monkeypatch):
+    (output_dir / "blocked").write_text("a file where the folder should be")
+    with pytest.raises(OSError, match="output folder .*blocked"):
+        KreaSaveImage().save(torch.rand(1, 16, 16, 3), "blocked/krea", "png")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError, match=f"Cannot write images to the output folder {output_dir / 'krea'}"):
+        KreaSaveImage().save(torch.rand(1, 16, 16, 3), "krea/krea", "png")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quality": 0}, "quality must be an integer from 1 to 100"),
+    ({"quality": 101}, "quality must be an integer from 1 to 100"),
+    ({"output_format": "gif"}, "output_format 'gif' is not one of jpeg, png, webp"),
+    ({"filename_prefix": ""}, "filename_prefix must not be empty"),
+    ({"filename_prefix": "../outside"}, "outside the output folder"),
+])
+def test_bad_save_inputs_are_refused(output_dir, kwargs, message):
+    arguments = {"images": torch.rand(1, 16, 16, 3), "filename_prefix": "krea/krea", "output_format": "png",
+                 "quality": 95, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        KreaSaveImage().save(**arguments)
+    assert all_files(output_dir) == []
+
+
+def test_save_refuses_wrong_image_shapes(output_dir):
+    with pytest.raises(ValueError, match="grayscale"):
+        KreaSaveImage().save(torch.rand(1, 16, 16, 1), "krea/krea")
+    assert not os.listdir(output_dir)

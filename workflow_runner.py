@@ -1,0 +1,161 @@
+"""Runs an API-format ComfyUI workflow of the pack's nodes in-process, without a ComfyUI server.
+
+It validates every input the way ComfyUI's executor does (required inputs, links, types, min/max,
+combo lists, VALIDATE_INPUTS) before any node runs, so a bad value is refused before a model loads,
+then runs the nodes that the output nodes depend on, in dependency order.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+
+class WorkflowError(ValueError):
+    """The workflow cannot run as given; the message lists every problem found."""
+
+
+class LoadImage:
+    """Stand-in for ComfyUI's core LoadImage node (IMAGE, MASK) so image-to-image workflows run here too."""
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image": ("STRING", {})}}
+
+    def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"LoadImage: input image {path} not found (give a path with --image).")
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        pixels = torch.from_numpy(rgba[..., :3].copy())[None]
+        mask = 1.0 - torch.from_numpy(rgba[..., 3].copy())[None]
+        return pixels, mask
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _check_constant(name: str, value: Any, spec: tuple) -> str | None:
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        return None if value in kind else f"{name}: {value!r} is not one of {kind[:20]}"
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name}: {value!r} is not a number"
+        if kind == "INT" and float(value) != int(value):
+            return f"{name}: {value!r} is not an integer"
+        if "min" in options and value < options["min"]:
+            return f"{name}: {value} is smaller than the minimum {options['min']}"
+        if "max" in options and value > options["max"]:
+            return f"{name}: {value} is bigger than the maximum {options['max']}"
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        return f"{name}: {value!r} is not a boolean"
+    elif kind == "STRING" and not isinstance(value, str):
+        return f"{name}: {value!r} is not a string"
+    return None
+
+
+def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]:
+    """Every problem of the workflow, as 'node <id> (<class>): <input>: <what is wrong>'."""
+    errors: list[str] = []
+    for node_id, node in prompt.items():
+        class_type = node.get("class_type")
+        cls = classes.get(class_type)
+        if cls is None:
+            errors.append(f"node {node_id}: unknown node type {class_type!r} (this runner knows "
+                          f"{', '.join(sorted(classes))})")
+            continue
+        where = f"node {node_id} ({class_type})"
+        spec = cls.INPUT_TYPES()
+        inputs = node.get("inputs", {})
+        required, optional = spec.get("required", {}), spec.get("optional", {})
+        constants: dict[str, Any] = {}
+        for name, input_spec in {**required, **optional}.items():
+            if name not in inputs:
+                if name in required:
+                    errors.append(f"{where}: required input {name!r} is missing")
+                continue
+            value = inputs[name]
+            if _is_link(value):
+                if value[0] not in prompt:
+                    errors.append(f"{where}: {name} is linked to node {value[0]}, which is not in the workflow")
+                continue
+            constants[name] = value
+            problem = _check_constant(name, value, input_spec)
+            if problem:
+                errors.append(f"{where}: {problem}")
+        check = getattr(cls, "VALIDATE_INPUTS", None)
+        if check is not None:
+            import inspect
+
+            wanted = inspect.signature(check).parameters
+            result = check(**{k: constants.get(k) for k in wanted if k in constants})
+            if result is not True:
+                errors.append(f"{where}: {result}")
+    return errors
+
+
+def _order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]:
+    """Nodes the output nodes need, each after the nodes it reads from."""
+    outputs = [n for n, node in prompt.items() if getattr(classes[node["class_type"]], "OUTPUT_NODE", False)]
+    if not outputs:
+        raise WorkflowError("the workflow has no output node (e.g. Krea Save Image)")
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(node_id: str) -> None:
+        if state.get(node_id) == "done":
+            return
+        if state.get(node_id) == "visiting":
+            raise WorkflowError(f"the workflow has a cycle through node {node_id}")
+        state[node_id] = "visiting"
+        for value in prompt[node_id].get("inputs", {}).values():
+            if _is_link(value):
+                visit(value[0])
+        state[node_id] = "done"
+        order.append(node_id)
+
+    for node_id in outputs:
+        visit(node_id)
+    return order
+
+
+def run(prompt: Mapping[str, dict], classes: Mapping[str, type],
+        extra_pnginfo: dict | None = None) -> dict[str, dict]:
+    """Validate, then run; returns the `ui` dicts of the nodes that gave one, by node id."""
+    errors = validate(prompt, classes)
+    if errors:
+        raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(errors))
+    results: dict[str, tuple] = {}
+    uis: dict[str, dict] = {}
+    for node_id in _order(prompt, classes):
+        node = prompt[node_id]
+        cls = classes[node["class_type"]]
+        kwargs = {}
+        for name, value in node.get("inputs", {}).items():
+            kwargs[name] = results[value[0]][value[1]] if _is_link(value) else value
+        declared = {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
+        kwargs = {k: v for k, v in kwargs.items() if k in declared}
+        for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
+            kwargs[name] = {"PROMPT": dict(prompt), "EXTRA_PNGINFO": extra_pnginfo,
+                            "UNIQUE_ID": node_id}.get(kind)
+        log.info("running node %s (%s)", node_id, node["class_type"])
+        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if isinstance(out, dict):
+            if "ui" in out:
+                uis[node_id] = out["ui"]
+            out = out.get("result", ())
+        results[node_id] = tuple(out)
+    return uis
