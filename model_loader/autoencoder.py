@@ -259,7 +259,7 @@ class AutoEncoder(nn.Module):
         b, _, h, w = images.shape
         if h % f or w % f or h == 0 or w == 0:
             raise ValueError(f"encode needs a height and width that are multiples of {f}, got {h}x{w}.")
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may update the result in place
             plan = tiling.plan(self.config, "encode", b, h // f, w // f, self.dtype, self.device,
                                tile_size, tile_overlap)
             return tiling.run(plan, images, lambda x: self._encode_pass(x, images.device),
@@ -276,7 +276,7 @@ class AutoEncoder(nn.Module):
                              f"got {tuple(latents.shape)}.")
         b, _, h, w = latents.shape
         f = self.config.downscale_factor
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may update the result in place
             plan = tiling.plan(self.config, "decode", b, h, w, self.dtype, self.device, tile_size, tile_overlap)
             return tiling.run(plan, latents, lambda z: self._decode_pass(z, latents.device),
                               in_scale=1, out_scale=f, out_channels=self.config.out_channels,

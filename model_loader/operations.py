@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 _warned_no_fast_fp8 = False
+_fast_fp8_broken = False  # set when torch._scaled_mm failed once: every layer then takes the upcast path
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -49,7 +50,7 @@ class CastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.fast_fp8 and w.dtype == torch.float8_e4m3fn:
+        if self.fast_fp8 and w.dtype == torch.float8_e4m3fn and not _fast_fp8_broken:
             out = self._fast_fp8(x)
             if out is not None:
                 return out
@@ -63,7 +64,7 @@ class CastLinear(nn.Linear):
         return F.linear(x, w, b)
 
     def _fast_fp8(self, x: torch.Tensor) -> torch.Tensor | None:
-        global _warned_no_fast_fp8
+        global _warned_no_fast_fp8, _fast_fp8_broken
         if not fp8_matmul_supported(x.device):
             if not _warned_no_fast_fp8:
                 log.warning(
@@ -72,6 +73,14 @@ class CastLinear(nn.Linear):
                 )
                 _warned_no_fast_fp8 = True
             return None
+        try:
+            return self._scaled_mm(x)
+        except RuntimeError as err:  # shapes or layouts this torch/GPU's fp8 kernel refuses
+            _fast_fp8_broken = True
+            log.warning("fp8 matmul failed (%s); computing in %s from now on.", err, x.dtype)
+            return None
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # Per-tensor input scale so activations fit e4m3's range (max 448).

@@ -156,6 +156,28 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
     return on_step
 
 
+def work_progress(total: int, node_id: str | None = None) -> Callable[[int, int], None]:
+    """update(done, total) for work without latents (VAE tiles): a progress bar and the interrupt check."""
+    if not IN_COMFYUI:
+        return lambda done, total_: None
+    bar = comfy_utils.ProgressBar(total, node_id=node_id)
+
+    def update(done: int, total_: int) -> None:
+        throw_if_interrupted()
+        bar.update_absolute(done, total_)
+
+    return update
+
+
+def metadata_enabled() -> bool:
+    """False when ComfyUI runs with --disable-metadata (no prompt or workflow in saved images)."""
+    if not IN_COMFYUI:
+        return True
+    from comfy.cli_args import args  # type: ignore[import-not-found]
+
+    return not args.disable_metadata
+
+
 def comfyui_tokenizer_dirs() -> dict[str, Path] | None:
     """The CLIP and T5 tokenizer folders that ComfyUI ships, when the pack runs inside it."""
     if not IN_COMFYUI:

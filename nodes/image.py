@@ -68,14 +68,6 @@ def as_image_batch(image: Any, name: str) -> torch.Tensor:
     return image.float()
 
 
-def _check_interrupt(done: int, total: int) -> None:
-    """Called after each tile / batch chunk: Cancel stops a long decode between tiles.
-
-    (host.progress_callback is not used: it expects an x0 latent per step for previews.)
-    """
-    host.throw_if_interrupted()
-
-
 def nearest_multiple(size: int, multiple: int = SIZE_MULTIPLE) -> int:
     return max(multiple, (size + multiple // 2) // multiple * multiple)  # halves round up
 
@@ -108,7 +100,7 @@ class KreaEncodeImage:
             pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False,
                                    antialias=True).clamp_(0.0, 1.0)
         model = vae.load()
-        latents = model.encode(pixels * 2.0 - 1.0, callback=_check_interrupt)
+        latents = model.encode(pixels * 2.0 - 1.0, callback=host.work_progress(1))
         return ({"samples": latents.to(host.intermediate_device())},)
 
 
@@ -149,7 +141,7 @@ class KreaDecode:
         latent = _latent_tensor(samples)
         host.throw_if_interrupted()
         model = vae.load()
-        pixels = model.decode(latent.float(), callback=_check_interrupt)  # (B, 3, H, W) in [-1, 1]
+        pixels = model.decode(latent.float(), callback=host.work_progress(1))  # (B, 3, H, W) in [-1, 1]
         images = ((pixels + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1)
         return (images.to("cpu", torch.float32).contiguous(),)
 
@@ -196,6 +188,15 @@ def _save_arguments(output_format: str, quality: int, prompt: Any, extra_pnginfo
     return {"format": "JPEG", "quality": quality, **({"exif": exif_bytes} if exif_bytes else {})}
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_image_atomically(image: Image.Image, folder: Path, name: str, save_arguments: dict) -> Path:
     """Write `image` to folder/name through a temporary file in the same folder and os.replace, so the name
     only ever shows a complete image; the temporary file is removed if anything fails."""
@@ -209,6 +210,8 @@ def write_image_atomically(image: Image.Image, folder: Path, name: str, save_arg
             image.save(stream, **save_arguments)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        os.chmod(temp_name, 0o666 & ~_UMASK)
         target = folder / name
         os.replace(temp_name, target)
         return target
@@ -259,6 +262,8 @@ class KreaSaveImage:
             raise ValueError("filename_prefix must not be empty (e.g. 'krea/krea').")
         if extra_pnginfo is not None and not isinstance(extra_pnginfo, dict):
             extra_pnginfo = None
+        if not host.metadata_enabled():  # ComfyUI's --disable-metadata
+            prompt, extra_pnginfo = None, None
         batch = as_image_batch(images, "images")
         height, width = batch.shape[1], batch.shape[2]
         folder, filename, counter, subfolder = host.save_image_path(filename_prefix, width, height)

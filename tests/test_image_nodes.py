@@ -235,3 +235,20 @@ def test_save_refuses_wrong_image_shapes(output_dir):
     with pytest.raises(ValueError, match="grayscale"):
         KreaSaveImage().save(torch.rand(1, 16, 16, 1), "krea/krea")
     assert not os.listdir(output_dir)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from comfyui_krea.nodes import host
+    from comfyui_krea.nodes.image import KreaSaveImage
+
+    host.configure_standalone(output_dir=tmp_path)
+    ui = KreaSaveImage().save(torch.rand(1, 16, 16, 3), "perm/p", "png")
+    path = tmp_path / "perm" / ui["ui"]["images"][0]["filename"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

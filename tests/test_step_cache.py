@@ -94,3 +94,27 @@ def test_image_to_image_counts_only_the_steps_it_runs(slow_model):
     assert run.steps == 10
     assert run.cache.full_steps + run.cache.reused_steps == 10
     assert 9 not in run.cache.reused_at
+
+
+def test_gpu_acceleration_is_a_no_op_on_cpu(slow_model):
+    from comfyui_krea.sampling.gpu_acceleration import gpu_acceleration
+
+    with gpu_acceleration(slow_model, CPU) as used:
+        assert used == []
+        assert all("forward" not in block.__dict__ for block in slow_model.double_blocks)
+
+
+def test_failed_compilation_falls_back_to_eager(slow_model, monkeypatch):
+    from comfyui_krea.sampling import gpu_acceleration
+
+    monkeypatch.setattr(gpu_acceleration, "_compile_failed", False)
+    block = slow_model.single_blocks[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor backend unavailable")
+
+    forward = gpu_acceleration._guarded(block, broken)
+    x, vec = torch.randn(1, 23, 32), torch.randn(1, 32)
+    pe = slow_model.pe_embedder(torch.zeros(1, 23, 3))
+    assert torch.equal(forward(x, vec, pe), block(x, vec, pe))
+    assert gpu_acceleration._compile_failed

@@ -1,0 +1,29 @@
+// Shows what a Krea node reported after it ran (the sampler's acceleration summary, the safety
+// checker's has_nsfw_concepts) as a read-only text box on the node.
+import { app } from "../../scripts/app.js";
+
+const REPORTING_NODES = new Set(["KreaSampler", "KreaSafetyCheck"]);
+const WIDGET_NAME = "krea_report";
+
+function showReport(node, lines) {
+  let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
+  if (!widget) {
+    widget = node.addWidget("text", WIDGET_NAME, "", () => {}, { serialize: false });
+    widget.serialize = false; // never written into workflows or API prompts
+    widget.disabled = true;
+  }
+  widget.value = lines.join("\n");
+  node.setDirtyCanvas(true, true);
+}
+
+app.registerExtension({
+  name: "krea.node_reports",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!REPORTING_NODES.has(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      if (Array.isArray(message?.text)) showReport(this, message.text);
+    };
+  },
+});
