@@ -1,6 +1,11 @@
 """Krea node pack: FLUX.1 Krea [dev] for ComfyUI. Exports only; nothing heavy happens at import."""
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+# ComfyUI and pip import this file as a package. pytest, when the checkout's folder name is not a valid
+# module name (e.g. "comfyui-krea"), imports it as a lone module for its package node: no parent package,
+# so no relative imports and nothing to export then (tests import the pip-installed `comfyui_krea`).
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
