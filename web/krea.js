@@ -1,6 +1,7 @@
 // Shows what a Krea node reported after it ran (the sampler's acceleration summary, the safety
-// checker's has_nsfw_concepts) as a read-only text box on the node.
+// checker's has_nsfw_concepts) in a read-only text box on the node.
 import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const REPORTING_NODES = new Set(["KreaSampler", "KreaSafetyCheck"]);
 const WIDGET_NAME = "krea_report";
@@ -8,9 +9,12 @@ const WIDGET_NAME = "krea_report";
 function showReport(node, lines) {
   let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
   if (!widget) {
-    widget = node.addWidget("text", WIDGET_NAME, "", () => {}, { serialize: false });
+    widget = ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
     widget.serialize = false; // never written into workflows or API prompts
-    widget.disabled = true;
+    if (widget.inputEl) {
+      widget.inputEl.readOnly = true;
+      widget.inputEl.style.opacity = 0.7;
+    }
   }
   widget.value = lines.join("\n");
   node.setDirtyCanvas(true, true);
