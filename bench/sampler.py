@@ -35,16 +35,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_pair(first, second, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median seconds of two calls, measured alternately (and in alternating order) so that drifts in
+    machine load hit both equally."""
+    first(), second()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    for round_index in range(repeats):
+        order = (0, 1) if round_index % 2 == 0 else (1, 0)
+        for which in order:
+            fn = (first, second)[which]
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[which].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 class TimedModel(torch.nn.Module):
@@ -70,7 +75,7 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=1)
     parser.add_argument("--single", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     args = parser.parse_args()
@@ -102,11 +107,11 @@ def main() -> None:
         theirs_out = theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=t,
                             img_ids=ids[0], txt_ids=tids[0], guidance=g, return_dict=False)[0]
         diff = ((ours_out.float() - theirs_out.float()).norm() / theirs_out.float().norm()).item()
-        ours_s = timed(lambda: ours(img=img, img_ids=ids, txt=txt, txt_ids=tids, timesteps=t, y=vec, guidance=g),
-                       device, args.repeats)
-        theirs_s = timed(lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec,
-                                        timestep=t, img_ids=ids[0], txt_ids=tids[0], guidance=g,
-                                        return_dict=False), device, args.repeats)
+        ours_s, theirs_s = timed_pair(
+            lambda: ours(img=img, img_ids=ids, txt=txt, txt_ids=tids, timesteps=t, y=vec, guidance=g),
+            lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=t,
+                           img_ids=ids[0], txt_ids=tids[0], guidance=g, return_dict=False),
+            device, args.repeats)
 
         wrapped = TimedModel(ours, device)
         settings = GenerationSettings(width=args.size, height=args.size, num_steps=args.steps, guidance=4.5, seed=0,

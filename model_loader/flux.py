@@ -196,7 +196,8 @@ class ModulationOut:
     gate: Tensor
 
     def apply(self, x: Tensor) -> Tensor:
-        return (1 + self.scale) * x + self.shift
+        # shift + (1 + scale) * x in one kernel (no full-size temporary)
+        return torch.addcmul(self.shift, 1 + self.scale, x)
 
 
 class Modulation(nn.Module):
@@ -255,10 +256,11 @@ class DoubleStreamBlock(nn.Module):
                          torch.cat((txt_v, img_v), dim=2), pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.apply(self.img_norm2(img)))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt)))
+        # Gated residuals, x + gate * f(x), each as one addcmul.
+        img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_mod2.gate, self.img_mlp(img_mod2.apply(self.img_norm2(img))))
+        txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(txt_mod2.apply(self.txt_norm2(txt))))
         return _clamp_fp16(img), _clamp_fp16(txt)
 
 
@@ -287,7 +289,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=2))
-        return _clamp_fp16(x + mod.gate * out)
+        return _clamp_fp16(torch.addcmul(x, mod.gate, out))
 
 
 class LastLayer(nn.Module):
