@@ -6,6 +6,7 @@ then runs the nodes that the output nodes depend on, in dependency order.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,6 +82,9 @@ def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[st
         spec = cls.INPUT_TYPES()
         inputs = node.get("inputs", {})
         required, optional = spec.get("required", {}), spec.get("optional", {})
+        check = getattr(cls, "VALIDATE_INPUTS", None)
+        # As ComfyUI does: inputs that VALIDATE_INPUTS takes are checked by it alone.
+        custom_checked = set(inspect.signature(check).parameters) if check is not None else set()
         constants: dict[str, Any] = {}
         for name, input_spec in {**required, **optional}.items():
             if name not in inputs:
@@ -93,15 +97,11 @@ def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[st
                     errors.append(f"{where}: {name} is linked to node {value[0]}, which is not in the workflow")
                 continue
             constants[name] = value
-            problem = _check_constant(name, value, input_spec)
+            problem = None if name in custom_checked else _check_constant(name, value, input_spec)
             if problem:
                 errors.append(f"{where}: {problem}")
-        check = getattr(cls, "VALIDATE_INPUTS", None)
         if check is not None:
-            import inspect
-
-            wanted = inspect.signature(check).parameters
-            result = check(**{k: constants.get(k) for k in wanted if k in constants})
+            result = check(**{k: constants[k] for k in custom_checked if k in constants})
             if result is not True:
                 errors.append(f"{where}: {result}")
     return errors

@@ -13,7 +13,6 @@ Needs the test extras (diffusers). On the CPU keep sizes small; on a GPU pass --
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +35,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed_pair(first, second, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds of two calls, measured alternately (and in alternating order) so that drifts in
-    machine load hit both equally."""
+    """Best-of-`repeats` seconds of two calls (the least disturbed run of each), measured alternately and in
+    alternating order so that drifts in machine load hit both equally."""
     first(), second()  # warm-up
     times: tuple[list[float], list[float]] = ([], [])
     for round_index in range(repeats):
@@ -49,7 +48,7 @@ def timed_pair(first, second, device: torch.device, repeats: int) -> tuple[float
             fn()
             sync(device)
             times[which].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return min(times[0]), min(times[1])
 
 
 class TimedModel(torch.nn.Module):

@@ -42,8 +42,9 @@ DEFAULT_LAYER_NORM_EPS = 1e-12
 DEFAULT_HEAD_DIM = 64
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
-WHERE_TO_GET_IT = ("the model.safetensors of Falconsai/nsfw_image_detection "
-                   "(https://huggingface.co/Falconsai/nsfw_image_detection; its config.json beside it is optional)")
+WHERE_TO_GET_IT = ("the model.safetensors of Falconsai/nsfw_image_detection, saved as "
+                   "nsfw_image_detection.safetensors (the name the shipped workflows use; its config.json "
+                   "beside it is optional)")
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 _LAYER_KEY = re.compile(r"^vit\.encoder\.layer\.(\d+)\.")

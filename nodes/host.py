@@ -71,7 +71,7 @@ def configure_standalone(models_dir: str | os.PathLike[str] | None = None,
 def model_search_paths(folder: str) -> list[Path]:
     if IN_COMFYUI:
         return [Path(p) for p in folder_paths.get_folder_paths(folder)]
-    return [_standalone["models_dir"] / sub for sub in MODEL_FOLDERS[folder]]
+    return [_standalone["models_dir"].absolute() / sub for sub in MODEL_FOLDERS[folder]]
 
 
 def list_models(folder: str) -> list[str]:

@@ -43,6 +43,7 @@ class KreaModelLoader:
     def VALIDATE_INPUTS(cls, model_name: str, clip_name: str, t5_name: str, vae_name: str) -> bool | str:
         # Replaces ComfyUI's "value not in list" for these inputs with a message that names the folders
         # searched and what to put there; runs before anything is loaded.
+        problems = []
         for folder, name in (("diffusion_models", model_name), ("text_encoders", clip_name),
                              ("text_encoders", t5_name), ("vae", vae_name)):
             if name is None:  # linked from another node: known only at run time
@@ -50,8 +51,8 @@ class KreaModelLoader:
             try:
                 host.model_path(folder, name)
             except ModelFileError as err:
-                return str(err)
-        return True
+                problems.append(str(err))
+        return " ".join(problems) if problems else True
 
     def load(self, model_name: str, weight_dtype: str, clip_name: str, t5_name: str,
              vae_name: str) -> tuple[TransformerHandle, TextEncoderHandle, VaeHandle]:

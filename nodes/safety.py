@@ -20,7 +20,7 @@ from .handles import cached_load
 log = logging.getLogger(__name__)
 
 FOLDER = "safety_checker"
-NO_CLASSIFIER = "(no classifier found: put model.safetensors in models/safety_checker)"
+NO_CLASSIFIER = "(no classifier found: put nsfw_image_detection.safetensors in models/safety_checker)"
 IMAGES_PER_BATCH = 4  # images classified per forward pass (fal's num_images is at most 4)
 
 
@@ -87,7 +87,7 @@ class KreaSafetyCheck:
                 "tooltip": "An image is flagged when its NSFW probability is above this value (fal uses 0.5)."}),
             "checker_name": (_checker_choices(), {
                 "tooltip": "The NSFW classifier in models/safety_checker: the model.safetensors of "
-                           "Falconsai/nsfw_image_detection (its config.json beside it is optional)."}),
+                           "Falconsai/nsfw_image_detection, saved as nsfw_image_detection.safetensors."}),
         }}
 
     @classmethod
