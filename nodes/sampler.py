@@ -74,6 +74,9 @@ def unpack_conditioning(conditioning: list) -> tuple[torch.Tensor, torch.Tensor]
     if len(conditioning) > 1:
         log.warning("conditioning holds %d entries; KreaSampler uses the first.", len(conditioning))
     txt, extras = conditioning[0][0], conditioning[0][1]
+    if "guidance" in extras:
+        log.info("conditioning carries guidance %s (FluxGuidance); KreaSampler uses its guidance_scale input.",
+                 extras["guidance"])
     pooled = extras.get("pooled_output")
     if pooled is None:
         raise ValueError("conditioning has no pooled_output (the CLIP-L vector FLUX needs); encode the prompt "
