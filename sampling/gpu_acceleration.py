@@ -41,6 +41,25 @@ def _guarded(block: torch.nn.Module, compiled: Callable) -> Callable:
 
 
 @contextlib.contextmanager
+def compiled_blocks(model: torch.nn.Module, backend: str = "inductor") -> Iterator[bool]:
+    """Within the block the transformer blocks run compiled (yields False when compilation is off for good)."""
+    blocks = [*model.double_blocks, *model.single_blocks]
+    if _compile_failed or not hasattr(torch, "compile"):
+        yield False
+        return
+    for block in blocks:
+        if block not in _compiled:
+            _compiled[block] = _guarded(block, torch.compile(type(block).forward.__get__(block), backend=backend,
+                                                             dynamic=False))
+        block.forward = _compiled[block]
+    try:
+        yield True
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
 def gpu_acceleration(model: torch.nn.Module, device: torch.device) -> Iterator[list[str]]:
     """Within the block: fp8 matmuls for fp8-stored weights (GPUs with fp8 units) and compiled blocks (CUDA).
 
@@ -56,17 +75,11 @@ def gpu_acceleration(model: torch.nn.Module, device: torch.device) -> Iterator[l
         for layer in fp8_layers:
             layer.fast_fp8 = True
         used.append("fp8 matmul")
-    blocks = [*model.double_blocks, *model.single_blocks]
-    if not _compile_failed and hasattr(torch, "compile"):
-        for block in blocks:
-            if block not in _compiled:
-                _compiled[block] = _guarded(block, torch.compile(type(block).forward.__get__(block), dynamic=False))
-            block.forward = _compiled[block]
-        used.append("torch.compile")
     try:
-        yield used
+        with compiled_blocks(model) as compiled:
+            if compiled:
+                used.append("torch.compile")
+            yield used
     finally:
         for layer in fp8_layers:
             layer.fast_fp8 = False
-        for block in blocks:
-            block.__dict__.pop("forward", None)

@@ -118,3 +118,23 @@ def test_failed_compilation_falls_back_to_eager(slow_model, monkeypatch):
     pe = slow_model.pe_embedder(torch.zeros(1, 23, 3))
     assert torch.equal(forward(x, vec, pe), block(x, vec, pe))
     assert gpu_acceleration._compile_failed
+
+
+def test_blocks_trace_and_run_compiled_then_restore(slow_model, monkeypatch):
+    # aot_eager exercises dynamo's tracing of our blocks (graph breaks, guards) without a C++ build.
+    from comfyui_krea.sampling import gpu_acceleration
+
+    monkeypatch.setattr(gpu_acceleration, "_compile_failed", False)
+    monkeypatch.setattr(gpu_acceleration, "_compiled", gpu_acceleration.weakref.WeakKeyDictionary())
+    torch._dynamo.reset()
+    txt, vec = cond()
+    settings = GenerationSettings(width=32, height=32, num_steps=2, guidance=4.5, seed=0, num_images=1)
+    eager = generate(slow_model, txt, vec, settings, CPU, torch.float32).latents
+    with gpu_acceleration.compiled_blocks(slow_model, backend="aot_eager") as compiled:
+        assert compiled
+        assert all("forward" in b.__dict__ for b in slow_model.single_blocks)
+        fast = generate(slow_model, txt, vec, settings, CPU, torch.float32).latents
+    assert not gpu_acceleration._compile_failed  # no fallback to eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo really compiled the blocks
+    assert all("forward" not in b.__dict__ for b in [*slow_model.double_blocks, *slow_model.single_blocks])
+    assert torch.allclose(fast, eager, atol=1e-5)
