@@ -2,7 +2,6 @@
 and the command line."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """CastLinear: storage in one dtype, compute in another; the fp8 matmul path and its fallbacks."""
 import logging
 
-import pytest
 import torch
 
 from comfyui_krea.model_loader import operations
