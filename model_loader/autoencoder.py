@@ -10,7 +10,6 @@ overlapping tiles when the estimated activation memory would not fit (`autoencod
 """
 from __future__ import annotations
 
-import logging
 import os
 import types
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from torch import nn
 
 from . import autoencoder_tiling as tiling
 
-log = logging.getLogger(__name__)
 
 TileCallback = Callable[[int, int], None]  # (tiles or batch chunks done, total)
 

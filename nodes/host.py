@@ -5,7 +5,6 @@ they use a models folder with ComfyUI's layout and an output folder, set by `con
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 
 from ..model_loader.errors import ModelFileError
 
-log = logging.getLogger(__name__)
 
 try:  # ComfyUI's modules are importable only when the pack runs inside it.
     import folder_paths  # type: ignore[import-not-found]

@@ -8,12 +8,10 @@ created by `generate` and dropped with it, so nothing carries over between runs,
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
 
-log = logging.getLogger(__name__)
 
 # Relative L1 change of the first-block residual below which a step reuses the cached residual.
 THRESHOLDS: dict[str, float] = {"none": 0.0, "regular": 0.06, "high": 0.15}
