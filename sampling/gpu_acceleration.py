@@ -1,8 +1,9 @@
 """GPU-only parts of `acceleration` regular/high: real fp8 matmuls and torch.compile of the blocks.
 
 Both are switched on for one run and switched off after it, so `none` always runs the plain model.
-Compilation is cached per block (compiling again on every run would cost more than it saves) and falls
-back to eager execution, with one warning, wherever torch.compile does not work.
+Compiled forwards are kept across runs (compiling again on every run would cost more than it saves); the
+19 double and 38 single blocks share one graph per kind, since dynamo treats a block's weights as inputs.
+Wherever torch.compile does not work, the blocks fall back to eager execution with one warning.
 """
 from __future__ import annotations
 
@@ -49,8 +50,11 @@ def compiled_blocks(model: torch.nn.Module, backend: str = "inductor") -> Iterat
         return
     for block in blocks:
         if block not in _compiled:
+            # dynamic=None (automatic dynamic shapes): the first size compiles a static graph, a second size
+            # one graph with symbolic token counts that serves every later size. With dynamic=False each size
+            # (and batch size) compiled anew and, past dynamo's recompile limit (8), ran uncompiled.
             _compiled[block] = _guarded(block, torch.compile(type(block).forward.__get__(block), backend=backend,
-                                                             dynamic=False))
+                                                             dynamic=None))
         block.forward = _compiled[block]
     try:
         yield True

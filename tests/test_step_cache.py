@@ -2,6 +2,8 @@
 no state shared between runs."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,3 +140,31 @@ def test_blocks_trace_and_run_compiled_then_restore(slow_model, monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo really compiled the blocks
     assert all("forward" not in b.__dict__ for b in [*slow_model.double_blocks, *slow_model.single_blocks])
     assert torch.allclose(fast, eager, atol=1e-5)
+
+
+def test_compiled_blocks_share_graphs_across_blocks_and_sizes(tmp_path, monkeypatch):
+    # Full depth (19 double + 38 single blocks), narrow width: every block and every size must reuse a
+    # handful of graphs. One graph per block, or per size, would exceed dynamo's recompile limit (8) and
+    # silently run the remaining blocks or sizes uncompiled.
+    from comfyui_krea.sampling import gpu_acceleration
+
+    monkeypatch.setattr(gpu_acceleration, "_compile_failed", False)
+    monkeypatch.setattr(gpu_acceleration, "_compiled", gpu_acceleration.weakref.WeakKeyDictionary())
+    deep = dataclasses.replace(SMALL, depth=19, depth_single_blocks=38)
+    model = load_flux(write_random_flux_checkpoint(tmp_path / "deep.safetensors", deep, seed=2))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    txt, vec = cond()
+    graphs_after = []
+    for width, height in [(32, 32), (48, 32), (64, 64), (32, 80), (96, 48), (80, 80)]:
+        settings = GenerationSettings(width=width, height=height, num_steps=1, guidance=4.5, seed=0, num_images=1)
+        eager = generate(model, txt, vec, settings, CPU, torch.float32).latents
+        with gpu_acceleration.compiled_blocks(model, backend="eager"):
+            fast = generate(model, txt, vec, settings, CPU, torch.float32).latents
+        assert torch.allclose(fast, eager, atol=1e-5)
+        graphs_after.append(counters["stats"]["unique_graphs"])
+    assert not gpu_acceleration._compile_failed
+    assert counters["frames"]["total"] == counters["frames"]["ok"]  # no frame fell back to eager
+    assert graphs_after[0] == 2  # one graph per block kind serves all 57 blocks
+    assert graphs_after[-1] == graphs_after[2] <= 6  # new sizes stopped costing compilations
