@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .errors import ModelFileError
 from .flux import Flux, FluxConfig
-from .operations import CastLinear, CastOps
+from .operations import CastLinear, CastOps, fp8_matmul_supported
 from .safetensors_file import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -436,9 +436,13 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     for module_name, scale in scales.items():
         modules[module_name].set_scale(scale)
     if weight_dtype == "fp8_e4m3fn_fast":
-        for module in modules.values():
-            if isinstance(module, CastLinear):
-                module.fast_fp8 = True
+        if fp8_matmul_supported(device):
+            for module in modules.values():
+                if isinstance(module, CastLinear):
+                    module.fast_fp8 = True
+        else:
+            log.warning("fp8_e4m3fn_fast: %s has no fp8 matrix units; multiplying in bf16 (as fp8_e4m3fn).",
+                        device)
     model.compute_dtype = _compute_dtype(model, weight_dtype)
     model.eval()
     log.info("Loaded FLUX transformer %s (%s layout, %d double + %d single blocks, weights %s, compute %s)",

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-_warned_no_fast_fp8 = False
 _fast_fp8_broken = False  # set when torch._scaled_mm failed once: every layer then takes the upcast path
 
 
@@ -34,8 +33,10 @@ class CastLinear(nn.Linear):
     """nn.Linear computing in the input's dtype whatever the stored weight dtype.
 
     `scale_weight` (a 0-d or 1-element tensor, optional): the stored weight is `real_weight / scale`.
-    `fast_fp8`: when set and supported, fp8 weights are multiplied with torch._scaled_mm instead of
-    being upcast; elsewhere it falls back to the upcast path with one warning.
+    `fast_fp8`: fp8 weights are multiplied with torch._scaled_mm instead of being upcast (falling back to
+    the upcast path, with one warning, if the kernel refuses). Whoever sets it has checked
+    `fp8_matmul_supported` for the weight's device: forward does not ask the device again, which keeps it
+    free of graph breaks under torch.compile.
     """
 
     scale_weight: torch.Tensor | None
@@ -51,9 +52,10 @@ class CastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.fast_fp8 and w.dtype == torch.float8_e4m3fn and not _fast_fp8_broken:
-            out = self._fast_fp8(x)
-            if out is not None:
-                return out
+            try:
+                return self._scaled_mm(x)
+            except RuntimeError as err:  # shapes or layouts this torch/GPU's fp8 kernel refuses
+                _disable_fast_fp8(err, x.dtype)
         if w.dtype != x.dtype:
             w = w.to(x.dtype)
         if self.scale_weight is not None:
@@ -62,23 +64,6 @@ class CastLinear(nn.Linear):
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         return F.linear(x, w, b)
-
-    def _fast_fp8(self, x: torch.Tensor) -> torch.Tensor | None:
-        global _warned_no_fast_fp8, _fast_fp8_broken
-        if not fp8_matmul_supported(x.device):
-            if not _warned_no_fast_fp8:
-                log.warning(
-                    "fp8_e4m3fn_fast: this device (%s) has no fp8 matrix units; computing in %s instead.",
-                    x.device, x.dtype,
-                )
-                _warned_no_fast_fp8 = True
-            return None
-        try:
-            return self._scaled_mm(x)
-        except RuntimeError as err:  # shapes or layouts this torch/GPU's fp8 kernel refuses
-            _fast_fp8_broken = True
-            log.warning("fp8 matmul failed (%s); computing in %s from now on.", err, x.dtype)
-            return None
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -94,6 +79,12 @@ class CastLinear(nn.Linear):
             bias=None if self.bias is None else self.bias.to(x.dtype),
         )
         return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def _disable_fast_fp8(err: RuntimeError, dtype: torch.dtype) -> None:
+    global _fast_fp8_broken
+    _fast_fp8_broken = True
+    log.warning("fp8 matmul failed (%s); computing in %s from now on.", err, dtype)
 
 
 CastOps = types.SimpleNamespace(

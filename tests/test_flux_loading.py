@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -249,11 +250,19 @@ def test_fp8_storage_is_within_bf16_error(bfl_file):
     assert param_bytes(fp8) < 0.65 * param_bytes(bf16)
 
 
-def test_fp8_fast_flag(bfl_file):
+def test_fp8_fast_flag(bfl_file, monkeypatch, caplog):
+    from comfyui_krea.model_loader import flux_loading
+
+    # No fp8 matrix units on CPU: one warning, and the same numbers as fp8_e4m3fn.
+    with caplog.at_level(logging.WARNING):
+        fast = load_flux(bfl_file, "fp8_e4m3fn_fast")
+    assert any("has no fp8 matrix units" in r.message for r in caplog.records)
+    assert not any(m.fast_fp8 for m in fast.modules() if isinstance(m, CastLinear))
+    assert torch.equal(run(fast, torch.bfloat16), run(load_flux(bfl_file, "fp8_e4m3fn"), torch.bfloat16))
+    # Where the device has them, every fp8 Linear of the blocks multiplies in fp8.
+    monkeypatch.setattr(flux_loading, "fp8_matmul_supported", lambda device: True)
     fast = load_flux(bfl_file, "fp8_e4m3fn_fast")
     assert fast.single_blocks[0].linear1.fast_fp8 and fast.double_blocks[1].txt_mlp[0].fast_fp8
-    # No fp8 matrix units on CPU: falls back to the upcast path, same numbers as fp8_e4m3fn.
-    assert torch.equal(run(fast, torch.bfloat16), run(load_flux(bfl_file, "fp8_e4m3fn"), torch.bfloat16))
 
 
 def test_fp16_and_default_dtypes(tmp_path):
