@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from comfyui_krea.model_loader.flux import FLUX_DEV, Flux, FluxConfig
-from comfyui_krea.model_loader.flux_loading import load_flux, write_random_flux_checkpoint
+from comfyui_krea.model_loader.flux_loading import RandomFluxSource, load_flux_from_source
 from comfyui_krea.nodes.sampler import compute_dtype
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 from comfyui_krea.sampling.gpu_acceleration import gpu_acceleration
 from comfyui_krea.sampling.step_cache import THRESHOLDS
 
 
-def build_model(args: argparse.Namespace, device: torch.device, folder: Path) -> Flux:
+def build_model(args: argparse.Namespace, device: torch.device) -> Flux:
     config = FLUX_DEV if args.full_size else FluxConfig(depth=args.double, depth_single_blocks=args.single)
-    # Random weights scaled like a trained model's (small), written once and loaded as a user would.
-    path = write_random_flux_checkpoint(folder / "flux.safetensors", config, seed=0, dtype=torch.bfloat16)
-    model = load_flux(path, weight_dtype=args.weight_dtype, device=device)
+    # bf16 random weights made on the device and converted by the real loader (load_flux reads files the
+    # same way; writing the 23.8 GB file first would cost minutes of GPU time).
+    source = RandomFluxSource(config, seed=0, dtype=torch.bfloat16, device=device)
+    model = load_flux_from_source(source, weight_dtype=args.weight_dtype, device=device, name="random weights")
     if args.damp_time != 1.0:
         # A model whose output changes little from step to step, as a trained one does between close steps
         # (random weights otherwise make every step look new to the cache).
@@ -77,8 +76,8 @@ def main() -> None:
     txt, vec = torch.randn(1, args.txt, 4096, generator=gen), torch.randn(1, 768, generator=gen)
     settings = GenerationSettings(width=args.size, height=args.size, num_steps=args.steps, guidance=4.5, seed=0,
                                   num_images=1)
-    with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        model = build_model(args, device, Path(folder))
+    with torch.inference_mode():
+        model = build_model(args, device)
         results = {}
         for mode in THRESHOLDS:
             if args.warmup:

@@ -533,15 +533,44 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
     os.replace(partial, path)  # never leave a half-written file under the real name
 
 
-def random_flux_tensor(key: str, shape: tuple[int, ...], seed: int) -> Tensor:
-    """Deterministic float32 weights for one BFL key (independent of the order they are made in)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+def random_flux_tensor(key: str, shape: tuple[int, ...], seed: int, device: str | torch.device = "cpu") -> Tensor:
+    """Deterministic float32 weights for one BFL key (independent of the order they are made in).
+
+    Made on `device` with that device's generator: CUDA draws other numbers than the CPU for the same seed.
+    """
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
     if key.endswith(".scale"):  # RMSNorm gains around 1
         return 1.0 + 0.1 * noise
     if len(shape) == 2:  # Linear weight: unit gain, keeps deep stacks finite (0.018 at width 3072)
         return noise / shape[1] ** 0.5
     return 0.02 * noise  # biases
+
+
+class RandomFluxSource:
+    """Random weights for `config` in BFL keys, each made on `device` only when the loader reads it.
+
+    For benchmarks of the full-size model: no 23.8 GB file to write first, and at most one float32 tensor
+    in flight on top of the model being built.
+    """
+
+    def __init__(self, config: FluxConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> None:
+        with torch.device("meta"):
+            self._shapes = {k: tuple(v.shape) for k, v in Flux(config).state_dict().items()}
+        self._seed, self._dtype, self._device = seed, dtype, torch.device(device)
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtype
+
+    def tensor(self, key: str) -> Tensor:
+        return random_flux_tensor(key, self._shapes[key], self._seed, self._device).to(self._dtype)
 
 
 def write_random_flux_checkpoint(path: str | os.PathLike[str], config: FluxConfig, seed: int = 0,

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from comfyui_krea.model_loader.errors import ModelFileError
 from comfyui_krea.model_loader.flux import FLUX_DEV, Flux, FluxConfig
 from comfyui_krea.model_loader.flux_loading import (
-    COMFY_PREFIX, WEIGHT_DTYPES, StateDictSource, flux_config_from_checkpoint, load_flux, load_flux_from_source,
+    COMFY_PREFIX, WEIGHT_DTYPES, RandomFluxSource, StateDictSource, flux_config_from_checkpoint, load_flux,
+    load_flux_from_source,
     rope_axes_for_head_dim, write_random_flux_checkpoint,
 )
 from comfyui_krea.model_loader.operations import CastLinear
@@ -331,3 +332,15 @@ def test_diffusers_folder_with_missing_shard(tmp_path):
     (root / "transformer" / lost).unlink()
     with pytest.raises(ModelFileError, match=lost):
         load_flux(root)
+
+
+def test_random_source_builds_the_model_the_random_file_holds(tmp_path):
+    # The benchmarks' in-memory random weights go through the same conversion as a file would.
+    path = write_random_flux_checkpoint(tmp_path / "r.safetensors", SMALL, seed=3, dtype=torch.bfloat16)
+    for weight_dtype in ("default", "fp8_e4m3fn"):
+        from_file = load_flux(path, weight_dtype)
+        from_source = load_flux_from_source(RandomFluxSource(SMALL, seed=3), weight_dtype)
+        assert from_source.compute_dtype == from_file.compute_dtype == torch.bfloat16
+        a, b = from_file.state_dict(), from_source.state_dict()
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()) for k in a)
