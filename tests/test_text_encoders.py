@@ -167,6 +167,7 @@ def test_t5_scaled_fp8_file(tmp_path, files):
     assert 1e-4 < rel_err(ours, original) < 0.3
 
 
+@needs_tokenizers
 def test_fp16_stored_weights_compute_in_float32_on_cpu(tmp_path, files, clip_ids):
     ids = torch.randint(0, 32100, (1, 30))
     half = write_random_t5_checkpoint(tmp_path / "t5_fp16.safetensors", T5_CONFIG, seed=2, dtype=torch.float16)
