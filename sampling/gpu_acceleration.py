@@ -1,15 +1,15 @@
 """GPU-only parts of `acceleration` regular/high: real fp8 matmuls and torch.compile of the blocks.
 
 Both are switched on for one run and switched off after it, so `none` always runs the plain model.
-Compiled forwards are kept across runs (compiling again on every run would cost more than it saves); the
-19 double and 38 single blocks share one graph per kind, since dynamo treats a block's weights as inputs.
+Compiled forwards are kept across runs (compiling again on every run would cost more than it saves): one
+per block class, shared by the 19 double and the 38 single blocks, since dynamo treats a block's weights
+as inputs.
 Wherever torch.compile does not work, the blocks fall back to eager execution with one warning.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -18,25 +18,38 @@ from ..model_loader.operations import CastLinear, fp8_matmul_supported
 
 log = logging.getLogger(__name__)
 
-_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+# (block class, backend) -> compiled unbound forward, called as f(block, ...). It holds no block: a cache
+# keyed by block whose compiled forwards were bound to it kept every block's weights alive after their
+# model was replaced (on a GPU, the old model's 12-24 GB).
+_compiled: dict[tuple[type, str], Callable] = {}
 _compile_failed = False
 
 
+def _compiled_forward(block_type: type, backend: str) -> Callable:
+    key = (block_type, backend)
+    if key not in _compiled:
+        # dynamic=None (automatic dynamic shapes): the first size compiles a static graph, a second size
+        # one graph with symbolic token counts that serves every later size. With dynamic=False each size
+        # (and batch size) compiled anew and, past dynamo's recompile limit (8), ran uncompiled.
+        _compiled[key] = torch.compile(block_type.forward, backend=backend, dynamic=None)
+    return _compiled[key]
+
+
 def _guarded(block: torch.nn.Module, compiled: Callable) -> Callable:
-    """The compiled forward, or the eager one for good once compilation has failed anywhere."""
-    eager = type(block).forward.__get__(block)
+    """block's forward through `compiled(block, ...)`, or the eager one for good once compilation failed."""
+    eager = type(block).forward
 
     def forward(*args, **kwargs):
         global _compile_failed
         if _compile_failed:
-            return eager(*args, **kwargs)
+            return eager(block, *args, **kwargs)
         try:
-            return compiled(*args, **kwargs)
+            return compiled(block, *args, **kwargs)
         except Exception as err:  # torch.compile raises many kinds (backend, dynamo, inductor) at first call
             _compile_failed = True
             log.warning("torch.compile failed (%s: %s); acceleration continues without it.",
                         type(err).__name__, err)
-            return eager(*args, **kwargs)
+            return eager(block, *args, **kwargs)
 
     return forward
 
@@ -48,14 +61,10 @@ def compiled_blocks(model: torch.nn.Module, backend: str = "inductor") -> Iterat
     if _compile_failed or not hasattr(torch, "compile"):
         yield False
         return
+    if any((type(block), backend) not in _compiled for block in blocks):
+        log.info("torch.compile: compiling the transformer blocks; this run's first steps take longer.")
     for block in blocks:
-        if block not in _compiled:
-            # dynamic=None (automatic dynamic shapes): the first size compiles a static graph, a second size
-            # one graph with symbolic token counts that serves every later size. With dynamic=False each size
-            # (and batch size) compiled anew and, past dynamo's recompile limit (8), ran uncompiled.
-            _compiled[block] = _guarded(block, torch.compile(type(block).forward.__get__(block), backend=backend,
-                                                             dynamic=None))
-        block.forward = _compiled[block]
+        block.forward = _guarded(block, _compiled_forward(type(block), backend))
     try:
         yield True
     finally:

@@ -3,6 +3,8 @@ no state shared between runs."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -106,10 +108,20 @@ def test_gpu_acceleration_is_a_no_op_on_cpu(slow_model):
         assert all("forward" not in block.__dict__ for block in slow_model.double_blocks)
 
 
-def test_failed_compilation_falls_back_to_eager(slow_model, monkeypatch):
+@pytest.fixture
+def compile_state(monkeypatch):
+    """gpu_acceleration with no compiled forwards and no earlier failure; dynamo's caches emptied."""
     from comfyui_krea.sampling import gpu_acceleration
 
     monkeypatch.setattr(gpu_acceleration, "_compile_failed", False)
+    monkeypatch.setattr(gpu_acceleration, "_compiled", {})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return gpu_acceleration
+
+
+def test_failed_compilation_falls_back_to_eager(slow_model, compile_state):
+    gpu_acceleration = compile_state
     block = slow_model.single_blocks[0]
 
     def broken(*args, **kwargs):
@@ -122,13 +134,9 @@ def test_failed_compilation_falls_back_to_eager(slow_model, monkeypatch):
     assert gpu_acceleration._compile_failed
 
 
-def test_blocks_trace_and_run_compiled_then_restore(slow_model, monkeypatch):
+def test_blocks_trace_and_run_compiled_then_restore(slow_model, compile_state):
     # aot_eager exercises dynamo's tracing of our blocks (graph breaks, guards) without a C++ build.
-    from comfyui_krea.sampling import gpu_acceleration
-
-    monkeypatch.setattr(gpu_acceleration, "_compile_failed", False)
-    monkeypatch.setattr(gpu_acceleration, "_compiled", gpu_acceleration.weakref.WeakKeyDictionary())
-    torch._dynamo.reset()
+    gpu_acceleration = compile_state
     txt, vec = cond()
     settings = GenerationSettings(width=32, height=32, num_steps=2, guidance=4.5, seed=0, num_images=1)
     eager = generate(slow_model, txt, vec, settings, CPU, torch.float32).latents
@@ -142,19 +150,14 @@ def test_blocks_trace_and_run_compiled_then_restore(slow_model, monkeypatch):
     assert torch.allclose(fast, eager, atol=1e-5)
 
 
-def test_compiled_blocks_share_graphs_across_blocks_and_sizes(tmp_path, monkeypatch):
+def test_compiled_blocks_share_graphs_across_blocks_and_sizes(tmp_path, compile_state):
     # Full depth (19 double + 38 single blocks), narrow width: every block and every size must reuse a
     # handful of graphs. One graph per block, or per size, would exceed dynamo's recompile limit (8) and
     # silently run the remaining blocks or sizes uncompiled.
-    from comfyui_krea.sampling import gpu_acceleration
-
-    monkeypatch.setattr(gpu_acceleration, "_compile_failed", False)
-    monkeypatch.setattr(gpu_acceleration, "_compiled", gpu_acceleration.weakref.WeakKeyDictionary())
+    gpu_acceleration = compile_state
     deep = dataclasses.replace(SMALL, depth=19, depth_single_blocks=38)
     model = load_flux(write_random_flux_checkpoint(tmp_path / "deep.safetensors", deep, seed=2))
-    torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
-    counters.clear()
     txt, vec = cond()
     graphs_after = []
     for width, height in [(32, 32), (48, 32), (64, 64), (32, 80), (96, 48), (80, 80)]:
@@ -168,3 +171,26 @@ def test_compiled_blocks_share_graphs_across_blocks_and_sizes(tmp_path, monkeypa
     assert counters["frames"]["total"] == counters["frames"]["ok"]  # no frame fell back to eager
     assert graphs_after[0] == 2  # one graph per block kind serves all 57 blocks
     assert graphs_after[-1] == graphs_after[2] <= 6  # new sizes stopped costing compilations
+
+
+def test_compiled_blocks_serve_a_new_model_and_free_the_old_one(tmp_path, compile_state):
+    # Switching models after an accelerated run must free the old one (on a GPU: 12-24 GB of weights), and
+    # the kept compiled forwards must compute with the new model's weights, not the old ones.
+    gpu_acceleration = compile_state
+    txt, vec = cond()
+    settings = GenerationSettings(width=32, height=32, num_steps=2, guidance=4.5, seed=0, num_images=1)
+    old = load_flux(write_random_flux_checkpoint(tmp_path / "old.safetensors", SMALL, seed=3))
+    with gpu_acceleration.compiled_blocks(old, backend="aot_eager"):
+        generate(old, txt, vec, settings, CPU, torch.float32)
+    assert len(gpu_acceleration._compiled) == 2  # one compiled forward per block class, kept
+    blocks = [weakref.ref(b) for b in [*old.double_blocks, *old.single_blocks]]
+    del old
+    gc.collect()
+    assert all(block() is None for block in blocks)
+
+    new = load_flux(write_random_flux_checkpoint(tmp_path / "new.safetensors", SMALL, seed=4))
+    eager = generate(new, txt, vec, settings, CPU, torch.float32).latents
+    with gpu_acceleration.compiled_blocks(new, backend="aot_eager"):
+        fast = generate(new, txt, vec, settings, CPU, torch.float32).latents
+    assert not gpu_acceleration._compile_failed and len(gpu_acceleration._compiled) == 2
+    assert torch.allclose(fast, eager, atol=1e-5)
