@@ -1,7 +1,6 @@
 """CLIP-L / T5 encoders: parity with transformers, every file layout, fp16 safety, the node, the errors."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,7 @@ from comfyui_krea.model_loader.text_encoders import (
 )
 from comfyui_krea.model_loader.tokenization import load_clip_tokenizer, load_t5_tokenizer
 
-# The real tokenizer files: shared/tokenizers beside the checkout (CI has it there; elsewhere the tests
-# that need them are skipped, except under CI, where a missing folder is an error).
-TOKENIZERS = Path(os.environ.get("KREA_TOKENIZERS", Path(__file__).resolve().parents[2] / "shared" / "tokenizers"))
-if os.environ.get("CI") and not (TOKENIZERS / "t5" / "tokenizer.json").is_file():
-    raise RuntimeError(f"reference tokenizer files missing under CI: {TOKENIZERS}")
-needs_tokenizers = pytest.mark.skipif(not (TOKENIZERS / "t5" / "tokenizer.json").is_file(),
-                                      reason="reference tokenizer files not available")
+from reference_tokenizers import TOKENIZERS, needs_tokenizers
 
 # Reduced sizes, full vocabularies (so the real tokenizers work): 2 heads of 64 for CLIP, 4 of 16 for T5.
 CLIP_CONFIG = CLIPTextConfig(width=128, layers=2, intermediate=256)

@@ -5,7 +5,6 @@ import json
 import logging
 import random
 import shutil
-import os
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,9 @@ from comfyui_krea.model_loader.tokenization import (
     load_t5_tokenizer,
 )
 
-# The real tokenizer files: shared/tokenizers beside the checkout (CI has it there; elsewhere the tests
-# that need them are skipped, except under CI, where a missing folder is an error).
-TOKENIZERS = Path(os.environ.get("KREA_TOKENIZERS", Path(__file__).resolve().parents[2] / "shared" / "tokenizers"))
-if os.environ.get("CI") and not (TOKENIZERS / "t5" / "tokenizer.json").is_file():
-    raise RuntimeError(f"reference tokenizer files missing under CI: {TOKENIZERS}")
-pytestmark = pytest.mark.skipif(not (TOKENIZERS / "t5" / "tokenizer.json").is_file(),
-                                reason="reference tokenizer files not available")
+from reference_tokenizers import TOKENIZERS, needs_tokenizers
+
+pytestmark = needs_tokenizers
 
 WORDS = ["a", "photo", "of", "cat", "dog", "sitting", "on", "the", "red", "chair", "cinematic", "lighting",
          "portrait", "highly", "detailed", "8k", "bokeh", "mountain", "lake", "sunset", "isn't", "we'll", "it's",
