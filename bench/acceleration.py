@@ -18,9 +18,7 @@ import time
 
 import torch
 
-from comfyui_krea.model_loader.flux import FLUX_DEV, Flux, FluxConfig
-from comfyui_krea.model_loader.flux_loading import RandomFluxSource, load_flux_from_source
-from comfyui_krea.nodes.sampler import compute_dtype
+from comfyui_krea.model_loader.flux import FLUX_DEV, Flux, FluxConfig, RandomFluxSource, load_flux_from_source
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 from comfyui_krea.sampling.gpu_acceleration import gpu_acceleration
 from comfyui_krea.sampling.step_cache import THRESHOLDS
@@ -49,7 +47,7 @@ def run(model: Flux, mode: str, settings: GenerationSettings, device: torch.devi
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        result = generate(model, txt, vec, settings, device, compute_dtype(model, device), cache_threshold=threshold)
+        result = generate(model, txt, vec, settings, device, model.compute_dtype, cache_threshold=threshold)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

@@ -51,7 +51,7 @@ def child(mode: str, path: str) -> None:
     """Runs in a subprocess: one measurement, reported as a JSON line on stdout."""
     import torch
 
-    from comfyui_krea.model_loader.flux_loading import load_flux
+    from comfyui_krea.model_loader.flux import load_flux
 
     if mode == "write":
         _write_checkpoint(Path(path), *(int(n) for n in os.environ["KREA_BENCH_DEPTHS"].split(",")))
@@ -82,8 +82,7 @@ def child(mode: str, path: str) -> None:
 def _write_checkpoint(path: Path, double: int, single: int) -> None:
     import torch
 
-    from comfyui_krea.model_loader.flux import FLUX_DEV
-    from comfyui_krea.model_loader.flux_loading import write_random_flux_checkpoint
+    from comfyui_krea.model_loader.flux import FLUX_DEV, write_random_flux_checkpoint
 
     config = dataclasses.replace(FLUX_DEV, depth=double, depth_single_blocks=single)
     write_random_flux_checkpoint(path, config, seed=0, dtype=torch.bfloat16)

@@ -21,8 +21,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
-from comfyui_krea.model_loader.flux import FluxConfig
-from comfyui_krea.model_loader.flux_loading import load_flux, write_random_flux_checkpoint
+from comfyui_krea.model_loader.flux import FluxConfig, load_flux, write_random_flux_checkpoint
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 from comfyui_krea.sampling.latents import image_ids, text_ids
 

@@ -45,9 +45,7 @@ def child(mode: str, size: int, tile: int, overlap: int) -> None:
     """Runs in a subprocess; prints one JSON line."""
     import torch
 
-    from comfyui_krea.model_loader import autoencoder_tiling as tiling
-    from comfyui_krea.model_loader.autoencoder import FLUX_AUTOENCODER
-    from comfyui_krea.model_loader.autoencoder_loading import build_random_autoencoder
+    from comfyui_krea.model_loader.autoencoder import FLUX_AUTOENCODER, build_random_autoencoder, tiling
 
     f = FLUX_AUTOENCODER.downscale_factor
     cpu = torch.device("cpu")

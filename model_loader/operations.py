@@ -18,8 +18,17 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = 448.0  # largest float8_e4m3fn value
 
 _fast_fp8_broken = False  # set when torch._scaled_mm failed once: every layer then takes the upcast path
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled float8_e4m3fn, as ComfyUI's scaled-fp8 files store it: w ~= q.float() * scale,
+    with max |w| mapped to 448."""
+    w32 = w.to(torch.float32)
+    scale = (w32.abs().amax() / FP8_MAX).clamp(min=1e-12)
+    return (w32 / scale).to(torch.float8_e4m3fn), scale
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:
@@ -70,7 +79,7 @@ class CastLinear(nn.Linear):
         x2 = x.reshape(-1, shape[-1])
         # Per-tensor input scale so activations fit e4m3's range (max 448).
         amax = x2.abs().amax().float().clamp(min=1e-12)
-        x_scale = (amax / 448.0).reshape(())
+        x_scale = (amax / FP8_MAX).reshape(())
         x8 = (x2.float() / x_scale).to(torch.float8_e4m3fn)
         w_scale = (self.scale_weight if self.scale_weight is not None else torch.ones((), device=x.device))
         out = torch._scaled_mm(

@@ -1,4 +1,5 @@
-"""What the loader node's outputs carry: light handles that load their model on first use.
+"""Model files -> light handles that load their model on first use (the loader node's outputs, and the
+classifier of the safety check).
 
 A handle is cheap to make (KreaModelLoader returns at once, and ComfyUI can cache it); `load()` builds the
 torch module the first time and reuses it afterwards for the same file, dtype and device. Only the most
@@ -14,6 +15,9 @@ from typing import Any
 
 import torch
 
+from ..model_loader import ModelFileError
+from .host import with_folders
+
 _lock = threading.Lock()
 _loaded: dict[str, tuple[tuple[Any, ...], Any]] = {}  # kind -> (key, model)
 
@@ -25,7 +29,10 @@ def cached_load(kind: str, key: tuple[Any, ...], build: Callable[[], Any]) -> An
         if held is not None and held[0] == key:
             return held[1]
         _loaded.pop(kind, None)  # drop the old model before building the new one
-        model = build()
+        try:
+            model = build()
+        except ModelFileError as err:
+            raise with_folders(err) from None
         _loaded[kind] = (key, model)
         return model
 
@@ -49,7 +56,7 @@ class TransformerHandle:
     device: torch.device
 
     def load(self):
-        from ..model_loader.flux_loading import load_flux
+        from ..model_loader import load_flux
 
         key = (_file_key(self.path), self.weight_dtype, str(self.device))
         return cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
@@ -64,7 +71,7 @@ class TextEncoderHandle:
     device: torch.device
 
     def load(self):
-        from ..model_loader.text_encoders import load_text_encoders
+        from ..model_loader import load_text_encoders
         from .host import comfyui_tokenizer_dirs
 
         # Inside ComfyUI its shipped tokenizer folders are the last place searched.
@@ -84,7 +91,23 @@ class VaeHandle:
     device: torch.device
 
     def load(self):
-        from ..model_loader.autoencoder import load_autoencoder
+        from ..model_loader import load_autoencoder
 
         key = (_file_key(self.path), str(self.device))
         return cached_load("vae", key, lambda: load_autoencoder(self.path, self.device))
+
+
+@dataclass(frozen=True)
+class SafetyCheckerHandle:
+    """The NSFW classifier file; a config.json beside it (or inside a model folder) is read with it."""
+    path: Path
+    device: torch.device
+
+    def load(self):
+        from ..model_loader import load_safety_checker
+
+        config_json = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        # A config.json added or edited later changes the model (labels, heads), so it must reload it.
+        config_key = _file_key(config_json) if config_json.is_file() else None
+        key = (_file_key(self.path), config_key, str(self.device))
+        return cached_load("safety_checker", key, lambda: load_safety_checker(self.path, self.device))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..model_loader.errors import ModelFileError
+from ..model_loader import FileKind, ModelFileError
 
 
 try:  # ComfyUI's modules are importable only when the pack runs inside it.
@@ -34,6 +34,23 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
     "safety_checker": ("safety_checker",),
+}
+
+# The ComfyUI folder each kind of model file belongs in (model_loader names kinds, never folders).
+KIND_FOLDERS: dict[FileKind, str] = {
+    FileKind.FLUX_TRANSFORMER: "diffusion_models",
+    FileKind.CHROMA: "diffusion_models",
+    FileKind.SD_UNET: "diffusion_models",
+    FileKind.SD3_MMDIT: "diffusion_models",
+    FileKind.OTHER_TRANSFORMER: "diffusion_models",
+    FileKind.BUNDLE: "checkpoints",
+    FileKind.LORA: "loras",
+    FileKind.VAE: "vae",
+    FileKind.PREVIEW_VAE: "vae_approx",
+    FileKind.CLIP_TEXT: "text_encoders",
+    FileKind.T5_TEXT: "text_encoders",
+    FileKind.CLIP_VISION: "clip_vision",
+    FileKind.VIT_CLASSIFIER: "safety_checker",
 }
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -64,6 +81,17 @@ def configure_standalone(models_dir: str | os.PathLike[str] | None = None,
         _standalone["output_dir"] = Path(output_dir)
     if progress is not None:
         _standalone["progress"] = progress
+
+
+def standalone_settings() -> dict:
+    """A copy of what `configure_standalone` set, for `restore_standalone` (tests put it back after a run)."""
+    return dict(_standalone)
+
+
+def restore_standalone(settings: dict) -> None:
+    """Put back settings taken with `standalone_settings`, dropping any made since."""
+    _standalone.clear()
+    _standalone.update(settings)
 
 
 def model_search_paths(folder: str) -> list[Path]:
@@ -102,6 +130,19 @@ def model_path(folder: str, name: str) -> Path:
         f"Model file {name!r} not found. Searched the {folder!r} folders: {searched}. "
         f"Put the file in one of them (or pick another file in the node)."
     )
+
+
+def with_folders(err: ModelFileError) -> ModelFileError:
+    """The same error, its message ending with the folders the wrong file and the right one belong in."""
+    hints = []
+    if err.found is not None and err.found is not err.expected and err.found in KIND_FOLDERS:
+        hints.append(f"{err.found.short} files belong in models/{KIND_FOLDERS[err.found]}")
+    if err.expected is not None and err.expected in KIND_FOLDERS:
+        hints.append(f"{err.expected.short} files in models/{KIND_FOLDERS[err.expected]}")
+    if not hints:
+        return err
+    text = "; ".join(hints)
+    return ModelFileError(f"{err} {text[0].upper()}{text[1:]}.", found=err.found, expected=err.expected)
 
 
 def tokenizer_dir() -> Path | None:

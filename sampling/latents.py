@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-LATENT_CHANNELS = 16
-SHIFT_FACTOR = 0.1159
-SCALE_FACTOR = 0.3611
+from ..model_loader import LATENT_CHANNELS, SCALE_FACTOR, SHIFT_FACTOR
+
+__all__ = ["LATENT_CHANNELS", "SCALE_FACTOR", "SHIFT_FACTOR", "image_ids", "make_noise", "pack", "text_ids",
+           "to_model_space", "to_raw", "unpack"]
 
 
 def make_noise(seed: int, num_images: int, latent_height: int, latent_width: int) -> torch.Tensor:

@@ -6,30 +6,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from comfyui_krea.model_loader import autoencoder_tiling as tiling
+from comfyui_krea.model_loader.autoencoder import tiling
 from comfyui_krea.model_loader.autoencoder import (
     FLUX_AUTOENCODER,
     AutoEncoderConfig,
     load_autoencoder,
     write_random_autoencoder_checkpoint,
 )
-from comfyui_krea.model_loader.errors import ModelFileError
+from comfyui_krea.model_loader import ModelFileError
 
-# The real architecture, narrower: 4 levels (so latents are 1/8 of the image), 2 res blocks, 16 latent
-# channels, widths that split into the 32 norm groups the file format implies.
-SMALL = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, z_channels=16)
+from conftest import TINY_AUTOENCODER, rel_err
+
 # mean |tiled - untiled| / std(untiled) with random weights (measured: decode 0.13, encode 0.07). Not zero:
 # group norms and the mid attention see one tile, not the whole image. Geometry is tested exactly below.
 TILED_TOLERANCE = 0.2
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).norm() / reference.norm()).item()
-
-
 @pytest.fixture(scope="module")
 def bfl_file(tmp_path_factory):
-    return write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("vae") / "ae.safetensors", SMALL, seed=3)
+    return write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("vae") / "ae.safetensors", TINY_AUTOENCODER,
+                                               seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def model(bfl_file):
 def diffusers_reference(tmp_path_factory):
     from diffusers import AutoencoderKL
 
-    folder = write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("diffusers") / "vae", SMALL, seed=3,
+    folder = write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("diffusers") / "vae", TINY_AUTOENCODER, seed=3,
                                                  layout="diffusers")
     reference = AutoencoderKL(
         in_channels=3, out_channels=3,
@@ -54,7 +50,7 @@ def diffusers_reference(tmp_path_factory):
 
 
 def test_config_is_read_off_the_shapes(model):
-    assert model.config == SMALL
+    assert model.config == TINY_AUTOENCODER
     assert model.config.downscale_factor == 8
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     assert not any(p.requires_grad for p in model.parameters())
@@ -69,25 +65,25 @@ def test_encode_and_decode_match_diffusers(model, diffusers_reference):
         expected_latents = reference.encode(images).latent_dist.mean
         latents = model.encode(images)
         assert latents.shape == (2, 16, 6, 8)
-        assert relative_error(latents, expected_latents) < 1e-4
+        assert rel_err(latents, expected_latents) < 1e-4
 
         z = torch.randn(2, 16, 6, 8)
         expected_images = reference.decode(z).sample
         decoded = model.decode(z)
         assert decoded.shape == (2, 3, 48, 64)
-        assert relative_error(decoded, expected_images) < 1e-4
+        assert rel_err(decoded, expected_images) < 1e-4
 
 
 def test_both_layouts_load_to_identical_outputs(model, diffusers_reference, tmp_path):
     folder, _ = diffusers_reference
-    single_file = write_random_autoencoder_checkpoint(tmp_path / "vae.safetensors", SMALL, seed=3,
+    single_file = write_random_autoencoder_checkpoint(tmp_path / "vae.safetensors", TINY_AUTOENCODER, seed=3,
                                                       layout="diffusers")
     torch.manual_seed(1)
     images = torch.rand(1, 3, 32, 40) * 2 - 1
     z = torch.randn(1, 16, 4, 5)
     for source in (folder, folder.parent, single_file):  # vae/ folder, model folder holding vae/, one file
         other = load_autoencoder(source, "cpu")
-        assert other.config == SMALL
+        assert other.config == TINY_AUTOENCODER
         assert torch.equal(other.encode(images), model.encode(images))
         assert torch.equal(other.decode(z), model.decode(z))
 
@@ -125,7 +121,7 @@ def test_vae_inside_a_full_checkpoint_and_bf16_weights(model, bfl_file, tmp_path
     assert loaded.dtype == torch.float32  # computes in float32 on CPU whatever the stored dtype
     z = torch.randn(1, 16, 4, 4)
     # bf16 weights: close to the float32 model, not equal
-    assert 0 < relative_error(loaded.decode(z), model.decode(z)) < 0.05
+    assert 0 < rel_err(loaded.decode(z), model.decode(z)) < 0.05
 
 
 def test_local_function_blends_exactly():
@@ -193,12 +189,12 @@ def test_tiled_encode_is_close_to_untiled(model):
 def test_tiles_are_chosen_when_memory_is_short(model, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(tiling, "available_memory", lambda device: 1 << 40)
-    assert tiling.plan(SMALL, "decode", 2, 40, 40, torch.float32, cpu) == tiling.TilePlan(2, None, 0)
-    one = tiling.estimate_bytes(SMALL, "decode", 40, 40, torch.float32, cpu)
-    assert tiling.plan(SMALL, "decode", 2, 40, 40, torch.float32, cpu,
+    assert tiling.plan(TINY_AUTOENCODER, "decode", 2, 40, 40, torch.float32, cpu) == tiling.TilePlan(2, None, 0)
+    one = tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 40, 40, torch.float32, cpu)
+    assert tiling.plan(TINY_AUTOENCODER, "decode", 2, 40, 40, torch.float32, cpu,
                        budget_bytes=one + 1) == tiling.TilePlan(1, None, 0)  # one image at a time
     # Room for a 256 px tile (32 latent pixels) but not for the 320 px image.
-    tile_bytes = tiling.estimate_bytes(SMALL, "decode", 32, 32, torch.float32, cpu)
+    tile_bytes = tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 32, 32, torch.float32, cpu)
     monkeypatch.setattr(tiling, "available_memory", lambda device: tile_bytes * 10 // 7 + 10)
     calls = []
     out = model.decode(torch.randn(2, 16, 40, 40), callback=lambda done, total: calls.append((done, total)))

@@ -8,23 +8,23 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_krea.model_loader.errors import ModelFileError
-from comfyui_krea.model_loader.flux import FLUX_DEV, Flux, FluxConfig
-from comfyui_krea.model_loader.flux_loading import (
-    COMFY_PREFIX, WEIGHT_DTYPES, RandomFluxSource, StateDictSource, flux_config_from_checkpoint, load_flux,
-    load_flux_from_source,
-    rope_axes_for_head_dim, write_random_flux_checkpoint,
+from comfyui_krea.model_loader import ModelFileError
+from comfyui_krea.model_loader.checkpoints import Checkpoint, StateDictSource
+from comfyui_krea.model_loader.compute_dtypes import flux_compute_dtype
+from comfyui_krea.model_loader.flux import (
+    FLUX_DEV, WEIGHT_DTYPES, Flux, FluxConfig, RandomFluxSource, load_flux, load_flux_from_source,
+    write_random_flux_checkpoint,
 )
+from comfyui_krea.model_loader.flux import config_from_checkpoint as flux_config_from_checkpoint
+from comfyui_krea.model_loader.flux.layouts import COMFY_PREFIX, rope_axes_for_head_dim
 from comfyui_krea.model_loader.operations import CastLinear
-from comfyui_krea.model_loader.safetensors_file import Checkpoint
 
-SMALL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32,
-                   num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6))
+from conftest import TINY_FLUX, rel_err
 
 
 @pytest.fixture(scope="module")
 def bfl_file(tmp_path_factory):
-    return write_random_flux_checkpoint(tmp_path_factory.mktemp("flux") / "bfl.safetensors", SMALL, seed=7)
+    return write_random_flux_checkpoint(tmp_path_factory.mktemp("flux") / "bfl.safetensors", TINY_FLUX, seed=7)
 
 
 def inputs(batch: int = 2, h: int = 3, w: int = 4, txt_len: int = 5, dtype: torch.dtype = torch.float32):
@@ -43,10 +43,6 @@ def run(model: Flux, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return model(**inputs(dtype=dtype)).float()
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -55,7 +51,7 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def test_config_inferred_from_shapes(bfl_file):
-    assert flux_config_from_checkpoint(Checkpoint(bfl_file)) == SMALL
+    assert flux_config_from_checkpoint(Checkpoint(bfl_file)) == TINY_FLUX
     assert rope_axes_for_head_dim(128) == FLUX_DEV.axes_dim
     model = load_flux(bfl_file)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -65,26 +61,26 @@ def test_config_inferred_from_shapes(bfl_file):
 @pytest.mark.parametrize("layout", ["comfy", "diffusers_file", "diffusers_folder", "diffusers_transformer_dir"])
 def test_every_layout_loads_to_identical_outputs(tmp_path, bfl_file, layout):
     if layout == "comfy":
-        path = write_random_flux_checkpoint(tmp_path / "c.safetensors", SMALL, seed=7, layout="comfy")
+        path = write_random_flux_checkpoint(tmp_path / "c.safetensors", TINY_FLUX, seed=7, layout="comfy")
     elif layout == "diffusers_file":
-        path = write_random_flux_checkpoint(tmp_path / "d.safetensors", SMALL, seed=7, layout="diffusers")
+        path = write_random_flux_checkpoint(tmp_path / "d.safetensors", TINY_FLUX, seed=7, layout="diffusers")
     else:
-        path = write_random_flux_checkpoint(tmp_path / "model", SMALL, seed=7, layout="diffusers")
+        path = write_random_flux_checkpoint(tmp_path / "model", TINY_FLUX, seed=7, layout="diffusers")
         assert len(list((path / "transformer").glob("*.safetensors"))) == 2
         if layout == "diffusers_transformer_dir":
             path = path / "transformer"
-    assert flux_config_from_checkpoint(path) == SMALL
+    assert flux_config_from_checkpoint(path) == TINY_FLUX
     assert torch.equal(run(load_flux(path)), run(load_flux(bfl_file)))
     assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_other_seed_gives_other_output(tmp_path, bfl_file):
-    other = write_random_flux_checkpoint(tmp_path / "o.safetensors", SMALL, seed=8)
+    other = write_random_flux_checkpoint(tmp_path / "o.safetensors", TINY_FLUX, seed=8)
     assert rel_err(run(load_flux(other)), run(load_flux(bfl_file))) > 0.1
 
 
 def test_comfy_scaled_fp8_equals_dequantised_model(tmp_path):
-    path = write_random_flux_checkpoint(tmp_path / "fp8.safetensors", SMALL, seed=7, layout="comfy_fp8_scaled")
+    path = write_random_flux_checkpoint(tmp_path / "fp8.safetensors", TINY_FLUX, seed=7, layout="comfy_fp8_scaled")
     ckpt = Checkpoint(path)
     assert COMFY_PREFIX + "scaled_fp8" in ckpt.keys()
     # Reference: a plain float32 BFL file holding weight * scale_weight, made here from the raw file.
@@ -103,7 +99,7 @@ def test_comfy_scaled_fp8_equals_dequantised_model(tmp_path):
     model = load_flux(path)  # "default": fp8 stays fp8
     qkv = model.double_blocks[0].img_attn.qkv
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.scale_weight is not None
-    assert model.compute_dtype == torch.bfloat16
+    assert model.compute_dtype == torch.float32  # on the CPU; the GPU rule: test_compute_dtype_follows_device
     assert rel_err(run(model), run(load_flux(tmp_path / "ref.safetensors"))) < 1e-5
     # Scales stored as shape (1,) instead of () load the same.
     state = {k: ckpt.tensor(k) for k in ckpt.keys()}
@@ -120,7 +116,7 @@ def test_bundle_with_vae_and_text_encoders_loads_the_transformer(tmp_path, bfl_f
 
 
 def test_model_without_guidance_embedding(tmp_path):
-    config = FluxConfig(**{**SMALL.__dict__, "guidance_embed": False, "depth": 1, "depth_single_blocks": 0})
+    config = FluxConfig(**{**TINY_FLUX.__dict__, "guidance_embed": False, "depth": 1, "depth_single_blocks": 0})
     path = write_random_flux_checkpoint(tmp_path / "schnell.safetensors", config)
     assert flux_config_from_checkpoint(Checkpoint(path)) == config
     assert torch.isfinite(run(load_flux(path))).all()
@@ -232,7 +228,7 @@ def test_fp8_storage_is_within_bf16_error(bfl_file):
     reference = run(load_flux(bfl_file))  # float32
     bf16 = load_flux(bfl_file, "bf16")
     fp8 = load_flux(bfl_file, "fp8_e4m3fn")
-    assert bf16.compute_dtype == fp8.compute_dtype == torch.bfloat16
+    assert bf16.compute_dtype == fp8.compute_dtype == torch.float32
     out_bf16, out_fp8 = run(bf16, torch.bfloat16), run(fp8, torch.bfloat16)
     bf16_error = rel_err(out_bf16, reference)
     assert bf16_error < 0.02
@@ -252,7 +248,7 @@ def test_fp8_storage_is_within_bf16_error(bfl_file):
 
 
 def test_fp8_fast_flag(bfl_file, monkeypatch, caplog):
-    from comfyui_krea.model_loader import flux_loading
+    from comfyui_krea.model_loader.flux import loading as flux_loading
 
     # No fp8 matrix units on CPU: one warning, and the same numbers as fp8_e4m3fn.
     with caplog.at_level(logging.WARNING):
@@ -267,12 +263,26 @@ def test_fp8_fast_flag(bfl_file, monkeypatch, caplog):
 
 
 def test_fp16_and_default_dtypes(tmp_path):
-    path = write_random_flux_checkpoint(tmp_path / "bf16.safetensors", SMALL, dtype=torch.bfloat16)
+    path = write_random_flux_checkpoint(tmp_path / "bf16.safetensors", TINY_FLUX, dtype=torch.bfloat16)
     default = load_flux(path)
-    assert default.compute_dtype == torch.bfloat16 and default.txt_in.weight.dtype == torch.bfloat16
+    assert default.txt_in.weight.dtype == torch.bfloat16
     fp16 = load_flux(path, "fp16")
-    assert fp16.compute_dtype == torch.float16 and fp16.single_blocks[0].linear2.weight.dtype == torch.float16
+    assert fp16.single_blocks[0].linear2.weight.dtype == torch.float16
     assert rel_err(run(fp16, torch.float16), run(default, torch.bfloat16)) < 0.03
+
+
+def test_compute_dtype_follows_device(bfl_file):
+    # The loader decides what the model computes in for its device: float32 on the CPU whatever the storage;
+    # on a GPU fp16 when asked for or stored so, else bf16 (fp8 and float32 storage too).
+    assert load_flux(bfl_file, "bf16").compute_dtype == torch.float32
+    cuda = torch.device("cuda")
+    assert flux_compute_dtype(cuda, "default", torch.bfloat16) == torch.bfloat16
+    assert flux_compute_dtype(cuda, "default", torch.float16) == torch.float16
+    assert flux_compute_dtype(cuda, "default", torch.float8_e4m3fn) == torch.bfloat16
+    assert flux_compute_dtype(cuda, "default", torch.float32) == torch.bfloat16
+    assert flux_compute_dtype(cuda, "fp16", torch.bfloat16) == torch.float16
+    assert flux_compute_dtype(cuda, "bf16", torch.float16) == torch.bfloat16
+    assert flux_compute_dtype(cuda, "fp8_e4m3fn", torch.float16) == torch.bfloat16
 
 
 def test_unknown_weight_dtype_lists_choices(bfl_file):
@@ -326,7 +336,7 @@ def test_not_safetensors(tmp_path):
 
 
 def test_diffusers_folder_with_missing_shard(tmp_path):
-    root = write_random_flux_checkpoint(tmp_path / "model", SMALL, layout="diffusers")
+    root = write_random_flux_checkpoint(tmp_path / "model", TINY_FLUX, layout="diffusers")
     index = json.loads((root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     lost = sorted(set(index["weight_map"].values()))[1]
     (root / "transformer" / lost).unlink()
@@ -336,11 +346,11 @@ def test_diffusers_folder_with_missing_shard(tmp_path):
 
 def test_random_source_builds_the_model_the_random_file_holds(tmp_path):
     # The benchmarks' in-memory random weights go through the same conversion as a file would.
-    path = write_random_flux_checkpoint(tmp_path / "r.safetensors", SMALL, seed=3, dtype=torch.bfloat16)
+    path = write_random_flux_checkpoint(tmp_path / "r.safetensors", TINY_FLUX, seed=3, dtype=torch.bfloat16)
     for weight_dtype in ("default", "fp8_e4m3fn"):
         from_file = load_flux(path, weight_dtype)
-        from_source = load_flux_from_source(RandomFluxSource(SMALL, seed=3), weight_dtype)
-        assert from_source.compute_dtype == from_file.compute_dtype == torch.bfloat16
+        from_source = load_flux_from_source(RandomFluxSource(TINY_FLUX, seed=3), weight_dtype)
+        assert from_source.compute_dtype == from_file.compute_dtype == torch.float32
         a, b = from_file.state_dict(), from_source.state_dict()
         assert a.keys() == b.keys()
         assert all(a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()) for k in a)

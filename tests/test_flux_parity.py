@@ -11,12 +11,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
-from comfyui_krea.model_loader.flux import FluxConfig
-from comfyui_krea.model_loader.flux_loading import load_flux, write_random_flux_checkpoint
+from comfyui_krea.model_loader.flux import FluxConfig, load_flux, write_random_flux_checkpoint
 
-# Head dim 16 = axes (4, 6, 6); 2 heads -> hidden 32.
-SMALL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32,
-                   num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6))
+from conftest import TINY_FLUX, rel_err
 
 
 def diffusers_model(config: FluxConfig) -> FluxTransformer2DModel:
@@ -32,28 +29,25 @@ def diffusers_model(config: FluxConfig) -> FluxTransformer2DModel:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux_parity")
-    ours = load_flux(write_random_flux_checkpoint(folder / "bfl.safetensors", SMALL, seed=3))
-    theirs = diffusers_model(SMALL)
-    diffusers_file = write_random_flux_checkpoint(folder / "diffusers.safetensors", SMALL, seed=3, layout="diffusers")
+    ours = load_flux(write_random_flux_checkpoint(folder / "bfl.safetensors", TINY_FLUX, seed=3))
+    theirs = diffusers_model(TINY_FLUX)
+    diffusers_file = write_random_flux_checkpoint(folder / "diffusers.safetensors", TINY_FLUX, seed=3,
+                                                  layout="diffusers")
     theirs.load_state_dict(load_file(diffusers_file), strict=True)
     return ours, theirs
 
 
 def make_inputs(batch: int, h: int, w: int, txt_len: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    img = torch.randn(batch, h * w, SMALL.in_channels, generator=gen)
+    img = torch.randn(batch, h * w, TINY_FLUX.in_channels, generator=gen)
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 1] = torch.arange(h)[:, None]
     img_ids[..., 2] = torch.arange(w)[None, :]
     img_ids = img_ids.reshape(1, h * w, 3).expand(batch, -1, -1)
-    txt = torch.randn(batch, txt_len, SMALL.context_in_dim, generator=gen)
+    txt = torch.randn(batch, txt_len, TINY_FLUX.context_in_dim, generator=gen)
     txt_ids = torch.zeros(batch, txt_len, 3)
-    y = torch.randn(batch, SMALL.vec_in_dim, generator=gen)
+    y = torch.randn(batch, TINY_FLUX.vec_in_dim, generator=gen)
     return img, img_ids, txt, txt_ids, y
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def run_diffusers(model, img, img_ids, txt, txt_ids, t, y, guidance):
@@ -71,7 +65,7 @@ def test_matches_diffusers(models, h, w):
         with torch.no_grad():
             out = ours(img, img_ids, txt, txt_ids, t, y, g)
         ref = run_diffusers(theirs, img, img_ids, txt, txt_ids, t, y, g)
-        assert out.shape == (2, h * w, SMALL.out_channels)
+        assert out.shape == (2, h * w, TINY_FLUX.out_channels)
         assert rel_err(out, ref) < 1e-4, (h, w, t, g)
         # The inputs matter (so the comparison is not between two constant outputs).
         assert rel_err(out, run_diffusers(theirs, img, img_ids, txt, txt_ids, t.flip(0), y, g)) > 1e-3
@@ -84,7 +78,7 @@ def test_stepwise_api_equals_forward(models):
     t, g = torch.tensor([0.6, 0.2]), torch.tensor([4.5, 2.0])
     with torch.no_grad():
         x, c, vec, pe = ours.embed(img, img_ids, txt, txt_ids, t, y, g)
-        assert pe.dtype == torch.float32 and pe.shape == (2, 1, 5 + 12, SMALL.head_dim // 2, 2, 2)
+        assert pe.dtype == torch.float32 and pe.shape == (2, 1, 5 + 12, TINY_FLUX.head_dim // 2, 2, 2)
         for block in ours.double_blocks:
             x, c = block(x, c, vec, pe)
         joint = torch.cat((c, x), dim=1)
@@ -105,7 +99,7 @@ def test_final_layer_scale_shift_order_is_checked(models):
     t, g = torch.tensor([0.5, 0.9]), torch.tensor([4.5, 3.0])
     with torch.no_grad():
         out = ours(img, img_ids, txt, txt_ids, t, y, g)
-        swapped = diffusers_model(SMALL)
+        swapped = diffusers_model(TINY_FLUX)
         state = {k: v.clone() for k, v in theirs.state_dict().items()}
         for k in ("norm_out.linear.weight", "norm_out.linear.bias"):
             state[k] = torch.cat(state[k].chunk(2, dim=0)[::-1])

@@ -7,14 +7,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 
-from comfyui_krea.model_loader.flux import FluxConfig
-from comfyui_krea.model_loader.flux_loading import load_flux, write_random_flux_checkpoint
+from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
 from comfyui_krea.sampling.denoise import GenerationSettings, generate, prepare
 from comfyui_krea.sampling.latents import make_noise, pack, to_model_space
 from comfyui_krea.sampling.schedule import get_schedule, image_to_image_start
 
-SMALL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32,
-                   num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6))
+from conftest import TINY_FLUX, rel_err
 
 
 def scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -27,14 +25,14 @@ def scheduler() -> FlowMatchEulerDiscreteScheduler:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipeline_parity")
-    ours = load_flux(write_random_flux_checkpoint(folder / "bfl.safetensors", SMALL, seed=5))
+    ours = load_flux(write_random_flux_checkpoint(folder / "bfl.safetensors", TINY_FLUX, seed=5))
     theirs = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, out_channels=64, num_layers=SMALL.depth,
-        num_single_layers=SMALL.depth_single_blocks, attention_head_dim=SMALL.head_dim,
-        num_attention_heads=SMALL.num_heads, joint_attention_dim=SMALL.context_in_dim,
-        pooled_projection_dim=SMALL.vec_in_dim, guidance_embeds=True, axes_dims_rope=SMALL.axes_dim).eval()
+        patch_size=1, in_channels=64, out_channels=64, num_layers=TINY_FLUX.depth,
+        num_single_layers=TINY_FLUX.depth_single_blocks, attention_head_dim=TINY_FLUX.head_dim,
+        num_attention_heads=TINY_FLUX.num_heads, joint_attention_dim=TINY_FLUX.context_in_dim,
+        pooled_projection_dim=TINY_FLUX.vec_in_dim, guidance_embeds=True, axes_dims_rope=TINY_FLUX.axes_dim).eval()
     theirs.load_state_dict(load_file(write_random_flux_checkpoint(
-        folder / "diffusers.safetensors", SMALL, seed=5, layout="diffusers")), strict=True)
+        folder / "diffusers.safetensors", TINY_FLUX, seed=5, layout="diffusers")), strict=True)
     pipe = FluxPipeline(scheduler=scheduler(), vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=theirs)
     return ours, pipe
@@ -42,12 +40,8 @@ def models(tmp_path_factory):
 
 def conditioning(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 7, SMALL.context_in_dim, generator=gen), torch.randn(batch, SMALL.vec_in_dim,
+    return torch.randn(batch, 7, TINY_FLUX.context_in_dim, generator=gen), torch.randn(batch, TINY_FLUX.vec_in_dim,
                                                                                   generator=gen)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def run_diffusers(pipe, txt, vec, start_latents, width, height, steps, guidance, sigmas=None):

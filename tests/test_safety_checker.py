@@ -11,22 +11,22 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_krea.model_loader.errors import ModelFileError
+from comfyui_krea.model_loader import ModelFileError
+from comfyui_krea.model_loader.checkpoints import Checkpoint
 from comfyui_krea.model_loader.safety_checker import (
     DEMO_SAFETY_CONFIG,
     SafetyCheckerConfig,
     load_safety_checker,
     random_safety_state_dict,
-    read_safety_checker_config,
     write_random_safety_checkpoint,
 )
-from comfyui_krea.model_loader.safetensors_file import Checkpoint
+from comfyui_krea.model_loader.safety_checker import config_from_checkpoint as read_safety_checker_config
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, handles, host
-from comfyui_krea.nodes import safety as safety_node
+from comfyui_krea.nodes.handles import SafetyCheckerHandle
 from comfyui_krea.nodes.safety import NO_CLASSIFIER, KreaSafetyCheck
 
-TINY = SafetyCheckerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, patch_size=16,
-                           image_size=224)
+from conftest import TINY_SAFETY_CHECKER
+
 SIZES = [(64, 96), (300, 200), (224, 224), (1024, 768)]  # (H, W)
 
 
@@ -77,7 +77,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("nsfw_tiny")
-    write_random_safety_checkpoint(folder / "model.safetensors", TINY, seed=3, write_config_json=True)
+    write_random_safety_checkpoint(folder / "model.safetensors", TINY_SAFETY_CHECKER, seed=3, write_config_json=True)
     return folder
 
 
@@ -92,11 +92,11 @@ def reference(tiny_folder):
 
 def test_pixel_values_match_vit_image_processor_exactly(reference):
     processor, _ = reference
-    checker_config = TINY
+    checker_config = TINY_SAFETY_CHECKER
     for i, (h, w) in enumerate(SIZES):
         u8 = _u8_images(h, w, 2, seed=i)
         expected = processor(images=[Image.fromarray(im) for im in u8], return_tensors="pt")["pixel_values"]
-        from comfyui_krea.model_loader.safety_checker import preprocess
+        from comfyui_krea.model_loader.safety_checker.model import preprocess
 
         got = preprocess(_as_image_batch(u8), checker_config.image_size)
         assert got.shape == expected.shape == (2, 3, 224, 224) and got.dtype == torch.float32
@@ -106,7 +106,7 @@ def test_pixel_values_match_vit_image_processor_exactly(reference):
 def test_probabilities_match_transformers(tiny_folder, reference):
     processor, model = reference
     checker = load_safety_checker(tiny_folder / "model.safetensors", "cpu")
-    assert checker.config == TINY
+    assert checker.config == TINY_SAFETY_CHECKER
     worst_logits = worst_p = 0.0
     spread = []
     for i, (h, w) in enumerate(SIZES):
@@ -151,7 +151,7 @@ def test_config_read_off_shapes_without_config_json(tmp_path):
 
 
 def test_nsfw_label_index_comes_from_id2label(tmp_path):
-    swapped = SafetyCheckerConfig(**{**TINY.__dict__, "labels": ("nsfw", "normal")})
+    swapped = SafetyCheckerConfig(**{**TINY_SAFETY_CHECKER.__dict__, "labels": ("nsfw", "normal")})
     path = write_random_safety_checkpoint(tmp_path / "model.safetensors", swapped, seed=5)
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["id2label"] == {"0": "nsfw", "1": "normal"}
@@ -196,7 +196,7 @@ def test_not_a_classifier_is_named(tmp_path, keys, named):
 
 
 def test_other_image_classifier_is_refused(tmp_path):
-    imagenet = SafetyCheckerConfig(**{**TINY.__dict__, "labels": tuple(f"class_{i}" for i in range(5))})
+    imagenet = SafetyCheckerConfig(**{**TINY_SAFETY_CHECKER.__dict__, "labels": tuple(f"class_{i}" for i in range(5))})
     path = write_random_safety_checkpoint(tmp_path / "vit.safetensors", imagenet)
     with pytest.raises(ModelFileError, match="no 'nsfw' label"):
         load_safety_checker(path)
@@ -207,7 +207,7 @@ def test_damaged_and_foreign_files(tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelFileError, match="not a safetensors file"):
         load_safety_checker(garbage)
-    state = random_safety_state_dict(TINY)
+    state = random_safety_state_dict(TINY_SAFETY_CHECKER)
     del state["vit.encoder.layer.1.output.dense.weight"]
     save_file(state, str(tmp_path / "partial.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 2}))
@@ -226,13 +226,22 @@ def test_config_json_of_another_model_is_ignored(tmp_path):
 
 
 @pytest.fixture
-def models_dir(tmp_path):
-    saved = dict(host._standalone)
-    host.configure_standalone(models_dir=tmp_path / "models")
-    handles.forget_loaded()
-    yield tmp_path / "models"
-    host._standalone.update(saved)
-    handles.forget_loaded()
+def models_dir(tmp_path, host_state):
+    host_state.configure_standalone(models_dir=tmp_path / "models")
+    return tmp_path / "models"
+
+
+def test_handle_reloads_when_a_config_json_appears_or_changes(tmp_path, host_state):
+    path = write_random_safety_checkpoint(tmp_path / "model.safetensors", DEMO_SAFETY_CONFIG)
+    handle = SafetyCheckerHandle(path, torch.device("cpu"))
+    first = handle.load()
+    assert handle.load() is first and SafetyCheckerHandle(path, torch.device("cpu")).load() is first
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "normal", "1": "nsfw"}}))
+    second = handle.load()
+    assert second is not first
+    # another size as well as another time: file systems with coarse timestamps must see the edit too
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "nsfw", "1": "normal"}}, indent=1))
+    assert handle.load() is not second
 
 
 def _brightness_classifier(path: Path) -> Path:
@@ -321,7 +330,9 @@ def test_mixed_batch_flags_and_blackens_per_image(models_dir, monkeypatch):
     assert torch.equal(images, original)  # the input batch is not modified in place
     # a different size goes through the same classifier (cached, not reloaded)
     builds = []
-    monkeypatch.setattr(safety_node, "load_safety_checker", lambda *a: builds.append(a))
+    cached_load = handles.cached_load
+    monkeypatch.setattr(handles, "cached_load",
+                        lambda kind, key, build: cached_load(kind, key, lambda: builds.append(kind) or build()))
     out, flags = _run(_bright_and_dark("DB", height=1024, width=768))
     assert flags == [False, True] and not builds
     assert out.shape == (2, 1024, 768, 3) and torch.count_nonzero(out[1]) == 0
@@ -356,8 +367,8 @@ def test_disabled_passes_through_without_loading(models_dir, monkeypatch):
     def must_not_load(*args):
         raise AssertionError("the classifier was loaded")
 
-    monkeypatch.setattr(safety_node, "load_safety_checker", must_not_load)
-    monkeypatch.setattr(safety_node, "cached_load", must_not_load)
+    monkeypatch.setattr(SafetyCheckerHandle, "load", must_not_load)
+    monkeypatch.setattr(handles, "cached_load", must_not_load)
     images = _bright_and_dark("BDB")
     out, flags = _run(images, enabled=False, checker_name=NO_CLASSIFIER)
     assert out is images and flags == [False, False, False]

@@ -9,20 +9,19 @@ import weakref
 import pytest
 import torch
 
-from comfyui_krea.model_loader.flux import FluxConfig
-from comfyui_krea.model_loader.flux_loading import load_flux, write_random_flux_checkpoint
+from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 from comfyui_krea.sampling.step_cache import THRESHOLDS, StepCache
 
-SMALL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32,
-                   num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6))
+from conftest import TINY_FLUX, rel_err
+
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
     """A model whose output changes little from step to step: its timestep embedding is damped."""
-    model = load_flux(write_random_flux_checkpoint(tmp_path_factory.mktemp("cache") / "f.safetensors", SMALL,
+    model = load_flux(write_random_flux_checkpoint(tmp_path_factory.mktemp("cache") / "f.safetensors", TINY_FLUX,
                                                    seed=1))
     with torch.no_grad():
         for p in model.time_in.parameters():
@@ -36,10 +35,6 @@ def cond(seed: int = 0):
 
 
 SETTINGS = GenerationSettings(width=64, height=64, num_steps=20, guidance=4.5, seed=0, num_images=1)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_none_runs_no_cache_and_threshold_zero_wrapper_is_exact(slow_model):
@@ -155,7 +150,7 @@ def test_compiled_blocks_share_graphs_across_blocks_and_sizes(tmp_path, compile_
     # handful of graphs. One graph per block, or per size, would exceed dynamo's recompile limit (8) and
     # silently run the remaining blocks or sizes uncompiled.
     gpu_acceleration = compile_state
-    deep = dataclasses.replace(SMALL, depth=19, depth_single_blocks=38)
+    deep = dataclasses.replace(TINY_FLUX, depth=19, depth_single_blocks=38)
     model = load_flux(write_random_flux_checkpoint(tmp_path / "deep.safetensors", deep, seed=2))
     counters = torch._dynamo.utils.counters
     txt, vec = cond()
@@ -179,7 +174,7 @@ def test_compiled_blocks_serve_a_new_model_and_free_the_old_one(tmp_path, compil
     gpu_acceleration = compile_state
     txt, vec = cond()
     settings = GenerationSettings(width=32, height=32, num_steps=2, guidance=4.5, seed=0, num_images=1)
-    old = load_flux(write_random_flux_checkpoint(tmp_path / "old.safetensors", SMALL, seed=3))
+    old = load_flux(write_random_flux_checkpoint(tmp_path / "old.safetensors", TINY_FLUX, seed=3))
     with gpu_acceleration.compiled_blocks(old, backend="aot_eager"):
         generate(old, txt, vec, settings, CPU, torch.float32)
     assert len(gpu_acceleration._compiled) == 2  # one compiled forward per block class, kept
@@ -188,7 +183,7 @@ def test_compiled_blocks_serve_a_new_model_and_free_the_old_one(tmp_path, compil
     gc.collect()
     assert all(block() is None for block in blocks)
 
-    new = load_flux(write_random_flux_checkpoint(tmp_path / "new.safetensors", SMALL, seed=4))
+    new = load_flux(write_random_flux_checkpoint(tmp_path / "new.safetensors", TINY_FLUX, seed=4))
     eager = generate(new, txt, vec, settings, CPU, torch.float32).latents
     with gpu_acceleration.compiled_blocks(new, backend="aot_eager"):
         fast = generate(new, txt, vec, settings, CPU, torch.float32).latents

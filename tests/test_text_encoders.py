@@ -8,38 +8,33 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from comfyui_krea.model_loader.clip import CLIPTextConfig
-from comfyui_krea.model_loader.errors import ModelFileError
-from comfyui_krea.model_loader.t5 import T5EncoderConfig, build_t5
+from comfyui_krea.model_loader import ModelFileError
 from comfyui_krea.model_loader.text_encoders import (
+    T5EncoderConfig,
     load_clip_model,
+    load_clip_tokenizer,
     load_t5_model,
+    load_t5_tokenizer,
     load_text_encoders,
-    weights_streamed_to,
     write_random_clip_checkpoint,
     write_random_t5_checkpoint,
 )
-from comfyui_krea.model_loader.tokenization import load_clip_tokenizer, load_t5_tokenizer
+from comfyui_krea.model_loader.text_encoders.loading import weights_streamed_to
+from comfyui_krea.model_loader.text_encoders.t5 import build_t5
 
+from conftest import TINY_CLIP, TINY_T5, rel_err
 from reference_tokenizers import TOKENIZERS, needs_tokenizers
 
-# Reduced sizes, full vocabularies (so the real tokenizers work): 2 heads of 64 for CLIP, 4 of 16 for T5.
-CLIP_CONFIG = CLIPTextConfig(width=128, layers=2, intermediate=256)
-T5_CONFIG = T5EncoderConfig(d_model=64, d_kv=16, heads=4, d_ff=96, layers=3)
 PROMPTS = ["a photo of a cat sitting on a red chair, cinematic lighting", "",
            "text with <|endoftext|> inside and </s> too", "word " * 120]
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders")
     return {
-        "clip": write_random_clip_checkpoint(root / "clip_l.safetensors", CLIP_CONFIG, seed=1),
-        "t5": write_random_t5_checkpoint(root / "t5xxl.safetensors", T5_CONFIG, seed=2),
+        "clip": write_random_clip_checkpoint(root / "clip_l.safetensors", TINY_CLIP, seed=1),
+        "t5": write_random_t5_checkpoint(root / "t5xxl.safetensors", TINY_T5, seed=2),
         "root": root,
     }
 
@@ -110,23 +105,23 @@ def test_clip_layouts_load_to_identical_outputs(tmp_path, files):
     ids = torch.randint(0, 49406, (2, 77))
     ids[:, -1] = 49407
     hidden, pooled = _clip_out(files["clip"], ids)
-    unprefixed = write_random_clip_checkpoint(tmp_path / "clip_t.safetensors", CLIP_CONFIG, seed=1,
+    unprefixed = write_random_clip_checkpoint(tmp_path / "clip_t.safetensors", TINY_CLIP, seed=1,
                                               layout="transformers")
-    diffusers = write_random_clip_checkpoint(tmp_path / "FLUX" / "text_encoder", CLIP_CONFIG, seed=1,
+    diffusers = write_random_clip_checkpoint(tmp_path / "FLUX" / "text_encoder", TINY_CLIP, seed=1,
                                              layout="diffusers")
     for path in (unprefixed, diffusers, tmp_path / "FLUX"):  # the diffusers root picks text_encoder/
         h, p = _clip_out(path, ids)
         assert torch.equal(h, hidden) and torch.equal(p, pooled)
-    other_seed = write_random_clip_checkpoint(tmp_path / "other.safetensors", CLIP_CONFIG, seed=5)
+    other_seed = write_random_clip_checkpoint(tmp_path / "other.safetensors", TINY_CLIP, seed=5)
     assert not torch.equal(_clip_out(other_seed, ids)[1], pooled)
 
 
 def test_t5_layouts_load_to_identical_outputs(tmp_path, files):
     ids = torch.randint(0, 32100, (2, 40))
     expected = _t5_out(files["t5"], ids)
-    transformers_layout = write_random_t5_checkpoint(tmp_path / "t5_t.safetensors", T5_CONFIG, seed=2,
+    transformers_layout = write_random_t5_checkpoint(tmp_path / "t5_t.safetensors", TINY_T5, seed=2,
                                                      layout="transformers")
-    diffusers = write_random_t5_checkpoint(tmp_path / "FLUX" / "text_encoder_2", T5_CONFIG, seed=2,
+    diffusers = write_random_t5_checkpoint(tmp_path / "FLUX" / "text_encoder_2", TINY_T5, seed=2,
                                            layout="diffusers")
     shards = sorted(diffusers.glob("model-*.safetensors"))
     assert len(shards) == 2 and (diffusers / "model.safetensors.index.json").is_file()
@@ -140,7 +135,7 @@ def test_t5_layouts_load_to_identical_outputs(tmp_path, files):
 
 def test_t5_scaled_fp8_file(tmp_path, files):
     ids = torch.randint(0, 32100, (2, 40))
-    fp8_path = write_random_t5_checkpoint(tmp_path / "t5_fp8_scaled.safetensors", T5_CONFIG, seed=2,
+    fp8_path = write_random_t5_checkpoint(tmp_path / "t5_fp8_scaled.safetensors", TINY_T5, seed=2,
                                           dtype=torch.float16, layout="comfy_fp8_scaled")
     stored = load_file(fp8_path)
     assert stored["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype == torch.float8_e4m3fn
@@ -163,13 +158,13 @@ def test_t5_scaled_fp8_file(tmp_path, files):
 @needs_tokenizers
 def test_fp16_stored_weights_compute_in_float32_on_cpu(tmp_path, files, clip_ids):
     ids = torch.randint(0, 32100, (1, 30))
-    half = write_random_t5_checkpoint(tmp_path / "t5_fp16.safetensors", T5_CONFIG, seed=2, dtype=torch.float16)
+    half = write_random_t5_checkpoint(tmp_path / "t5_fp16.safetensors", TINY_T5, seed=2, dtype=torch.float16)
     model = load_t5_model(half)
     assert model.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype == torch.float16  # no upcast copy
     with torch.no_grad():
         out = model(ids)
     assert out.dtype == torch.float32 and rel_err(out, _t5_out(files["t5"], ids)) < 5e-3
-    clip_half = write_random_clip_checkpoint(tmp_path / "clip_fp16.safetensors", CLIP_CONFIG, seed=1,
+    clip_half = write_random_clip_checkpoint(tmp_path / "clip_fp16.safetensors", TINY_CLIP, seed=1,
                                              dtype=torch.float16)
     assert rel_err(_clip_out(clip_half, clip_ids[:1])[1], _clip_out(files["clip"], clip_ids[:1])[1]) < 5e-3
 
@@ -250,8 +245,8 @@ def test_weights_visit_the_device_only_while_their_part_runs(files):
 # ------------------------------------------------------------------------------------------------------ node
 
 @needs_tokenizers
-def test_node_returns_flux_conditioning(files):
-    from comfyui_krea.nodes.handles import TextEncoderHandle, forget_loaded
+def test_node_returns_flux_conditioning(files, host_state):
+    from comfyui_krea.nodes.handles import TextEncoderHandle
     from comfyui_krea.nodes.text import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, KreaTextEncode
 
     assert NODE_CLASS_MAPPINGS == {"KreaTextEncode": KreaTextEncode}
@@ -262,37 +257,31 @@ def test_node_returns_flux_conditioning(files):
     assert inputs["prompt"][0] == "STRING" and inputs["prompt"][1]["multiline"] and inputs["prompt"][1]["default"] == ""
 
     handle = TextEncoderHandle(files["clip"], files["t5"], TOKENIZERS, torch.device("cpu"))
-    try:
-        for prompt in ("a cat", ""):
-            (conditioning,) = getattr(KreaTextEncode(), KreaTextEncode.FUNCTION)(text_encoder=handle, prompt=prompt)
-            assert isinstance(conditioning, list) and len(conditioning) == 1 and len(conditioning[0]) == 2
-            sequence, extras = conditioning[0]
-            assert sequence.shape == (1, 512, 64) and sequence.dtype == torch.float32
-            assert sequence.device.type == "cpu"
-            assert list(extras) == ["pooled_output"]
-            assert extras["pooled_output"].shape == (1, 128) and extras["pooled_output"].dtype == torch.float32
-    finally:
-        forget_loaded()
+    for prompt in ("a cat", ""):
+        (conditioning,) = getattr(KreaTextEncode(), KreaTextEncode.FUNCTION)(text_encoder=handle, prompt=prompt)
+        assert isinstance(conditioning, list) and len(conditioning) == 1 and len(conditioning[0]) == 2
+        sequence, extras = conditioning[0]
+        assert sequence.shape == (1, 512, 64) and sequence.dtype == torch.float32
+        assert sequence.device.type == "cpu"
+        assert list(extras) == ["pooled_output"]
+        assert extras["pooled_output"].shape == (1, 128) and extras["pooled_output"].dtype == torch.float32
 
 
 @needs_tokenizers
-def test_node_uses_comfyui_tokenizers_when_none_is_named(tmp_path, files, monkeypatch):
+def test_node_uses_comfyui_tokenizers_when_none_is_named(tmp_path, files, monkeypatch, host_state):
     import shutil
 
-    from comfyui_krea.nodes import host, text
-    from comfyui_krea.nodes.handles import TextEncoderHandle, forget_loaded
+    from comfyui_krea.nodes import text
+    from comfyui_krea.nodes.handles import TextEncoderHandle
 
     comfy = tmp_path / "comfy"
     shutil.copytree(TOKENIZERS / "clip", comfy / "sd1_tokenizer")
     shutil.copytree(TOKENIZERS / "t5", comfy / "text_encoders" / "t5_tokenizer")
-    monkeypatch.setattr(host, "comfyui_tokenizer_dirs", lambda: {
+    monkeypatch.setattr(host_state, "comfyui_tokenizer_dirs", lambda: {
         "clip": comfy / "sd1_tokenizer", "t5": comfy / "text_encoders" / "t5_tokenizer"})
     handle = TextEncoderHandle(files["clip"], files["t5"], None, torch.device("cpu"))
-    try:
-        (conditioning,) = text.KreaTextEncode().encode(handle, "a cat")
-        assert conditioning[0][0].shape == (1, 512, 64)
-    finally:
-        forget_loaded()
+    (conditioning,) = text.KreaTextEncode().encode(handle, "a cat")
+    assert conditioning[0][0].shape == (1, 512, 64)
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -348,6 +337,6 @@ def test_missing_tokenizer_files(tmp_path, files):
 
 def test_t5_config_is_read_off_the_shapes(files):
     model = load_t5_model(files["t5"])
-    assert model.config == T5_CONFIG
-    assert load_clip_model(files["clip"]).config == CLIP_CONFIG
-    assert build_t5(T5_CONFIG).shared.weight.device.type == "meta"
+    assert model.config == TINY_T5
+    assert load_clip_model(files["clip"]).config == TINY_CLIP
+    assert build_t5(TINY_T5).shared.weight.device.type == "meta"

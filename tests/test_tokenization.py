@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_krea.model_loader.errors import ModelFileError
-from comfyui_krea.model_loader.tokenization import (
+from comfyui_krea.model_loader import ModelFileError
+from comfyui_krea.model_loader.text_encoders.tokenization import (
     CLIP_MAX_LENGTH,
     T5_MAX_LENGTH,
     find_tokenizer_folders,
@@ -112,7 +112,7 @@ def test_t5_ids_match_transformers(reference):
 def test_long_prompts_warn_and_short_ones_do_not(caplog):
     clip = load_clip_tokenizer(TOKENIZERS / "clip")
     t5 = load_t5_tokenizer(TOKENIZERS / "t5")
-    with caplog.at_level(logging.WARNING, logger="comfyui_krea.model_loader.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="comfyui_krea.model_loader.text_encoders.tokenization"):
         clip(["a short prompt"])
         t5(["a short prompt"])
         assert not caplog.records

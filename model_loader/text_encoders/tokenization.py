@@ -24,7 +24,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 log = logging.getLogger(__name__)
 

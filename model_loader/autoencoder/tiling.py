@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .autoencoder import AutoEncoderConfig
+    from .model import AutoEncoderConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,25 +2,28 @@
 
 Module attribute names are the checkpoint keys of BFL's file (`encoder.down.0.block.1.conv1.weight`,
 `decoder.up.3.upsample.conv.weight`, `decoder.mid.attn_1.q.weight`...), so that file loads strictly with no
-renaming; `autoencoder_loading.py` reads it (and the diffusers `vae/` layout) into this module.
+renaming; `loading.py` reads it (and the diffusers `vae/` layout, see `layouts.py`) into this module.
 
 `AutoEncoder.encode` / `decode` work on raw latents: no scale or shift (LATENT holds raw VAE latents; the
-sampler applies FLUX's `(z - 0.1159) * 0.3611`). Images are in [-1, 1]. Large inputs are split into
-overlapping tiles when the estimated activation memory would not fit (`autoencoder_tiling.py`).
+sampler applies FLUX's `(z - SHIFT_FACTOR) * SCALE_FACTOR`). Images are in [-1, 1]. Large inputs are split
+into overlapping tiles when the estimated activation memory would not fit (`tiling.py`).
 """
 from __future__ import annotations
 
-import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import autoencoder_tiling as tiling
+from . import tiling
+
+LATENT_CHANNELS = 16  # FLUX latents: 16 channels at 1/8 of the image's size
+# The latent normalisation of FLUX's VAE: the transformer sees (z - SHIFT_FACTOR) * SCALE_FACTOR.
+SHIFT_FACTOR = 0.1159
+SCALE_FACTOR = 0.3611
 
 
 TileCallback = Callable[[int, int], None]  # (tiles or batch chunks done, total)
@@ -34,7 +37,7 @@ class AutoEncoderConfig:
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    z_channels: int = 16
+    z_channels: int = LATENT_CHANNELS
     mid_attention: bool = True
     norm_groups: int = 32  # not stored in any file: 32 in FLUX (and every LDM-family VAE)
 
@@ -51,19 +54,19 @@ class AutoEncoderConfig:
 FLUX_AUTOENCODER = AutoEncoderConfig()
 
 
-def _norm(ops: types.SimpleNamespace | types.ModuleType, groups: int, channels: int) -> nn.Module:
-    return ops.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+def _norm(operations: types.SimpleNamespace | types.ModuleType, groups: int, channels: int) -> nn.Module:
+    return operations.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int, ops=nn) -> None:
+    def __init__(self, in_channels: int, out_channels: int, groups: int, operations=nn) -> None:
         super().__init__()
-        self.norm1 = _norm(ops, groups, in_channels)
-        self.conv1 = ops.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _norm(ops, groups, out_channels)
-        self.conv2 = ops.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm1 = _norm(operations, groups, in_channels)
+        self.conv1 = operations.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = _norm(operations, groups, out_channels)
+        self.conv2 = operations.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = ops.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = operations.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
         else:
             self.nin_shortcut = None
 
@@ -80,13 +83,13 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convolutions as in BFL's file."""
 
-    def __init__(self, channels: int, groups: int, ops=nn) -> None:
+    def __init__(self, channels: int, groups: int, operations=nn) -> None:
         super().__init__()
-        self.norm = _norm(ops, groups, channels)
-        self.q = ops.Conv2d(channels, channels, kernel_size=1)
-        self.k = ops.Conv2d(channels, channels, kernel_size=1)
-        self.v = ops.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = ops.Conv2d(channels, channels, kernel_size=1)
+        self.norm = _norm(operations, groups, channels)
+        self.q = operations.Conv2d(channels, channels, kernel_size=1)
+        self.k = operations.Conv2d(channels, channels, kernel_size=1)
+        self.v = operations.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = operations.Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -106,9 +109,9 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int, ops=nn) -> None:
+    def __init__(self, channels: int, operations=nn) -> None:
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = operations.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Asymmetric padding (right and bottom only), as the checkpoint was trained with.
@@ -116,20 +119,20 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int, ops=nn) -> None:
+    def __init__(self, channels: int, operations=nn) -> None:
         super().__init__()
-        self.conv = ops.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+        self.conv = operations.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int, attention: bool, ops=nn) -> None:
+    def __init__(self, channels: int, groups: int, attention: bool, operations=nn) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups, ops)
-        self.attn_1 = AttnBlock(channels, groups, ops) if attention else None
-        self.block_2 = ResnetBlock(channels, channels, groups, ops)
+        self.block_1 = ResnetBlock(channels, channels, groups, operations)
+        self.attn_1 = AttnBlock(channels, groups, operations) if attention else None
+        self.block_2 = ResnetBlock(channels, channels, groups, operations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block_1(x)
@@ -155,24 +158,24 @@ class DecoderLevel(nn.Module):
 class Encoder(nn.Module):
     """(B, in_channels, H, W) -> (B, 2*z_channels, H/f, W/f): posterior mean, then log-variance."""
 
-    def __init__(self, config: AutoEncoderConfig, ops=nn) -> None:
+    def __init__(self, config: AutoEncoderConfig, operations=nn) -> None:
         super().__init__()
         widths = config.level_channels
         groups = config.norm_groups
-        self.conv_in = ops.Conv2d(config.in_channels, config.ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = operations.Conv2d(config.in_channels, config.ch, kernel_size=3, stride=1, padding=1)
         levels = []
         block_in = config.ch
         for i, width in enumerate(widths):
             blocks = []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, width, groups, ops))
+                blocks.append(ResnetBlock(block_in, width, groups, operations))
                 block_in = width
             last = i == len(widths) - 1
-            levels.append(EncoderLevel(blocks, None if last else Downsample(block_in, ops)))
+            levels.append(EncoderLevel(blocks, None if last else Downsample(block_in, operations)))
         self.down = nn.ModuleList(levels)
-        self.mid = MidBlock(block_in, groups, config.mid_attention, ops)
-        self.norm_out = _norm(ops, groups, block_in)
-        self.conv_out = ops.Conv2d(block_in, 2 * config.z_channels, kernel_size=3, stride=1, padding=1)
+        self.mid = MidBlock(block_in, groups, config.mid_attention, operations)
+        self.norm_out = _norm(operations, groups, block_in)
+        self.conv_out = operations.Conv2d(block_in, 2 * config.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -189,23 +192,23 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(B, z_channels, h, w) -> (B, out_channels, h*f, w*f)."""
 
-    def __init__(self, config: AutoEncoderConfig, ops=nn) -> None:
+    def __init__(self, config: AutoEncoderConfig, operations=nn) -> None:
         super().__init__()
         widths = config.level_channels
         groups = config.norm_groups
         block_in = widths[-1]
-        self.conv_in = ops.Conv2d(config.z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = MidBlock(block_in, groups, config.mid_attention, ops)
+        self.conv_in = operations.Conv2d(config.z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = MidBlock(block_in, groups, config.mid_attention, operations)
         levels: list[DecoderLevel] = []
         for i in reversed(range(len(widths))):  # built deepest first, stored by level index (BFL's order)
             blocks = []
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, widths[i], groups, ops))
+                blocks.append(ResnetBlock(block_in, widths[i], groups, operations))
                 block_in = widths[i]
-            levels.insert(0, DecoderLevel(blocks, Upsample(block_in, ops) if i != 0 else None))
+            levels.insert(0, DecoderLevel(blocks, Upsample(block_in, operations) if i != 0 else None))
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(ops, groups, block_in)
-        self.conv_out = ops.Conv2d(block_in, config.out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm_out = _norm(operations, groups, block_in)
+        self.conv_out = operations.Conv2d(block_in, config.out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -222,11 +225,11 @@ class Decoder(nn.Module):
 class AutoEncoder(nn.Module):
     """Encoder and decoder; `encode`/`decode` pick batch chunks and tiles to fit the memory at hand."""
 
-    def __init__(self, config: AutoEncoderConfig, ops=nn) -> None:
+    def __init__(self, config: AutoEncoderConfig, operations=nn) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config, ops)
-        self.decoder = Decoder(config, ops)
+        self.encoder = Encoder(config, operations)
+        self.decoder = Decoder(config, operations)
 
     @property
     def device(self) -> torch.device:
@@ -279,26 +282,3 @@ class AutoEncoder(nn.Module):
             return tiling.run(plan, latents, lambda z: self._decode_pass(z, latents.device),
                               in_scale=1, out_scale=f, out_channels=self.config.out_channels,
                               callback=callback)
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU; bfloat16 on GPUs that support it (fp16 overflows in this VAE), else float32."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str) -> AutoEncoder:
-    """The autoencoder of a BFL `ae.safetensors` or a diffusers `vae/` (folder or file), ready on `device`."""
-    from .autoencoder_loading import load_autoencoder_file  # the loader imports this module
-
-    return load_autoencoder_file(Path(path), torch.device(device))
-
-
-def write_random_autoencoder_checkpoint(path: str | os.PathLike[str], config: AutoEncoderConfig = FLUX_AUTOENCODER,
-                                        seed: int = 0, dtype: torch.dtype = torch.float32,
-                                        layout: str = "bfl") -> Path:
-    """A random-weight checkpoint in the BFL ("bfl") or diffusers ("diffusers") key layout (tests, demos)."""
-    from .autoencoder_loading import write_random_checkpoint
-
-    return write_random_checkpoint(Path(path), config, seed=seed, dtype=dtype, layout=layout)

@@ -1,4 +1,4 @@
-"""Zero-copy, memory-mapped reading of safetensors files (and folders of shards).
+"""Safetensors bytes -> named lazy tensors: zero-copy, memory-mapped reading of one file or of several shards.
 
 Tensors returned here are views of a private (copy-on-write) memory map of the file: nothing is read
 until a tensor is touched, and loading them with `load_state_dict(assign=True)` never holds a second
@@ -11,14 +11,16 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {  # safetensors dtype name -> torch dtype
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -72,7 +74,7 @@ class SafetensorsFile:
         data_end = data_start
         for name, entry in header.items():
             try:
-                dtype = _DTYPES[entry["dtype"]]
+                dtype = DTYPES[entry["dtype"]]
                 begin, end = entry["data_offsets"]
                 shape = tuple(int(d) for d in entry["shape"])
             except (KeyError, TypeError, ValueError):
@@ -123,19 +125,50 @@ class SafetensorsFile:
         return {k: self.tensor(k) for k in self.tensors}
 
 
-class Checkpoint:
-    """A model given as one safetensors file or a folder of them (diffusers shards): key -> lazy tensor."""
+class TensorSource(Protocol):
+    """What loaders read tensors from: a Checkpoint, a state dict, or weights made on demand."""
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
+    def tensor(self, key: str) -> torch.Tensor: ...
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class StateDictSource:
+    """A plain {key: tensor} mapping (meta tensors work: shapes only) seen as a TensorSource."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], path: str = "state dict") -> None:
+        self._sd = state_dict
+        self.path = path
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sd
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._sd[key].dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+
+class Checkpoint:
+    """One model stored in one or more safetensors files (shards): key -> lazy tensor.
+
+    `path` is what the user gave (file or folder), for messages; `files` are the files read, as chosen by
+    the resolver (resolver.py), which is the one place that decides which files make up a model.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]] | None = None) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                raise ModelFileError(f"The folder {self.path} holds no .safetensors files.")
-        elif self.path.exists():
+        if files is None:
+            if not self.path.is_file():
+                raise ModelFileError(f"Model file not found: {self.path}")
             files = [self.path]
-        else:
-            raise ModelFileError(f"Model file not found: {self.path}")
         self.files = [SafetensorsFile(f) for f in files]
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
@@ -162,11 +195,3 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(i.end - i.start for f in self.files for i in f.tensors.values())
-
-
-def common_prefix(keys: list[str], candidates: tuple[str, ...]) -> str:
-    """The first candidate prefix that every key starts with ('' when none does)."""
-    for prefix in candidates:
-        if prefix and keys and all(k.startswith(prefix) for k in keys):
-            return prefix
-    return ""

@@ -1,0 +1,148 @@
+"""FLUX transformer files -> a ready `Flux` module on a device, its weights held as `weight_dtype` asks.
+
+The model is built on the meta device and its parameters are assigned from the memory-mapped file,
+converted tensor by tensor only where the layout or `weight_dtype` asks for it, so loading never holds a
+second copy of the weights. The config is read off the tensor shapes, so a reduced test file goes through
+the same code as the full-size one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints import StateDictSource, TensorSource, open_checkpoint
+from ..compute_dtypes import flux_compute_dtype
+from ..errors import ModelFileError
+from ..operations import FP8_DTYPES, CastLinear, CastOps, fp8_matmul_supported, quantize_fp8
+from .layouts import FluxLayout, config_from_shapes, plan_flux_layout
+from .model import Flux, FluxConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
+
+
+def _stored_dtype(model: Flux) -> torch.dtype:
+    """How the blocks' big weights are stored (what `default` computes in on a GPU)."""
+    probe = model.double_blocks[0].img_attn.qkv.weight if model.double_blocks else model.single_blocks[0].linear1.weight
+    return probe.dtype
+
+
+def config_from_checkpoint(ckpt: TensorSource | Mapping[str, Tensor] | str | os.PathLike[str]) -> FluxConfig:
+    """The FluxConfig of a checkpoint (a path, a TensorSource, or a state dict) in any accepted layout."""
+    if isinstance(ckpt, (str, os.PathLike)):
+        ckpt = open_checkpoint(ckpt, "transformer")
+    elif isinstance(ckpt, Mapping):
+        ckpt = StateDictSource(ckpt)
+    name = str(getattr(ckpt, "path", "checkpoint"))
+    layout = plan_flux_layout(ckpt, name)
+    return config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
+
+
+def _check_weight_dtype(weight_dtype: str) -> None:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"Unknown weight_dtype {weight_dtype!r}; choose one of: {', '.join(WEIGHT_DTYPES)}.")
+
+
+def _dequantize(t: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    if scale is None:
+        return t.to(dtype)
+    return (t.to(torch.float32) * scale.to(t.device, torch.float32)).to(dtype)
+
+
+def _convert(key: str, t: Tensor, scale: Tensor | None, weight_dtype: str, linear_weights: set[str]
+             ) -> tuple[Tensor, Tensor | None]:
+    """One tensor as `weight_dtype` stores it: (tensor, per-tensor scale for CastLinear or None)."""
+    is_linear = key in linear_weights
+    if weight_dtype == "default":
+        if is_linear and t.dtype in FP8_DTYPES:
+            return t, scale
+        if t.dtype in FP8_DTYPES:
+            return _dequantize(t, scale, torch.bfloat16), None
+        return (t, None) if scale is None else (_dequantize(t, scale, t.dtype), None)
+    if weight_dtype in ("bf16", "fp16"):
+        return _dequantize(t, scale, torch.bfloat16 if weight_dtype == "bf16" else torch.float16), None
+    # fp8 storage: the big Linear weights of the blocks in fp8, everything small in bf16.
+    if is_linear and key.startswith(("double_blocks.", "single_blocks.")):
+        if t.dtype == torch.float8_e4m3fn:
+            return t, scale
+        return quantize_fp8(_dequantize(t, scale, torch.float32) if scale is not None else t)
+    return _dequantize(t, scale, torch.bfloat16), None
+
+
+def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", device: str | torch.device = "cpu",
+                          name: str = "state dict") -> Flux:
+    """Build a Flux from any TensorSource (a Checkpoint, or a StateDictSource of possibly meta tensors)."""
+    _check_weight_dtype(weight_dtype)
+    device = torch.device(device)
+    layout = plan_flux_layout(source, name)
+    config = config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
+    try:
+        model = Flux(config, device="meta", operations=CastOps)
+    except ValueError as err:
+        raise ModelFileError(f"{name}: its shapes give an impossible FLUX config ({err}).") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(name, layout, expected)
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    state: dict[str, Tensor] = {}
+    scales: dict[str, Tensor] = {}
+    for key, planned in layout.tensors.items():  # tensor by tensor: at most one converted tensor in flight
+        t = planned.read().to(device)
+        scale = planned.scale().to(device, torch.float32) if planned.scale is not None else None
+        state[key], scale = _convert(key, t, scale, weight_dtype, linear_weights)
+        if scale is not None:
+            scales[key[: -len(".weight")]] = scale
+    model.requires_grad_(False)
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    modules = dict(model.named_modules())
+    for module_name, scale in scales.items():
+        modules[module_name].set_scale(scale)
+    if weight_dtype == "fp8_e4m3fn_fast":
+        if fp8_matmul_supported(device):
+            for module in modules.values():
+                if isinstance(module, CastLinear):
+                    module.fast_fp8 = True
+        else:
+            log.warning("fp8_e4m3fn_fast: %s has no fp8 matrix units; multiplying in bf16 (as fp8_e4m3fn).",
+                        device)
+    model.compute_dtype = flux_compute_dtype(device, weight_dtype, _stored_dtype(model))
+    model.eval()
+    log.info("Loaded FLUX transformer %s (%s layout, %d double + %d single blocks, weights %s, compute %s)",
+             name, layout.kind, config.depth, config.depth_single_blocks, weight_dtype, model.compute_dtype)
+    return model
+
+
+def _check_keys(name: str, layout: FluxLayout, expected: Mapping[str, tuple[int, ...]]) -> None:
+    found = {k: p.shape for k, p in layout.tensors.items()}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if extra:
+        problems.append(f"{len(extra)} tensors a FLUX.1 transformer does not have (e.g. {', '.join(extra[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors of the wrong shape (e.g. {'; '.join(wrong[:2])})")
+    if problems:
+        raise ModelFileError(f"{name} does not match the FLUX.1 transformer its shapes describe: "
+                             f"{'; '.join(problems)}. The file is incomplete, damaged or of a FLUX variant this "
+                             "loader does not support.")
+
+
+def load_flux(path: str | os.PathLike[str], weight_dtype: str = "default",
+              device: str | torch.device = "cpu") -> Flux:
+    """Load a FLUX.1 transformer (any accepted layout) as an eval-mode Flux with frozen weights.
+
+    weight_dtype: "default" (as stored; fp8 stays fp8 and computes in bf16), "bf16", "fp16",
+    "fp8_e4m3fn" (block Linear weights in fp8, the rest bf16; computes in bf16) or "fp8_e4m3fn_fast"
+    (the same, multiplying in fp8 on GPUs that can). `model.compute_dtype` is the dtype to feed it on `device`.
+    """
+    _check_weight_dtype(weight_dtype)
+    checkpoint = open_checkpoint(path, "transformer")
+    return load_flux_from_source(checkpoint, weight_dtype, device, str(checkpoint.path))
