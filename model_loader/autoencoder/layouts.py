@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..checkpoints import Checkpoint, FileKind, first_keys, identify
 from ..errors import ModelFileError
-from .model import LATENT_CHANNELS, AutoEncoderConfig
+from .config import LATENT_CHANNELS, AutoEncoderConfig
 
 # Prefixes under which full checkpoints (model + text encoders + VAE in one file) keep their VAE.
 _EMBEDDED_PREFIXES = ("", "vae.", "first_stage_model.")

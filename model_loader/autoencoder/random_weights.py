@@ -9,7 +9,8 @@ import torch
 
 from ..checkpoints import save_tensors
 from .layouts import diffusers_key_names
-from .model import FLUX_AUTOENCODER, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoder, AutoEncoderConfig
+from .config import FLUX_AUTOENCODER, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderConfig
+from .model import AutoEncoder
 
 
 def random_state_dict(config: AutoEncoderConfig, seed: int = 0,

@@ -17,12 +17,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .model import AutoEncoderConfig
+from .config import AutoEncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +82,7 @@ def _resnet_peak(c_in: int, c_out: int) -> int:
     return max(2 * c_in + c_out, c_in + 2 * c_out)
 
 
-def activation_elements(config: "AutoEncoderConfig", kind: str, h: int, w: int) -> int:
+def activation_elements(config: AutoEncoderConfig, kind: str, h: int, w: int) -> int:
     """Peak number of activation elements of one sample's pass; (h, w) in latent pixels."""
     widths = config.level_channels
     z, f = config.z_channels, config.downscale_factor
@@ -128,7 +126,7 @@ def activation_elements(config: "AutoEncoderConfig", kind: str, h: int, w: int) 
     return peak
 
 
-def estimate_bytes(config: "AutoEncoderConfig", kind: str, h: int, w: int, dtype: torch.dtype,
+def estimate_bytes(config: AutoEncoderConfig, kind: str, h: int, w: int, dtype: torch.dtype,
                    device: torch.device) -> int:
     """Estimated peak bytes of one sample's pass, with the measured allocator/library overhead."""
     overhead = _CUDA_OVERHEAD if device.type == "cuda" else _CPU_OVERHEAD
@@ -136,7 +134,7 @@ def estimate_bytes(config: "AutoEncoderConfig", kind: str, h: int, w: int, dtype
     return int(activation_elements(config, kind, h, w) * element * overhead)
 
 
-def plan(config: "AutoEncoderConfig", kind: str, batch: int, h: int, w: int, dtype: torch.dtype,
+def plan(config: AutoEncoderConfig, kind: str, batch: int, h: int, w: int, dtype: torch.dtype,
          device: torch.device, tile_size: int | None = None, tile_overlap: int | None = None,
          budget_bytes: int | None = None) -> TilePlan:
     """How to run a pass over a (batch, h, w latent pixels) input: explicit tiles, or what fits the budget."""
