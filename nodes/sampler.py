@@ -8,63 +8,35 @@ import torch
 
 from ..sampling.denoise import GenerationSettings, generate
 from ..sampling.gpu_acceleration import gpu_acceleration
+from ..sampling.latents import LATENT_CHANNELS
+from ..sampling.parameters import (
+    ACCELERATION,
+    GUIDANCE_SCALE,
+    HEIGHT,
+    IMAGE_SIZE,
+    NUM_IMAGES,
+    NUM_INFERENCE_STEPS,
+    SEED,
+    STRENGTH,
+    WIDTH,
+    NumericParameter,
+    check_ranges,
+    check_side,
+    resolve_size,
+)
 from ..sampling.step_cache import THRESHOLDS
 from . import host
 from .handles import TransformerHandle
 
 log = logging.getLogger(__name__)
 
-# fal's image_size presets, (width, height).
-IMAGE_SIZES: dict[str, tuple[int, int]] = {
-    "square_hd": (1024, 1024),
-    "square": (512, 512),
-    "portrait_4_3": (768, 1024),
-    "portrait_16_9": (576, 1024),
-    "landscape_4_3": (1024, 768),
-    "landscape_16_9": (1024, 576),
-}
-MAX_SIDE = 14142
-ACCELERATIONS = list(THRESHOLDS)  # none, regular, high
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
-
-def check_side(name: str, value: int) -> None:
-    if not 16 <= value <= MAX_SIDE or value % 16:
-        raise ValueError(f"{name} must be a multiple of 16 between 16 and {MAX_SIDE}, got {value}.")
-
-
-def resolve_size(image_size: str, width: int, height: int) -> tuple[int, int]:
-    if image_size == "custom":
-        check_side("width", width)
-        check_side("height", height)
-        return width, height
-    if image_size not in IMAGE_SIZES:
-        raise ValueError(f"image_size {image_size!r} is not one of {', '.join([*IMAGE_SIZES, 'custom'])}.")
-    return IMAGE_SIZES[image_size]
-
-
-def check_ranges(num_inference_steps: int, guidance_scale: float, seed: int, num_images: int,
-                 strength: float) -> None:
-    """The fal ranges, refused before any model is loaded (ComfyUI checks them too; the CLI and direct
-    callers rely on this)."""
-    checks = [
-        ("num_inference_steps", num_inference_steps, 1, 50),
-        ("guidance_scale", guidance_scale, 1.0, 20.0),
-        ("seed", seed, 0, SEED_MAX),
-        ("num_images", num_images, 1, 4),
-        ("strength", strength, 0.01, 1.0),
-    ]
-    for name, value, low, high in checks:
-        if not low <= value <= high:
-            raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
-
-
-def compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
-    """float32 on the CPU (whatever the storage: CPUs are slow and inexact in half precision); on a GPU the
-    model's own compute dtype (bf16 for bf16/fp8 storage, fp16 for fp16), never float32."""
-    if device.type == "cpu":
-        return torch.float32
-    return model.compute_dtype if model.compute_dtype != torch.float32 else torch.bfloat16
+def number_options(parameter: NumericParameter, **extra: object) -> dict:
+    """A numeric widget's options (default, min, max and step when it has one) from the parameter table."""
+    options: dict = {"default": parameter.default, "min": parameter.min, "max": parameter.max}
+    if parameter.step is not None:
+        options["step"] = parameter.step
+    return {**options, **extra}
 
 
 def unpack_conditioning(conditioning: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,34 +69,32 @@ class KreaSampler:
             "required": {
                 "model": ("KREA_MODEL",),
                 "conditioning": ("CONDITIONING",),
-                "image_size": ([*IMAGE_SIZES, "custom"], {
-                    "default": "landscape_4_3", "tooltip": "fal's sizes; 'custom' uses width and height."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": MAX_SIDE, "step": 16,
-                                  "tooltip": "Used when image_size is custom (multiple of 16)."}),
-                "height": ("INT", {"default": 768, "min": 16, "max": MAX_SIDE, "step": 16,
-                                   "tooltip": "Used when image_size is custom (multiple of 16)."}),
-                "num_inference_steps": ("INT", {"default": 28, "min": 1, "max": 50}),
-                "guidance_scale": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 20.0, "step": 0.1,
-                                             "tooltip": "Distilled guidance (one model call per step)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True}),
-                "num_images": ("INT", {"default": 1, "min": 1, "max": 4}),
-                "acceleration": (ACCELERATIONS, {
-                    "default": "none",
+                "image_size": (list(IMAGE_SIZE.choices), {
+                    "default": IMAGE_SIZE.default, "tooltip": "fal's sizes; 'custom' uses width and height."}),
+                "width": ("INT", number_options(WIDTH, tooltip="Used when image_size is custom (multiple of 16).")),
+                "height": ("INT", number_options(HEIGHT, tooltip="Used when image_size is custom (multiple of 16).")),
+                "num_inference_steps": ("INT", number_options(NUM_INFERENCE_STEPS)),
+                "guidance_scale": ("FLOAT", number_options(
+                    GUIDANCE_SCALE, tooltip="Distilled guidance (one model call per step).")),
+                "seed": ("INT", number_options(SEED, control_after_generate=True)),
+                "num_images": ("INT", number_options(NUM_IMAGES)),
+                "acceleration": (list(ACCELERATION.choices), {
+                    "default": ACCELERATION.default,
                     "tooltip": "none: the reference computation. regular / high: reuse the transformer's work on "
                                "steps that change little (high reuses more); on GPUs also fp8 matmuls and "
                                "torch.compile."}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Image-to-image: the encoded input image."}),
-                "strength": ("FLOAT", {"default": 0.95, "min": 0.01, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Image-to-image: how much of the image is redrawn."}),
+                "strength": ("FLOAT", number_options(
+                    STRENGTH, tooltip="Image-to-image: how much of the image is redrawn.")),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, width: int, height: int) -> bool | str:
         # ComfyUI skips its own min/max checks for inputs named here, so the range is checked in full.
-        for name, value in (("width", width), ("height", height)):
+        for name, value in ((WIDTH.name, width), (HEIGHT.name, height)):
             try:
                 check_side(name, value)
             except ValueError as err:
@@ -133,19 +103,18 @@ class KreaSampler:
 
     def sample(self, model: TransformerHandle, conditioning: list, image_size: str, width: int, height: int,
                num_inference_steps: int, guidance_scale: float, seed: int, num_images: int, acceleration: str,
-               latent: dict | None = None, strength: float = 0.95) -> dict:
+               latent: dict | None = None, strength: float = STRENGTH.default) -> dict:
         check_ranges(num_inference_steps, guidance_scale, seed, num_images, strength)
-        if acceleration not in ACCELERATIONS:
-            raise ValueError(f"acceleration {acceleration!r} is not one of {', '.join(ACCELERATIONS)}.")
+        ACCELERATION.check(acceleration)
         init = None
         if latent is None:
             width, height = resolve_size(image_size, width, height)
             strength = 1.0
         else:
             init = latent["samples"]
-            if init.ndim != 4 or init.shape[1] != 16:
-                raise ValueError(f"latent has shape {tuple(init.shape)}; FLUX needs (B, 16, H/8, W/8) latents "
-                                 "from Krea Encode Image (or a FLUX VAE Encode).")
+            if init.ndim != 4 or init.shape[1] != LATENT_CHANNELS:
+                raise ValueError(f"latent has shape {tuple(init.shape)}; FLUX needs (B, {LATENT_CHANNELS}, H/8, "
+                                 "W/8) latents from Krea Encode Image (or a FLUX VAE Encode).")
             if init.shape[2] % 2 or init.shape[3] % 2:
                 raise ValueError(f"the input image is {init.shape[3] * 8}x{init.shape[2] * 8}; FLUX needs sides "
                                  "that are multiples of 16 (Krea Encode Image resizes for you).")
@@ -159,11 +128,10 @@ class KreaSampler:
         if flux.config.in_channels != 64:
             raise ValueError(f"{model.path.name} is a FLUX variant with {flux.config.in_channels} input channels "
                              "(e.g. FLUX Fill or Redux); KreaSampler runs text-to-image FLUX.1 models (64).")
-        dtype = compute_dtype(flux, model.device)
         threshold = THRESHOLDS[acceleration]
         with contextlib.ExitStack() as stack:
             extras = stack.enter_context(gpu_acceleration(flux, model.device)) if threshold > 0 else []
-            result = generate(flux, txt, pooled, settings, model.device, dtype, init_latent=init,
+            result = generate(flux, txt, pooled, settings, model.device, flux.compute_dtype, init_latent=init,
                               callback=host.progress_callback(num_inference_steps), cache_threshold=threshold)
         report = f"acceleration {acceleration}: "
         if result.cache is None:

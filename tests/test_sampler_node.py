@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from comfyui_krea.nodes.sampler import IMAGE_SIZES, KreaSampler, resolve_size
+from comfyui_krea.nodes.sampler import KreaSampler
+from comfyui_krea.sampling.parameters import IMAGE_SIZES, resolve_size
 
 
 class NeverLoaded:
