@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..model_loader.errors import ModelFileError
-from ..model_loader.safety_checker import WHERE_TO_GET_IT, SafetyChecker, load_safety_checker
+from ..model_loader import WHERE_TO_GET_IT, ModelFileError
 from . import host
-from .handles import cached_load
+from .handles import SafetyCheckerHandle
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +46,6 @@ def _classifier_path(checker_name: str) -> Path:
         return host.model_path(FOLDER, checker_name)
     except ModelFileError as error:
         raise _no_classifier_error(checker_name) from error
-
-
-def _load_checker(path: Path) -> SafetyChecker:
-    device = host.torch_device()
-    stats = [path.stat()]
-    config_json = (path if path.is_dir() else path.parent) / "config.json"
-    if config_json.is_file():  # a config.json added or edited later must reload the classifier
-        stats.append(config_json.stat())
-    key = (str(path.resolve()), str(device), *((s.st_size, s.st_mtime_ns) for s in stats))
-    return cached_load(FOLDER, key, lambda: load_safety_checker(path, device))
 
 
 def _flags_json(flags: list[bool]) -> str:
@@ -113,7 +102,7 @@ class KreaSafetyCheck:
             flags = [False] * images.shape[0]
             return self._result(images, flags)
 
-        checker = _load_checker(_classifier_path(checker_name))
+        checker = SafetyCheckerHandle(_classifier_path(checker_name), host.torch_device()).load()
         probabilities = []
         for batch in images.split(IMAGES_PER_BATCH):
             host.throw_if_interrupted()
