@@ -1,4 +1,8 @@
-"""Command line: `python -m comfyui_krea run WORKFLOW.json [options]` runs a workflow without a ComfyUI server."""
+"""Command line -> a workflow run without a ComfyUI server: `python -m comfyui_krea run WORKFLOW.json [options]`.
+
+The options write into the inputs of the workflow's nodes; their choices and ranges come from the fal parameter
+table (sampling.parameters), and the run goes through the in-process runner with the same nodes as ComfyUI.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +15,27 @@ from pathlib import Path
 
 import torch
 
-from .model_loader.errors import ModelFileError
-from .nodes import NODE_CLASS_MAPPINGS
-from .nodes import host
-from .workflow_runner import LoadImage, WorkflowError, run
+from ..model_loader import ModelFileError
+from ..nodes import NODE_CLASS_MAPPINGS, host
+from ..sampling.parameters import (
+    ACCELERATION,
+    GUIDANCE_SCALE,
+    IMAGE_SIZE,
+    IMAGE_TO_IMAGE_STEPS,
+    MAX_SIDE,
+    NUM_IMAGES,
+    NUM_INFERENCE_STEPS,
+    OUTPUT_FORMAT,
+    SEED,
+    SIZE_MULTIPLE,
+    STRENGTH,
+    NumericParameter,
+)
+from .runner import LoadImage, WorkflowError, run
 
 log = logging.getLogger("comfyui_krea")
 
-PACK_DIR = Path(__file__).resolve().parent
+PACK_DIR = Path(__file__).resolve().parent.parent
 
 
 def comfyui_root() -> Path | None:
@@ -27,6 +44,11 @@ def comfyui_root() -> Path | None:
     if parent.name == "custom_nodes" and (parent.parent / "models").is_dir():
         return parent.parent
     return None
+
+
+def range_help(parameter: NumericParameter, default: str | None = None) -> str:
+    """'<name>, <min>-<max> (fal default: <default>)' for an option's help."""
+    return f"{parameter.name}, {parameter.min}-{parameter.max} (fal default: {default or parameter.default})"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,18 +65,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokenizers", type=Path, default=None,
                    help="folder with clip/ (vocab.json, merges.txt) and t5/ (tokenizer.json) tokenizer files")
     p.add_argument("--prompt")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--width", type=int, help="custom width (sets image_size to custom)")
-    p.add_argument("--height", type=int, help="custom height (sets image_size to custom)")
-    p.add_argument("--image-size", choices=["square_hd", "square", "portrait_4_3", "portrait_16_9",
-                                            "landscape_4_3", "landscape_16_9", "custom"])
-    p.add_argument("--steps", type=int, help="num_inference_steps")
-    p.add_argument("--guidance", type=float, help="guidance_scale")
-    p.add_argument("--num-images", type=int)
-    p.add_argument("--acceleration")
-    p.add_argument("--strength", type=float, help="image-to-image strength")
+    p.add_argument("--seed", type=int, help=f"{SEED.name}, {SEED.min}-{SEED.max}")
+    side = f"a multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}"
+    p.add_argument("--width", type=int, help=f"custom width, {side} (sets image_size to custom)")
+    p.add_argument("--height", type=int, help=f"custom height, {side} (sets image_size to custom)")
+    p.add_argument("--image-size", choices=IMAGE_SIZE.choices,
+                   help=f"{IMAGE_SIZE.name}: a fal preset or custom (fal default: {IMAGE_SIZE.default})")
+    p.add_argument("--steps", type=int,
+                   help=range_help(NUM_INFERENCE_STEPS, f"{NUM_INFERENCE_STEPS.default}, image-to-image "
+                                                        f"{IMAGE_TO_IMAGE_STEPS}"))
+    p.add_argument("--guidance", type=float, help=range_help(GUIDANCE_SCALE))
+    p.add_argument("--num-images", type=int, help=range_help(NUM_IMAGES))
+    p.add_argument("--acceleration", choices=ACCELERATION.choices,
+                   help=f"{ACCELERATION.name} (fal default: {ACCELERATION.default})")
+    p.add_argument("--strength", type=float, help=f"image-to-image {range_help(STRENGTH)}")
     p.add_argument("--image", type=Path, help="input image for image-to-image workflows")
-    p.add_argument("--format", dest="output_format", choices=["jpeg", "png", "webp"])
+    p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
+                   help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
                    help="set any input, e.g. --set 5.num_images=2 (value parsed as JSON, else a string)")
@@ -157,6 +184,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

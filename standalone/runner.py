@@ -1,4 +1,4 @@
-"""Runs an API-format ComfyUI workflow of the pack's nodes in-process, without a ComfyUI server.
+"""An API-format ComfyUI workflow of the pack's nodes -> its outputs, run in-process without a ComfyUI server.
 
 It validates every input the way ComfyUI's executor does (required inputs, links, types, min/max,
 combo lists, VALIDATE_INPUTS) before any node runs, so a bad value is refused before a model loads,
@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from ..image_io.load import load_image_file
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,7 @@ class LoadImage:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"LoadImage: input image {path} not found (give a path with --image).")
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        pixels = torch.from_numpy(rgba[..., :3].copy())[None]
-        mask = 1.0 - torch.from_numpy(rgba[..., 3].copy())[None]
-        return pixels, mask
+        return load_image_file(path)
 
 
 def _is_link(value: Any) -> bool:

@@ -10,22 +10,25 @@ import pytest
 from PIL import Image
 
 from comfyui_krea import NODE_CLASS_MAPPINGS
-from comfyui_krea.__main__ import main
-from comfyui_krea.demo import write_demo_models
-from comfyui_krea.nodes import host
-from comfyui_krea.nodes.handles import forget_loaded
-from comfyui_krea.workflow_runner import LoadImage, WorkflowError, run
+from comfyui_krea.standalone.cli import main, parse_args
+from comfyui_krea.standalone.demo import write_demo_models
+from comfyui_krea.standalone.runner import LoadImage, WorkflowError, run
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    models, tokenizers = write_demo_models(root)
-    yield models, tokenizers
-    forget_loaded()
+def demo_models(tmp_path_factory):
+    return write_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def demo(demo_models, tmp_path, host_state):
+    """The demo models, with images going to tmp_path."""
+    models, tokenizers = demo_models
+    host_state.configure_standalone(models_dir=models, output_dir=tmp_path, tokenizer_dir=tokenizers)
+    return demo_models
 
 
 def load_workflow(name: str, **sampler) -> dict:
@@ -37,17 +40,11 @@ def load_workflow(name: str, **sampler) -> dict:
     return prompt
 
 
-def configure(demo, out: Path) -> None:
-    models, tokenizers = demo
-    host.configure_standalone(models_dir=models, output_dir=out, tokenizer_dir=tokenizers)
-
-
 def saved_files(uis: dict, out: Path) -> list[Path]:
     return [out / img["subfolder"] / img["filename"] for ui in uis.values() for img in ui.get("images", [])]
 
 
 def test_text_to_image_workflow_writes_images_deterministically(demo, tmp_path):
-    configure(demo, tmp_path)
     first = saved_files(run(load_workflow("krea_text_to_image", num_images=2), CLASSES), tmp_path)
     second = saved_files(run(load_workflow("krea_text_to_image", num_images=2), CLASSES), tmp_path)
     assert len(first) == 2 and len(second) == 2 and not set(first) & set(second)
@@ -60,7 +57,6 @@ def test_text_to_image_workflow_writes_images_deterministically(demo, tmp_path):
 
 
 def test_image_to_image_workflow(demo, tmp_path):
-    configure(demo, tmp_path)
     source = tmp_path / "input.png"
     pixels = (np.random.default_rng(0).random((80, 112, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(source)
@@ -88,16 +84,15 @@ def test_image_to_image_workflow(demo, tmp_path):
     ({"strength": 0}, "strength: 0 is smaller than the minimum 0.01"),
     ({"height": 14144}, "height must be a multiple of 16 between 16 and 14142"),
 ])
-def test_bad_values_refused_before_any_model_loads(tmp_path, change, message):
+def test_bad_values_refused_before_any_model_loads(tmp_path, host_state, change, message):
     # No models at all: a refusal about the value proves nothing was loaded first.
-    host.configure_standalone(models_dir=tmp_path / "none", output_dir=tmp_path)
+    host_state.configure_standalone(models_dir=tmp_path / "none", output_dir=tmp_path)
     with pytest.raises(WorkflowError, match=message):
         run(load_workflow("krea_text_to_image", **change), CLASSES)
     assert not any(tmp_path.rglob("*.jpg"))
 
 
-def test_missing_model_file_names_the_folder_searched(demo, tmp_path):
-    configure(demo, tmp_path)
+def test_missing_model_file_names_the_folder_searched(demo):
     prompt = load_workflow("krea_text_to_image")
     prompt["1"]["inputs"]["model_name"] = "flux1-krea-dev-missing.safetensors"
     with pytest.raises(WorkflowError) as err:
@@ -106,7 +101,7 @@ def test_missing_model_file_names_the_folder_searched(demo, tmp_path):
     assert str(demo[0] / "diffusion_models") in str(err.value)
 
 
-def test_command_line_demo(tmp_path, capsys):
+def test_command_line_demo(tmp_path, capsys, host_state):
     code = main(["run", str(ROOT / "workflows/api/krea_text_to_image.json"), "--demo", "--output", str(tmp_path),
                  "--steps", "2", "--seed", "7", "--prompt", "a red fox", "--format", "png"])
     out = capsys.readouterr()
@@ -120,6 +115,16 @@ def test_command_line_demo(tmp_path, capsys):
     assert prompt["2"]["inputs"]["prompt"] == "a red fox" and prompt["3"]["inputs"]["seed"] == 7
 
 
-def test_command_line_refuses_a_ui_workflow(tmp_path, capsys):
+def test_command_line_refuses_a_ui_workflow(capsys):
     assert main(["run", str(ROOT / "workflows/krea_text_to_image.json"), "--demo"]) == 2
     assert "not an API-format workflow" in capsys.readouterr().err
+
+
+def test_command_line_choices_are_the_parameter_table(capsys):
+    args = parse_args(["run", "workflow.json", "--image-size", "portrait_16_9", "--acceleration", "high",
+                       "--format", "webp"])
+    assert (args.image_size, args.acceleration, args.output_format) == ("portrait_16_9", "high", "webp")
+    for option, value in (("--acceleration", "turbo"), ("--image-size", "huge"), ("--format", "gif")):
+        with pytest.raises(SystemExit):
+            parse_args(["run", "workflow.json", option, value])
+        assert "invalid choice" in capsys.readouterr().err

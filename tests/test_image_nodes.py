@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
-from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint
+from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_krea.nodes.handles import VaeHandle
 from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage, KreaSaveImage
 
-TINY = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16)
+from conftest import TINY_AUTOENCODER
+
 PROMPT = {"3": {"class_type": "KreaSampler", "inputs": {"seed": 42, "text": "a café, 東京"}}}
 WORKFLOW = {"nodes": [{"id": 3, "type": "KreaSampler"}], "links": [], "version": 0.4}
 EXIF_MODEL, EXIF_MAKE = 0x0110, 0x010F
@@ -24,13 +25,13 @@ EXIF_MODEL, EXIF_MAKE = 0x0110, 0x010F
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory) -> VaeHandle:
-    path = write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("vae") / "ae.safetensors", TINY)
+    path = write_random_autoencoder_checkpoint(tmp_path_factory.mktemp("vae") / "ae.safetensors", TINY_AUTOENCODER)
     return VaeHandle(path, torch.device("cpu"))
 
 
 @pytest.fixture
-def output_dir(tmp_path):
-    host.configure_standalone(output_dir=tmp_path)
+def output_dir(tmp_path, host_state):
+    host_state.configure_standalone(output_dir=tmp_path)
     return tmp_path
 
 
@@ -237,18 +238,11 @@ def test_save_refuses_wrong_image_shapes(output_dir):
     assert not os.listdir(output_dir)
 
 
-def test_saved_files_get_ordinary_permissions(tmp_path):
-    import os
+def test_saved_files_get_ordinary_permissions(output_dir):
     import stat
 
-    import torch
-
-    from comfyui_krea.nodes import host
-    from comfyui_krea.nodes.image import KreaSaveImage
-
-    host.configure_standalone(output_dir=tmp_path)
     ui = KreaSaveImage().save(torch.rand(1, 16, 16, 3), "perm/p", "png")
-    path = tmp_path / "perm" / ui["ui"]["images"][0]["filename"]
+    path = output_dir / "perm" / ui["ui"]["images"][0]["filename"]
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

@@ -1,8 +1,11 @@
 """The repo root loads the way ComfyUI loads custom node folders, under any folder name."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = {"KreaModelLoader", "KreaTextEncode", "KreaSampler", "KreaEncodeImage", "KreaDecode", "KreaSafetyCheck",
@@ -38,3 +41,15 @@ def test_import_loads_no_model_and_writes_nothing(tmp_path):
             "assert not big, big[:3]\n")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_package_folder_is_installed_by_pip():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = []
+    for folder, subfolders, files in os.walk(ROOT):
+        # Only packages hold packages: tests/, bench/, web/ and hidden folders (.venv, .git) are not walked.
+        subfolders[:] = [name for name in subfolders if (Path(folder) / name / "__init__.py").is_file()]
+        if "__init__.py" in files:
+            found.append(".".join(["comfyui_krea", *Path(folder).relative_to(ROOT).parts]))
+    assert sorted(listed) == sorted(found)

@@ -47,17 +47,16 @@ def test_ui_and_api_carry_the_same_values(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_validates_with_the_documented_model_files(name, tmp_path):
-    from comfyui_krea.demo import write_demo_models
-    from comfyui_krea.nodes import host
-    from comfyui_krea.workflow_runner import LoadImage, validate
+def test_api_workflow_validates_with_the_documented_model_files(name, tmp_path, host_state):
+    from comfyui_krea.standalone.demo import write_demo_models
+    from comfyui_krea.standalone.runner import LoadImage, validate
 
     models, _ = write_demo_models(tmp_path)  # the file names the README tells users to install
-    host.configure_standalone(models_dir=models)
+    host_state.configure_standalone(models_dir=models)
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
     classes = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
     assert validate(api, classes) == []
-    host.configure_standalone(models_dir=tmp_path / "empty")
+    host_state.configure_standalone(models_dir=tmp_path / "empty")
     errors = validate(api, classes)
     assert errors and all("not found" in e or "is not one of" in e or "no classifier" in e for e in errors)
 
