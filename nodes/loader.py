@@ -1,11 +1,9 @@
 """KreaModelLoader: picks the transformer, text encoder and VAE files; the models load on first use."""
 from __future__ import annotations
 
-from ..model_loader.errors import ModelFileError
+from ..model_loader import WEIGHT_DTYPES, ModelFileError
 from . import host
 from .handles import TextEncoderHandle, TransformerHandle, VaeHandle
-
-WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast"]
 
 
 def _choices(folder: str) -> list[str]:
@@ -29,7 +27,7 @@ class KreaModelLoader:
             "model_name": (_choices("diffusion_models"), {
                 "tooltip": "flux1-krea-dev.safetensors (BFL), a ComfyUI repack (e.g. flux1-krea-dev_fp8_scaled), "
                            "or a diffusers transformer file."}),
-            "weight_dtype": (WEIGHT_DTYPES, {
+            "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
                 "tooltip": "How the transformer weights are held: as stored, bf16, fp16, or fp8 (half the "
                            "memory; computed in bf16, or with fp8 matrix units with _fast on GPUs that have them)."}),
