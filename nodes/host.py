@@ -13,11 +13,10 @@ import torch
 
 from ..model_loader import FileKind, ModelFileError
 
-
 try:  # ComfyUI's modules are importable only when the pack runs inside it.
-    import folder_paths  # type: ignore[import-not-found]
     import comfy.model_management as model_management  # type: ignore[import-not-found]
     import comfy.utils as comfy_utils  # type: ignore[import-not-found]
+    import folder_paths  # type: ignore[import-not-found]
 
     IN_COMFYUI = True
 except ImportError:

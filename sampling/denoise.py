@@ -10,7 +10,6 @@ from .latents import image_ids, make_noise, pack, text_ids, to_model_space, to_r
 from .schedule import get_schedule, image_to_image_start
 from .step_cache import CacheReport, StepCache
 
-
 # callback(step, total, x0): called after each step with the model-space (B, 16, H/8, W/8) prediction
 # of the clean latent; it may raise to stop the run (ComfyUI's interrupt).
 StepCallback = Callable[[int, int, torch.Tensor], None]

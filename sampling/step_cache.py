@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 # Relative L1 change of the first-block residual below which a step reuses the cached residual.
 THRESHOLDS: dict[str, float] = {"none": 0.0, "regular": 0.06, "high": 0.15}
 

@@ -15,8 +15,12 @@ from tokenizers.models import Unigram
 from ..model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
 from ..model_loader.flux import FluxConfig, write_random_flux_checkpoint
 from ..model_loader.safety_checker import DEMO_SAFETY_CONFIG, write_random_safety_checkpoint
-from ..model_loader.text_encoders import (CLIPTextConfig, T5EncoderConfig, write_random_clip_checkpoint,
-                                         write_random_t5_checkpoint)
+from ..model_loader.text_encoders import (
+    CLIPTextConfig,
+    T5EncoderConfig,
+    write_random_clip_checkpoint,
+    write_random_t5_checkpoint,
+)
 
 # Small enough to run a whole workflow on a laptop CPU in seconds; sizes as the CLI options name them.
 DEMO_SETTINGS = {"width": 256, "height": 256, "steps": 4}

@@ -12,6 +12,7 @@ from types import ModuleType
 
 import pytest
 import torch
+
 from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig
 from comfyui_krea.model_loader.flux import FluxConfig
 from comfyui_krea.model_loader.safety_checker import SafetyCheckerConfig

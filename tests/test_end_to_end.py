@@ -107,7 +107,7 @@ def test_command_line_demo(tmp_path, capsys, host_state):
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "RANDOM-WEIGHT" in out.err and "noise" in out.err
-    (line,) = [l for l in out.out.splitlines() if l.startswith("saved ")]
+    (line,) = [text for text in out.out.splitlines() if text.startswith("saved ")]
     path = Path(line.removeprefix("saved "))
     assert path.is_file() and path.suffix == ".png"
     with Image.open(path) as img:

@@ -12,13 +12,18 @@ from comfyui_krea.model_loader import ModelFileError
 from comfyui_krea.model_loader.checkpoints import Checkpoint, StateDictSource
 from comfyui_krea.model_loader.compute_dtypes import flux_compute_dtype
 from comfyui_krea.model_loader.flux import (
-    FLUX_DEV, WEIGHT_DTYPES, Flux, FluxConfig, RandomFluxSource, load_flux, load_flux_from_source,
+    FLUX_DEV,
+    WEIGHT_DTYPES,
+    Flux,
+    FluxConfig,
+    RandomFluxSource,
+    load_flux,
+    load_flux_from_source,
     write_random_flux_checkpoint,
 )
 from comfyui_krea.model_loader.flux import config_from_checkpoint as flux_config_from_checkpoint
 from comfyui_krea.model_loader.flux.layouts import COMFY_PREFIX, rope_axes_for_head_dim
 from comfyui_krea.model_loader.operations import CastLinear
-
 from conftest import TINY_FLUX, rel_err
 
 

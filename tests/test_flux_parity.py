@@ -12,7 +12,6 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from comfyui_krea.model_loader.flux import FluxConfig, load_flux, write_random_flux_checkpoint
-
 from conftest import TINY_FLUX, rel_err
 
 

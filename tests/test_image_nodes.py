@@ -15,7 +15,6 @@ from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_check
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_krea.nodes.handles import VaeHandle
 from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage, KreaSaveImage
-
 from conftest import TINY_AUTOENCODER
 
 PROMPT = {"3": {"class_type": "KreaSampler", "inputs": {"seed": 42, "text": "a café, 東京"}}}

@@ -11,7 +11,6 @@ from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoi
 from comfyui_krea.sampling.denoise import GenerationSettings, generate, prepare
 from comfyui_krea.sampling.latents import make_noise, pack, to_model_space
 from comfyui_krea.sampling.schedule import get_schedule, image_to_image_start
-
 from conftest import TINY_FLUX, rel_err
 
 
@@ -98,7 +97,8 @@ def test_first_image_of_a_batch_is_the_single_image(models):
     ours, _ = models
     txt, vec = conditioning(1, seed=4)
     base = dict(width=64, height=64, num_steps=3, guidance=4.5, seed=99)
-    single = generate(ours, txt, vec, GenerationSettings(num_images=1, **base), torch.device("cpu"), torch.float32).latents
-    batch = generate(ours, txt, vec, GenerationSettings(num_images=3, **base), torch.device("cpu"), torch.float32).latents
+    cpu = torch.device("cpu")
+    single = generate(ours, txt, vec, GenerationSettings(num_images=1, **base), cpu, torch.float32).latents
+    batch = generate(ours, txt, vec, GenerationSettings(num_images=3, **base), cpu, torch.float32).latents
     assert torch.allclose(batch[0], single[0], atol=1e-5)
     assert not torch.allclose(batch[1], single[0], atol=1e-2)

@@ -24,7 +24,6 @@ from comfyui_krea.model_loader.safety_checker import config_from_checkpoint as r
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, handles, host
 from comfyui_krea.nodes.handles import SafetyCheckerHandle
 from comfyui_krea.nodes.safety import NO_CLASSIFIER, KreaSafetyCheck
-
 from conftest import TINY_SAFETY_CHECKER
 
 SIZES = [(64, 96), (300, 200), (224, 224), (1024, 768)]  # (H, W)

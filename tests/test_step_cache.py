@@ -12,7 +12,6 @@ import torch
 from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 from comfyui_krea.sampling.step_cache import THRESHOLDS, StepCache
-
 from conftest import TINY_FLUX, rel_err
 
 CPU = torch.device("cpu")

@@ -21,7 +21,6 @@ from comfyui_krea.model_loader.text_encoders import (
 )
 from comfyui_krea.model_loader.text_encoders.loading import weights_streamed_to
 from comfyui_krea.model_loader.text_encoders.t5 import build_t5
-
 from conftest import TINY_CLIP, TINY_T5, rel_err
 from reference_tokenizers import TOKENIZERS, needs_tokenizers
 

@@ -18,7 +18,6 @@ from comfyui_krea.model_loader.text_encoders.tokenization import (
     load_clip_tokenizer,
     load_t5_tokenizer,
 )
-
 from reference_tokenizers import TOKENIZERS, needs_tokenizers
 
 pytestmark = needs_tokenizers

@@ -1,6 +1,6 @@
 """FLUX's 16-channel autoencoder (the VAE): model, tiling, key layouts, loading, random weights."""
-from .loading import load_autoencoder
 from .config import FLUX_AUTOENCODER, LATENT_CHANNELS, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderConfig
+from .loading import load_autoencoder
 from .model import AutoEncoder
 from .random_weights import build_random_autoencoder, diffusers_config, write_random_autoencoder_checkpoint
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import save_tensors
-from .layouts import diffusers_key_names
 from .config import FLUX_AUTOENCODER, SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderConfig
+from .layouts import diffusers_key_names
 from .model import AutoEncoder
 
 

@@ -10,8 +10,14 @@ from pathlib import Path
 
 from ..checkpoints import Checkpoint, FileKind, identify
 from ..errors import ModelFileError
-from .model import (_GELU_APPROXIMATION, DEFAULT_HEAD_DIM, DEFAULT_LABELS, DEFAULT_LAYER_NORM_EPS, NSFW_LABEL,
-                    SafetyCheckerConfig)
+from .model import (
+    _GELU_APPROXIMATION,
+    DEFAULT_HEAD_DIM,
+    DEFAULT_LABELS,
+    DEFAULT_LAYER_NORM_EPS,
+    NSFW_LABEL,
+    SafetyCheckerConfig,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,9 @@ a quarter of the pixels when upscaling, so Pillow is used rather than imitated.)
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import re
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-
 
 log = logging.getLogger(__name__)
 

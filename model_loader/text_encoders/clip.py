@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFileError
 from ..checkpoints import Checkpoint
+from ..errors import ModelFileError
 
 PREFIX = "text_model."
 HEAD_DIM = 64  # CLIP text towers use 64-wide heads

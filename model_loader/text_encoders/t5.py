@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFileError
 from ..checkpoints import Checkpoint
+from ..errors import ModelFileError
 
 _FP16_SAFE_MAX = torch.finfo(torch.float16).max - 1000  # the bound HF's T5 clamps to in fp16
 
