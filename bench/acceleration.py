@@ -18,13 +18,19 @@ import time
 
 import torch
 
-from comfyui_krea.model_loader.flux import FLUX_DEV, Flux, FluxConfig, RandomFluxSource, load_flux_from_source
+from comfyui_krea.model_loader.flux import (
+    FLUX_DEV,
+    FluxConfig,
+    FluxTransformer,
+    RandomFluxSource,
+    load_flux_from_source,
+)
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 from comfyui_krea.sampling.gpu_acceleration import gpu_acceleration
 from comfyui_krea.sampling.step_cache import THRESHOLDS
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> Flux:
+def build_model(args: argparse.Namespace, device: torch.device) -> FluxTransformer:
     config = FLUX_DEV if args.full_size else FluxConfig(depth=args.double, depth_single_blocks=args.single)
     # bf16 random weights made on the device and converted by the real loader (load_flux reads files the
     # same way; writing the 23.8 GB file first would cost minutes of GPU time).
@@ -39,7 +45,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Flux:
     return model
 
 
-def run(model: Flux, mode: str, settings: GenerationSettings, device: torch.device,
+def run(model: FluxTransformer, mode: str, settings: GenerationSettings, device: torch.device,
         txt: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, int, float, list[str]]:
     threshold = THRESHOLDS[mode]
     with contextlib.ExitStack() as stack:

@@ -101,12 +101,12 @@ def main() -> None:
     ids, tids = image_ids(1, lh, lw).to(device), text_ids(1, args.txt).to(device)
 
     with torch.inference_mode():
-        ours_out = ours(img=img, img_ids=ids, txt=txt, txt_ids=tids, timesteps=t, y=vec, guidance=g)
+        ours_out = ours.forward_orig(img=img, img_ids=ids, txt=txt, txt_ids=tids, timesteps=t, y=vec, guidance=g)
         theirs_out = theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=t,
                             img_ids=ids[0], txt_ids=tids[0], guidance=g, return_dict=False)[0]
         diff = ((ours_out.float() - theirs_out.float()).norm() / theirs_out.float().norm()).item()
         ours_s, theirs_s = timed_pair(
-            lambda: ours(img=img, img_ids=ids, txt=txt, txt_ids=tids, timesteps=t, y=vec, guidance=g),
+            lambda: ours.forward_orig(img=img, img_ids=ids, txt=txt, txt_ids=tids, timesteps=t, y=vec, guidance=g),
             lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=t,
                            img_ids=ids[0], txt_ids=tids[0], guidance=g, return_dict=False),
             device, args.repeats)

@@ -30,14 +30,17 @@ class GenerationSettings:
 
 def model_velocity(model: torch.nn.Module, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
                    vec: torch.Tensor, guidance: float, compute_dtype: torch.dtype) -> Velocity:
-    """The plain transformer call, one per step: float32 state in, float32 velocity out."""
+    """The plain transformer call, one per step: float32 state in, float32 velocity out.
+
+    `model.forward_orig` is the reference call on packed tokens; ComfyUI's own FLUX has the same method with
+    the same arguments, so a FLUX MODEL of a native loader samples through this loop too.
+    """
     batch = txt.shape[0]
     guidance_vec = torch.full((batch,), guidance, device=txt.device, dtype=compute_dtype)
 
     def velocity(x: torch.Tensor, t_curr: float, t_next: float, step: int) -> torch.Tensor:
         t_vec = torch.full((batch,), t_curr, device=x.device, dtype=compute_dtype)
-        v = model(img=x.to(compute_dtype), img_ids=img_ids, txt=txt, txt_ids=txt_ids,
-                  timesteps=t_vec, y=vec, guidance=guidance_vec)
+        v = model.forward_orig(x.to(compute_dtype), img_ids, txt, txt_ids, t_vec, vec, guidance_vec)
         return v.float()
 
     return velocity

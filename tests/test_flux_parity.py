@@ -62,7 +62,7 @@ def test_matches_diffusers(models, h, w):
     for t, g in [((1.0, 0.75), (4.5, 1.0)), ((0.5, 0.05), (3.5, 10.0)), ((0.01, 0.3), (1.0, 4.5))]:
         t, g = torch.tensor(t), torch.tensor(g)
         with torch.no_grad():
-            out = ours(img, img_ids, txt, txt_ids, t, y, g)
+            out = ours.forward_orig(img, img_ids, txt, txt_ids, t, y, g)
         ref = run_diffusers(theirs, img, img_ids, txt, txt_ids, t, y, g)
         assert out.shape == (2, h * w, TINY_FLUX.out_channels)
         assert rel_err(out, ref) < 1e-4, (h, w, t, g)
@@ -84,7 +84,7 @@ def test_stepwise_api_equals_forward(models):
         for block in ours.single_blocks:
             joint = block(joint, vec, pe)
         stepwise = ours.final(joint[:, c.shape[1]:], vec)
-        assert torch.equal(stepwise, ours(img, img_ids, txt, txt_ids, t, y, g))
+        assert torch.equal(stepwise, ours.forward_orig(img, img_ids, txt, txt_ids, t, y, g))
         # run_blocks after the first double block ran separately (the step cache's split).
         x, c, vec, pe = ours.embed(img, img_ids, txt, txt_ids, t, y, g)
         x, c = ours.double_blocks[0](img=x, txt=c, vec=vec, pe=pe)
@@ -97,7 +97,7 @@ def test_final_layer_scale_shift_order_is_checked(models):
     img, img_ids, txt, txt_ids, y = make_inputs(2, 4, 4, txt_len=7, seed=5)
     t, g = torch.tensor([0.5, 0.9]), torch.tensor([4.5, 3.0])
     with torch.no_grad():
-        out = ours(img, img_ids, txt, txt_ids, t, y, g)
+        out = ours.forward_orig(img, img_ids, txt, txt_ids, t, y, g)
         swapped = diffusers_model(TINY_FLUX)
         state = {k: v.clone() for k, v in theirs.state_dict().items()}
         for k in ("norm_out.linear.weight", "norm_out.linear.bias"):
@@ -110,8 +110,8 @@ def test_bf16_inputs_compute_in_bf16(models):
     ours, _ = models
     img, img_ids, txt, txt_ids, y = make_inputs(1, 2, 2, txt_len=3, seed=1)
     with torch.no_grad():
-        out = ours(img.bfloat16(), img_ids, txt.bfloat16(), txt_ids, torch.tensor([0.5]), y.bfloat16(),
-                   torch.tensor([4.0]))
-        ref = ours(img, img_ids, txt, txt_ids, torch.tensor([0.5]), y, torch.tensor([4.0]))
+        out = ours.forward_orig(img.bfloat16(), img_ids, txt.bfloat16(), txt_ids, torch.tensor([0.5]), y.bfloat16(),
+                                torch.tensor([4.0]))
+        ref = ours.forward_orig(img, img_ids, txt, txt_ids, torch.tensor([0.5]), y, torch.tensor([4.0]))
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), ref) < 3e-2

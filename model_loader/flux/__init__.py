@@ -1,8 +1,8 @@
 """The FLUX.1 transformer: model, key layouts, loading, random weights."""
 from .layouts import LAYOUTS
 from .loading import WEIGHT_DTYPES, config_from_checkpoint, load_flux, load_flux_from_source
-from .model import FLUX_DEV, Flux, FluxConfig
+from .model import FLUX_DEV, FluxConfig, FluxTransformer
 from .random_weights import RandomFluxSource, write_random_flux_checkpoint
 
-__all__ = ["FLUX_DEV", "LAYOUTS", "WEIGHT_DTYPES", "Flux", "FluxConfig", "RandomFluxSource", "config_from_checkpoint",
-           "load_flux", "load_flux_from_source", "write_random_flux_checkpoint"]
+__all__ = ["FLUX_DEV", "LAYOUTS", "WEIGHT_DTYPES", "FluxConfig", "FluxTransformer", "RandomFluxSource",
+           "config_from_checkpoint", "load_flux", "load_flux_from_source", "write_random_flux_checkpoint"]

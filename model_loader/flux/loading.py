@@ -1,4 +1,4 @@
-"""FLUX transformer files -> a ready `Flux` module on a device, its weights held as `weight_dtype` asks.
+"""FLUX transformer files -> a ready `FluxTransformer` module on a device, its weights held as `weight_dtype` asks.
 
 The model is built on the meta device and its parameters are assigned from the memory-mapped file,
 converted tensor by tensor only where the layout or `weight_dtype` asks for it, so loading never holds a
@@ -19,14 +19,14 @@ from ..compute_dtypes import flux_compute_dtype
 from ..errors import ModelFileError
 from ..operations import FP8_DTYPES, CastLinear, CastOps, fp8_matmul_supported, quantize_fp8
 from .layouts import FluxLayout, config_from_shapes, plan_flux_layout
-from .model import Flux, FluxConfig
+from .model import FluxConfig, FluxTransformer
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 
 
-def _stored_dtype(model: Flux) -> torch.dtype:
+def _stored_dtype(model: FluxTransformer) -> torch.dtype:
     """How the blocks' big weights are stored (what `default` computes in on a GPU)."""
     probe = model.double_blocks[0].img_attn.qkv.weight if model.double_blocks else model.single_blocks[0].linear1.weight
     return probe.dtype
@@ -75,14 +75,14 @@ def _convert(key: str, t: Tensor, scale: Tensor | None, weight_dtype: str, linea
 
 
 def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", device: str | torch.device = "cpu",
-                          name: str = "state dict") -> Flux:
-    """Build a Flux from any TensorSource (a Checkpoint, or a StateDictSource of possibly meta tensors)."""
+                          name: str = "state dict") -> FluxTransformer:
+    """Build a FluxTransformer from any TensorSource (a Checkpoint, or a StateDictSource of possibly meta tensors)."""
     _check_weight_dtype(weight_dtype)
     device = torch.device(device)
     layout = plan_flux_layout(source, name)
     config = config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
     try:
-        model = Flux(config, device="meta", operations=CastOps)
+        model = FluxTransformer(config, device="meta", operations=CastOps)
     except ValueError as err:
         raise ModelFileError(f"{name}: its shapes give an impossible FLUX config ({err}).") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -136,8 +136,8 @@ def _check_keys(name: str, layout: FluxLayout, expected: Mapping[str, tuple[int,
 
 
 def load_flux(path: str | os.PathLike[str], weight_dtype: str = "default",
-              device: str | torch.device = "cpu") -> Flux:
-    """Load a FLUX.1 transformer (any accepted layout) as an eval-mode Flux with frozen weights.
+              device: str | torch.device = "cpu") -> FluxTransformer:
+    """Load a FLUX.1 transformer (any accepted layout) as an eval-mode FluxTransformer with frozen weights.
 
     weight_dtype: "default" (as stored; fp8 stays fp8 and computes in bf16), "bf16", "fp16",
     "fp8_e4m3fn" (block Linear weights in fp8, the rest bf16; computes in bf16) or "fp8_e4m3fn_fast"

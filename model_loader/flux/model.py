@@ -124,6 +124,35 @@ def _clamp_fp16(x: Tensor) -> Tensor:
     return x
 
 
+def pack(latent: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 patches, row-major, channel-major inside a patch."""
+    b, c, h, w = latent.shape
+    x = latent.reshape(b, c, h // 2, 2, w // 2, 2)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, latent_height: int, latent_width: int) -> Tensor:
+    """(B, H/2 * W/2, C*4) -> (B, C, H, W); the inverse of `pack`."""
+    b, _, d = tokens.shape
+    c, h2, w2 = d // 4, latent_height // 2, latent_width // 2
+    x = tokens.reshape(b, h2, w2, c, 2, 2)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, latent_height, latent_width)
+
+
+def image_ids(batch: int, latent_height: int, latent_width: int) -> Tensor:
+    """(B, H/2 * W/2, 3) position ids (0, row, col) of the packed image tokens, float32."""
+    h2, w2 = latent_height // 2, latent_width // 2
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = torch.arange(h2)[:, None]
+    ids[..., 2] = torch.arange(w2)[None, :]
+    return ids.reshape(1, h2 * w2, 3).expand(batch, -1, -1).contiguous()
+
+
+def text_ids(batch: int, num_tokens: int) -> Tensor:
+    """(B, T, 3) zeros: text tokens carry no position in FLUX's rotary embedding."""
+    return torch.zeros(batch, num_tokens, 3)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 
 class EmbedND(nn.Module):
@@ -159,7 +188,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         rrms = torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + 1e-6)
-        return (x32 * rrms).to(x.dtype) * self.scale.to(x.dtype)
+        # The scale follows the input's device too: under ComfyUI's partial loading it may stay offloaded.
+        return (x32 * rrms).to(x.dtype) * self.scale.to(device=x.device, dtype=x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -308,8 +338,10 @@ class LastLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------- model
 
 
-class Flux(nn.Module):
-    """FLUX.1 transformer: packed latents (B,L,in_channels) -> velocity (B,L,out_channels)."""
+class FluxTransformer(nn.Module):
+    """FLUX.1 transformer: packed latents (B,L,in_channels) -> velocity (B,L,out_channels) (`forward_orig`),
+    or ComfyUI's (B,C,H,W) latents -> velocity (`forward`). Not named `Flux`: nodes that patch ComfyUI's own
+    FLUX by class name must not take it for theirs."""
 
     def __init__(self, config: FluxConfig, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  operations: Any = nn) -> None:
@@ -377,8 +409,54 @@ class Flux(nn.Module):
         """Image tokens (B,L,D) -> model output (B,L,out_channels)."""
         return self.final_layer(img, vec)
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+    def forward_orig(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                     guidance: Tensor | None = None, control: dict | None = None,
+                     transformer_options: dict | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """The reference computation on packed tokens: (B,L,in_channels) -> velocity (B,L,out_channels).
+
+        Named and ordered as ComfyUI's own FLUX `forward_orig`, so one sampler call serves both models. What
+        only ComfyUI's FLUX implements (ControlNet residuals, block patches, attention masks) is refused by
+        name instead of being silently ignored.
+        """
+        _refuse_comfy_extras(control, transformer_options, attn_mask)
         img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         return self.final(self.run_blocks(img, txt, vec, pe), vec)
 
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None,
+                guidance: Tensor | None = None, control: dict | None = None,
+                transformer_options: dict | None = None, **kwargs: Any) -> Tensor:
+        """ComfyUI's diffusion-model contract, so native samplers run this model: latents (B,C,H,W) in model
+        space, t (B,) in [0,1], context (B,T,context_in_dim), y (B,vec_in_dim) -> velocity (B,C,H,W)."""
+        if type(self).forward_orig is not getattr(self.forward_orig, "__func__", None):
+            raise NotImplementedError(
+                "Krea node pack: a node replaced this transformer's forward_orig (a patch written for ComfyUI's own "
+                "FLUX, e.g. TeaCache); it does not fit the Krea transformer. Remove that node, or load the model "
+                "with ComfyUI's UNETLoader; Krea Sampler's `acceleration` is the pack's own step cache.")
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in ("attention_mask",))
+        if unsupported:
+            raise NotImplementedError(f"Krea node pack: the Krea transformer does not take {', '.join(unsupported)} "
+                                      "(reference latents and other inputs of ComfyUI's FLUX variants).")
+        b, _, h, w = x.shape
+        pad_h, pad_w = h % 2, w % 2  # the transformer sees 2x2 patches
+        x_padded = F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
+        lh, lw = x_padded.shape[-2:]
+        img_ids_ = image_ids(b, lh, lw).to(x.device)
+        txt_ids_ = text_ids(b, context.shape[1]).to(x.device)
+        out = self.forward_orig(pack(x_padded), img_ids_, context, txt_ids_, timestep, y, guidance, control,
+                                transformer_options, kwargs.get("attention_mask"))
+        return unpack(out, lh, lw)[:, :, :h, :w]
+
+
+def _refuse_comfy_extras(control: dict | None, transformer_options: dict | None, attn_mask: Tensor | None) -> None:
+    if control is not None:
+        raise NotImplementedError("Krea node pack: ControlNet is not supported by the Krea transformer; load the "
+                                  "model with ComfyUI's UNETLoader to use ControlNet.")
+    if attn_mask is not None:
+        raise NotImplementedError("Krea node pack: the Krea transformer takes no attention mask.")
+    options = transformer_options or {}
+    patches = options.get("patches_replace", {}).get("dit") or options.get("patches", {}) or \
+        options.get("wrappers", {}).get("diffusion_model")
+    if patches:
+        raise NotImplementedError("Krea node pack: the Krea transformer does not run block patches or model "
+                                  "wrappers written for ComfyUI's FLUX (PuLID, TeaCache-style caches and similar "
+                                  "nodes); load the model with ComfyUI's UNETLoader for them.")

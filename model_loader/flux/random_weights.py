@@ -17,7 +17,7 @@ from torch import Tensor
 from ..checkpoints import Entry, write_safetensors
 from ..operations import quantize_fp8
 from .layouts import COMFY_PREFIX, LAYOUTS, Rename, diffusers_renames, swap_halves
-from .model import Flux, FluxConfig
+from .model import FluxConfig, FluxTransformer
 
 
 def random_flux_tensor(key: str, shape: tuple[int, ...], seed: int, device: str | torch.device = "cpu") -> Tensor:
@@ -44,7 +44,7 @@ class RandomFluxSource:
     def __init__(self, config: FluxConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu") -> None:
         with torch.device("meta"):
-            self._shapes = {k: tuple(v.shape) for k, v in Flux(config).state_dict().items()}
+            self._shapes = {k: tuple(v.shape) for k, v in FluxTransformer(config).state_dict().items()}
         self._seed, self._dtype, self._device = seed, dtype, torch.device(device)
 
     def keys(self) -> list[str]:
@@ -71,7 +71,7 @@ def write_random_flux_checkpoint(path: str | os.PathLike[str], config: FluxConfi
         raise ValueError(f"Unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}.")
     path = Path(path)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Flux(config).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in FluxTransformer(config).state_dict().items()}
     bfl = {k: (lambda k=k, s=s: random_flux_tensor(k, s, seed)) for k, s in shapes.items()}
     entries: list[Entry] = []
     if layout in ("bfl", "comfy"):
