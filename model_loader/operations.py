@@ -1,15 +1,19 @@
 """Layer classes that let weights be stored in one dtype and computed in another.
 
 Engine modules build their layers from an `operations` namespace (default `torch.nn`). `CastOps` is the
-pack's own: its Linear casts its weight to the input's dtype at call time (layer by layer, so a model
-stored in fp8 computes in bf16 with only one layer's weight upcast at a time) and applies the
-per-tensor `scale_weight` of ComfyUI's scaled-fp8 files. Inside ComfyUI the host may pass its own
-`comfy.ops.manual_cast` instead.
+pack's own: its Linear casts its weight to the input's dtype and device at call time (layer by layer, so a
+model stored in fp8 computes in bf16 with only one layer's weight upcast at a time) and applies the
+per-tensor `scale_weight` of ComfyUI's scaled-fp8 files. It follows the contract of ComfyUI's `comfy.ops`
+layers (`comfy_cast_weights`, `weight_function`, `bias_function`), so that inside ComfyUI the host can pass
+ComfyUI's own layer classes through the same seam (`OperationsFor`) and ComfyUI can stream them.
 """
 from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,19 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+@dataclass(frozen=True)
+class WeightStorage:
+    """How a model about to be built will hold its weights: what picks its layer classes."""
+    dtype: torch.dtype          # the blocks' big Linear weights
+    compute_dtype: torch.dtype  # what the model computes in on its compute device
+    scaled: bool                # per-tensor weight scales (scaled fp8)
+    fast_fp8: bool              # fp8 matrix multiplies asked for (weight_dtype fp8_e4m3fn_fast)
+
+
+# storage -> an operations namespace (Linear, LayerNorm, Conv2d, GroupNorm, Embedding classes).
+OperationsFor = Callable[[WeightStorage], Any]
+
+
 class CastLinear(nn.Linear):
     """nn.Linear computing in the input's dtype whatever the stored weight dtype.
 
@@ -50,6 +67,11 @@ class CastLinear(nn.Linear):
 
     scale_weight: torch.Tensor | None
     fast_fp8: bool = False
+    # comfy.ops' contract: ComfyUI sets the flag on layers it streams and appends LoRA patches as functions.
+    comfy_cast_weights: bool = False
+    # Shared empty defaults that ModelPatcher replaces per layer, as in comfy.ops.
+    weight_function: list = []
+    bias_function: list = []
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -65,13 +87,16 @@ class CastLinear(nn.Linear):
                 return self._scaled_mm(x)
             except RuntimeError as err:  # shapes or layouts this torch/GPU's fp8 kernel refuses
                 _disable_fast_fp8(err, x.dtype)
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
+        w = w.to(device=x.device, dtype=x.dtype)
         if self.scale_weight is not None:
-            w = w * self.scale_weight.to(x.dtype)
+            w = w * self.scale_weight.to(device=x.device, dtype=x.dtype)
+        for patch in self.weight_function:
+            w = patch(w)
         b = self.bias
-        if b is not None and b.dtype != x.dtype:
-            b = b.to(x.dtype)
+        if b is not None:
+            b = b.to(device=x.device, dtype=x.dtype)
+            for patch in self.bias_function:
+                b = patch(b)
         return F.linear(x, w, b)
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +119,11 @@ def _disable_fast_fp8(err: RuntimeError, dtype: torch.dtype) -> None:
     global _fast_fp8_broken
     _fast_fp8_broken = True
     log.warning("fp8 matmul failed (%s); computing in %s from now on.", err, dtype)
+
+
+def cast_operations(storage: WeightStorage) -> types.SimpleNamespace:
+    """The pack's own layer classes, whatever the storage (the default outside ComfyUI)."""
+    return CastOps
 
 
 CastOps = types.SimpleNamespace(

@@ -50,7 +50,7 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 
 @dataclass(frozen=True)
 class TransformerHandle:
-    """KREA_MODEL: the FLUX transformer file and how to hold its weights."""
+    """MODEL outside ComfyUI: the FLUX transformer file and how to hold its weights, loaded on first use."""
     path: Path
     weight_dtype: str
     device: torch.device

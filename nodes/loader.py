@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..model_loader import WEIGHT_DTYPES, ModelFileError
 from . import host
-from .handles import TextEncoderHandle, TransformerHandle, VaeHandle
+from .handles import TextEncoderHandle, VaeHandle
 
 
 def _choices(folder: str) -> list[str]:
@@ -13,11 +13,11 @@ def _choices(folder: str) -> list[str]:
 
 
 class KreaModelLoader:
-    DESCRIPTION = ("Loads FLUX.1 Krea [dev]: the transformer (diffusion_models), CLIP-L and T5-XXL "
-                   "(text_encoders) and the autoencoder (vae). Models load when first used and stay loaded "
-                   "for the next run.")
+    DESCRIPTION = ("Loads FLUX.1 Krea [dev]: the transformer (diffusion_models) as a standard MODEL that "
+                   "ComfyUI's LoRA loaders and memory management work with, CLIP-L and T5-XXL (text_encoders) and "
+                   "the autoencoder (vae), which load when first used.")
     CATEGORY = "Krea/loaders"
-    RETURN_TYPES = ("KREA_MODEL", "KREA_TEXT_ENCODER", "KREA_VAE")
+    RETURN_TYPES = ("MODEL", "KREA_TEXT_ENCODER", "KREA_VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
     FUNCTION = "load"
 
@@ -53,14 +53,18 @@ class KreaModelLoader:
         return " ".join(problems) if problems else True
 
     def load(self, model_name: str, weight_dtype: str, clip_name: str, t5_name: str,
-             vae_name: str) -> tuple[TransformerHandle, TextEncoderHandle, VaeHandle]:
+             vae_name: str) -> tuple[object, TextEncoderHandle, VaeHandle]:
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}.")
         device = host.torch_device()
-        transformer = TransformerHandle(host.model_path("diffusion_models", model_name), weight_dtype, device)
+        transformer_path = host.model_path("diffusion_models", model_name)
         text_encoder = TextEncoderHandle(host.model_path("text_encoders", clip_name),
                                          host.model_path("text_encoders", t5_name), host.tokenizer_dir(), device)
         vae = VaeHandle(host.model_path("vae", vae_name), device)
+        try:  # every file was found before the transformer is read
+            transformer = host.transformer_model(transformer_path, weight_dtype, device)
+        except ModelFileError as err:
+            raise host.with_folders(err) from None
         return transformer, text_encoder, vae
 
 

@@ -26,7 +26,6 @@ from ..sampling.parameters import (
 )
 from ..sampling.step_cache import THRESHOLDS
 from . import host
-from .handles import TransformerHandle
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,12 @@ def unpack_conditioning(conditioning: list) -> tuple[torch.Tensor, torch.Tensor]
     return txt, pooled
 
 
+def _step_cache_bytes(latent_shape: tuple[int, ...], hidden: int = 3072) -> int:
+    """The step cache's two residuals, (B, L, hidden) each in at most 4 bytes, on top of ComfyUI's estimate."""
+    batch, _, h, w = latent_shape
+    return 2 * batch * (h // 2) * (w // 2) * hidden * 4
+
+
 class KreaSampler:
     DESCRIPTION = ("Generates FLUX.1 Krea [dev] latents exactly as the reference pipeline: text-to-image, or "
                    "image-to-image when a latent is connected (the output then has the input image's size).")
@@ -67,7 +72,8 @@ class KreaSampler:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("KREA_MODEL",),
+                "model": ("MODEL", {"tooltip": "A FLUX.1 model: Krea Model Loader's, or ComfyUI's Load Diffusion "
+                                               "Model with a FLUX.1 file (LoRA loaders in between work too)."}),
                 "conditioning": ("CONDITIONING",),
                 "image_size": (list(IMAGE_SIZE.choices), {
                     "default": IMAGE_SIZE.default, "tooltip": "fal's sizes; 'custom' uses width and height."}),
@@ -101,7 +107,7 @@ class KreaSampler:
                 return str(err)
         return True
 
-    def sample(self, model: TransformerHandle, conditioning: list, image_size: str, width: int, height: int,
+    def sample(self, model: object, conditioning: list, image_size: str, width: int, height: int,
                num_inference_steps: int, guidance_scale: float, seed: int, num_images: int, acceleration: str,
                latent: dict | None = None, strength: float = STRENGTH.default) -> dict:
         check_ranges(num_inference_steps, guidance_scale, seed, num_images, strength)
@@ -124,22 +130,30 @@ class KreaSampler:
         txt, pooled = unpack_conditioning(conditioning)
         settings = GenerationSettings(width=width, height=height, num_steps=num_inference_steps,
                                       guidance=guidance_scale, seed=seed, num_images=num_images, strength=strength)
-        flux = model.load()
-        if flux.config.in_channels != 64:
-            raise ValueError(f"{model.path.name} is a FLUX variant with {flux.config.in_channels} input channels "
-                             "(e.g. FLUX Fill or Redux); KreaSampler runs text-to-image FLUX.1 models (64).")
         threshold = THRESHOLDS[acceleration]
+        latent_shape = (num_images, LATENT_CHANNELS, height // 8, width // 8)
+        flux = host.loaded_transformer(model, latent_shape, _step_cache_bytes(latent_shape) if threshold > 0 else 0)
+        channels = flux.module.img_in.weight.shape[1]
+        if channels != 4 * LATENT_CHANNELS:
+            raise ValueError(f"the model is a FLUX variant with {channels} input channels (e.g. FLUX Fill or "
+                             f"Kontext); Krea Sampler runs text-to-image FLUX.1 models ({4 * LATENT_CHANNELS}).")
+        notes = []
+        if threshold > 0 and not flux.is_pack_model:
+            notes.append("step caching needs the Krea transformer (Krea Model Loader); this model ran every step")
+            threshold = 0.0
         with contextlib.ExitStack() as stack:
-            extras = stack.enter_context(gpu_acceleration(flux, model.device)) if threshold > 0 else []
-            result = generate(flux, txt, pooled, settings, model.device, flux.compute_dtype, init_latent=init,
+            if threshold > 0:
+                notes += stack.enter_context(
+                    gpu_acceleration(flux.module, flux.device, compile_blocks=not flux.streamed))
+            result = generate(flux.module, txt, pooled, settings, flux.device, flux.compute_dtype, init_latent=init,
                               callback=host.progress_callback(num_inference_steps), cache_threshold=threshold)
         report = f"acceleration {acceleration}: "
         if result.cache is None:
             report += f"{result.steps} of {result.steps} steps computed fully"
         else:
             report += result.cache.summary()
-        if extras:
-            report += f"; {', '.join(extras)}"
+        if notes:
+            report += f"; {', '.join(notes)}"
         log.info(report)
         return {"ui": {"text": [report]}, "result": ({"samples": result.latents.to(host.intermediate_device())},)}
 

@@ -73,10 +73,12 @@ def compiled_blocks(model: torch.nn.Module, backend: str = "inductor") -> Iterat
 
 
 @contextlib.contextmanager
-def gpu_acceleration(model: torch.nn.Module, device: torch.device) -> Iterator[list[str]]:
+def gpu_acceleration(model: torch.nn.Module, device: torch.device, compile_blocks: bool = True) -> Iterator[list[str]]:
     """Within the block: fp8 matmuls for fp8-stored weights (GPUs with fp8 units) and compiled blocks (CUDA).
 
     Yields the list of what was switched on, for the sampler's report. A no-op on the CPU.
+    `compile_blocks` False: a model that is streamed layer by layer (partially loaded) runs eager, since its
+    weights move between calls.
     """
     used: list[str] = []
     if device.type != "cuda":
@@ -89,6 +91,10 @@ def gpu_acceleration(model: torch.nn.Module, device: torch.device) -> Iterator[l
             layer.fast_fp8 = True
         used.append("fp8 matmul")
     try:
+        if not compile_blocks:
+            used.append("no torch.compile (the model is streamed)")
+            yield used
+            return
         with compiled_blocks(model) as compiled:
             if compiled:
                 used.append("torch.compile")

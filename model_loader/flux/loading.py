@@ -17,19 +17,22 @@ from torch import Tensor, nn
 from ..checkpoints import StateDictSource, TensorSource, open_checkpoint
 from ..compute_dtypes import flux_compute_dtype
 from ..errors import ModelFileError
-from ..operations import FP8_DTYPES, CastLinear, CastOps, fp8_matmul_supported, quantize_fp8
+from ..operations import (
+    FP8_DTYPES,
+    CastLinear,
+    OperationsFor,
+    WeightStorage,
+    cast_operations,
+    fp8_matmul_supported,
+    quantize_fp8,
+)
 from .layouts import FluxLayout, config_from_shapes, plan_flux_layout
 from .model import FluxConfig, FluxTransformer
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
-
-
-def _stored_dtype(model: FluxTransformer) -> torch.dtype:
-    """How the blocks' big weights are stored (what `default` computes in on a GPU)."""
-    probe = model.double_blocks[0].img_attn.qkv.weight if model.double_blocks else model.single_blocks[0].linear1.weight
-    return probe.dtype
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 
 
 def config_from_checkpoint(ckpt: TensorSource | Mapping[str, Tensor] | str | os.PathLike[str]) -> FluxConfig:
@@ -75,17 +78,27 @@ def _convert(key: str, t: Tensor, scale: Tensor | None, weight_dtype: str, linea
 
 
 def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", device: str | torch.device = "cpu",
-                          name: str = "state dict") -> FluxTransformer:
-    """Build a FluxTransformer from any TensorSource (a Checkpoint, or a StateDictSource of possibly meta tensors)."""
+                          name: str = "state dict", compute_device: str | torch.device | None = None,
+                          operations: OperationsFor = cast_operations) -> FluxTransformer:
+    """Build a FluxTransformer from any TensorSource (a Checkpoint, or a StateDictSource of possibly meta tensors).
+
+    Weights go to `device`; the model will compute on `compute_device` (default: `device`; inside ComfyUI
+    they differ: weights on the offload device, compute on the GPU). `operations` picks the layer classes
+    for the storage: the pack's own by default, ComfyUI's inside it.
+    """
     _check_weight_dtype(weight_dtype)
     device = torch.device(device)
+    compute_device = device if compute_device is None else torch.device(compute_device)
     layout = plan_flux_layout(source, name)
     config = config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
+    storage = _storage(layout, weight_dtype, compute_device)
     try:
-        model = FluxTransformer(config, device="meta", operations=CastOps)
+        model = FluxTransformer(config, device="meta", operations=operations(storage))
     except ValueError as err:
         raise ModelFileError(f"{name}: its shapes give an impossible FLUX config ({err}).") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Per-tensor scales that the layer classes keep as state (ComfyUI's scaled-fp8 layers): not file tensors.
+    scale_keys = {k for k in model.state_dict() if k.endswith(_SCALE_SUFFIXES)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in scale_keys}
     _check_keys(name, layout, expected)
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     state: dict[str, Tensor] = {}
@@ -95,7 +108,11 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
         scale = planned.scale().to(device, torch.float32) if planned.scale is not None else None
         state[key], scale = _convert(key, t, scale, weight_dtype, linear_weights)
         if scale is not None:
-            scales[key[: -len(".weight")]] = scale
+            scales[key[: -len(".weight")]] = scale.reshape(())
+    for key in scale_keys:  # a layer without a stored scale has scale 1
+        module_name = key.rsplit(".", 1)[0]
+        is_weight_scale = key.endswith(".scale_weight") and module_name in scales
+        state[key] = scales.pop(module_name) if is_weight_scale else torch.ones((), device=device)
     model.requires_grad_(False)
     model.load_state_dict(state, strict=True, assign=True)
     del state
@@ -103,18 +120,33 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     for module_name, scale in scales.items():
         modules[module_name].set_scale(scale)
     if weight_dtype == "fp8_e4m3fn_fast":
-        if fp8_matmul_supported(device):
+        if fp8_matmul_supported(compute_device):
             for module in modules.values():
                 if isinstance(module, CastLinear):
                     module.fast_fp8 = True
         else:
             log.warning("fp8_e4m3fn_fast: %s has no fp8 matrix units; multiplying in bf16 (as fp8_e4m3fn).",
-                        device)
-    model.compute_dtype = flux_compute_dtype(device, weight_dtype, _stored_dtype(model))
+                        compute_device)
+    model.storage_dtype = storage.dtype
+    model.compute_dtype = storage.compute_dtype
     model.eval()
     log.info("Loaded FLUX transformer %s (%s layout, %d double + %d single blocks, weights %s, compute %s)",
              name, layout.kind, config.depth, config.depth_single_blocks, weight_dtype, model.compute_dtype)
     return model
+
+
+def _storage(layout: FluxLayout, weight_dtype: str, compute_device: torch.device) -> WeightStorage:
+    """How the loaded blocks will hold their weights, known from the plan before anything is read."""
+    probe = next(p for k, p in layout.tensors.items() if k.startswith(("double_blocks.", "single_blocks."))
+                 and k.endswith(".weight") and len(p.shape) == 2)
+    stored = {"default": probe.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}.get(weight_dtype,
+                                                                                       torch.float8_e4m3fn)
+    if weight_dtype == "default" and stored in FP8_DTYPES:
+        scaled = probe.scale is not None
+    else:
+        scaled = stored in FP8_DTYPES  # fp8 storage made on load is per-tensor scaled
+    return WeightStorage(dtype=stored, compute_dtype=flux_compute_dtype(compute_device, weight_dtype, stored),
+                         scaled=scaled, fast_fp8=weight_dtype == "fp8_e4m3fn_fast")
 
 
 def _check_keys(name: str, layout: FluxLayout, expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -135,14 +167,16 @@ def _check_keys(name: str, layout: FluxLayout, expected: Mapping[str, tuple[int,
                              "loader does not support.")
 
 
-def load_flux(path: str | os.PathLike[str], weight_dtype: str = "default",
-              device: str | torch.device = "cpu") -> FluxTransformer:
+def load_flux(path: str | os.PathLike[str], weight_dtype: str = "default", device: str | torch.device = "cpu",
+              compute_device: str | torch.device | None = None,
+              operations: OperationsFor = cast_operations) -> FluxTransformer:
     """Load a FLUX.1 transformer (any accepted layout) as an eval-mode FluxTransformer with frozen weights.
 
     weight_dtype: "default" (as stored; fp8 stays fp8 and computes in bf16), "bf16", "fp16",
     "fp8_e4m3fn" (block Linear weights in fp8, the rest bf16; computes in bf16) or "fp8_e4m3fn_fast"
-    (the same, multiplying in fp8 on GPUs that can). `model.compute_dtype` is the dtype to feed it on `device`.
+    (the same, multiplying in fp8 on GPUs that can). `model.compute_dtype` is the dtype to feed it on
+    `compute_device`, `model.storage_dtype` how its blocks' weights are held.
     """
     _check_weight_dtype(weight_dtype)
     checkpoint = open_checkpoint(path, "transformer")
-    return load_flux_from_source(checkpoint, weight_dtype, device, str(checkpoint.path))
+    return load_flux_from_source(checkpoint, weight_dtype, device, str(checkpoint.path), compute_device, operations)

@@ -1,7 +1,8 @@
-"""The only module that imports ComfyUI. Everything else asks the host through these functions.
+"""The only package that imports ComfyUI. Everything else asks the host through these functions.
 
 Inside ComfyUI they use folder_paths, comfy.model_management and comfy.utils; outside (tests, the CLI)
 they use a models folder with ComfyUI's layout and an output folder, set by `configure_standalone`.
+`models.py` hands the transformer to ComfyUI as a standard MODEL.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..model_loader import FileKind, ModelFileError
+from ...model_loader import FileKind, ModelFileError
+from .models import LoadedTransformer
 
 try:  # ComfyUI's modules are importable only when the pack runs inside it.
     import comfy.model_management as model_management  # type: ignore[import-not-found]
@@ -249,3 +251,27 @@ def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[Path
                 if digits.isdigit():
                     counter = max(counter, int(digits) + 1)
     return folder, filename, counter, subfolder
+
+
+def transformer_model(path: Path, weight_dtype: str, device: torch.device):
+    """What KreaModelLoader outputs as MODEL: inside ComfyUI a standard ModelPatcher (loaded now, onto the
+    offload device; ComfyUI's cache owns it); outside, a handle that loads on first use."""
+    if IN_COMFYUI:
+        from .models import transformer_model as comfy_transformer_model
+
+        return comfy_transformer_model(path, weight_dtype)
+    from ..handles import TransformerHandle
+
+    return TransformerHandle(path, weight_dtype, device)
+
+
+def loaded_transformer(model, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
+    """The transformer of a MODEL input, loaded for sampling `latent_shape` (B, 16, H/8, W/8); `extra_bytes`:
+    what the sampler holds beside ComfyUI's own estimate (the step cache's residuals)."""
+    if IN_COMFYUI:
+        from .models import load_transformer
+
+        return load_transformer(model, latent_shape, extra_bytes)
+    module = model.load()
+    return LoadedTransformer(module=module, device=model.device, compute_dtype=module.compute_dtype,
+                             is_pack_model=True, streamed=False)

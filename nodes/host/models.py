@@ -1,0 +1,102 @@
+"""The pack's transformer as ComfyUI's own MODEL, under ComfyUI's memory management; what the sampler gets.
+
+The transformer file is loaded with ComfyUI's layer classes (`comfy.ops`, chosen for how the weights are
+stored) onto ComfyUI's offload device, and put at `diffusion_model` of a `comfy.model_base.Flux`, so that
+its weights read `diffusion_model.double_blocks.N...` and ComfyUI's LoRA key maps, partial loading, `/free`
+and out-of-memory recovery treat it as they treat ComfyUI's own FLUX. Nothing here subclasses or patches
+ModelPatcher or model_management, and the pack keeps no reference of its own to the model it hands out.
+ComfyUI is imported inside the functions that run in it: outside ComfyUI the sampler gets a
+`LoadedTransformer` from the pack's own loader (see `host.loaded_transformer`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...model_loader import FluxTransformer, load_flux
+from ...model_loader.operations import OperationsFor, WeightStorage
+
+
+def comfy_operations(load_device: torch.device) -> OperationsFor:
+    """ComfyUI's layer classes for a storage, as ComfyUI picks them for its own FLUX (comfy.ops.pick_operations):
+    its scaled-fp8 layers for per-tensor scaled weights (so LoRA is merged in real units), its fp8 matmul
+    layers for fp8_e4m3fn_fast, casting layers where storage and compute dtypes differ."""
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+    import comfy.ops  # type: ignore[import-not-found]
+
+    def choose(storage: WeightStorage) -> Any:
+        fp8_compute = storage.fast_fp8 and model_management.supports_fp8_compute(load_device)
+        if storage.scaled:
+            return comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fp8_compute, scale_input=False)
+        return comfy.ops.pick_operations(storage.dtype, storage.compute_dtype, load_device=load_device,
+                                         fp8_optimizations=storage.fast_fp8)
+    return choose
+
+
+def transformer_model(path: str | os.PathLike[str], weight_dtype: str) -> Any:
+    """A standard MODEL (a ModelPatcher) whose diffusion_model IS the pack's transformer, weights on the offload
+    device."""
+    import comfy.model_base  # type: ignore[import-not-found]
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+    import comfy.model_patcher  # type: ignore[import-not-found]
+    import comfy.supported_models  # type: ignore[import-not-found]
+
+    load_device, offload_device = model_management.get_torch_device(), model_management.unet_offload_device()
+    transformer = load_flux(path, weight_dtype, device=offload_device, compute_device=load_device,
+                            operations=comfy_operations(load_device))
+    c = transformer.config
+    model_config = comfy.supported_models.Flux({
+        "image_model": "flux", "guidance_embed": c.guidance_embed, "in_channels": c.in_channels // 4,
+        "out_channels": c.out_channels // 4, "patch_size": 2, "vec_in_dim": c.vec_in_dim,
+        "context_in_dim": c.context_in_dim, "hidden_size": c.hidden_size, "mlp_ratio": c.mlp_ratio,
+        "num_heads": c.num_heads, "depth": c.depth, "depth_single_blocks": c.depth_single_blocks,
+        "axes_dim": list(c.axes_dim), "theta": c.theta, "qkv_bias": c.qkv_bias,
+        "disable_unet_model_creation": True,  # the holder gets our transformer instead of building its own
+    })
+    manual_cast = transformer.compute_dtype if transformer.compute_dtype != transformer.storage_dtype else None
+    model_config.set_inference_dtype(transformer.storage_dtype, manual_cast)
+    holder = comfy.model_base.Flux(model_config, device=offload_device)
+    transformer.dtype = transformer.storage_dtype  # BaseModel.get_dtype() reads diffusion_model.dtype
+    holder.diffusion_model = transformer
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+
+
+@dataclass(frozen=True)
+class LoadedTransformer:
+    """A FLUX transformer ready to sample: on its device (resident or partly streamed) with any LoRA applied."""
+    module: torch.nn.Module  # the pack's FluxTransformer, or ComfyUI's own FLUX (comfy.ldm.flux.model.Flux)
+    device: torch.device
+    compute_dtype: torch.dtype
+    is_pack_model: bool  # the pack's transformer: step caching and compilation can apply
+    streamed: bool  # ComfyUI loaded it partially: some layers fetch their weights on every call
+
+
+def describe_model(model: Any) -> str:
+    """What a MODEL input holds, for messages ("SDXL", "Flux", ...)."""
+    inner = getattr(model, "model", None)
+    return type(inner).__name__ if inner is not None else type(model).__name__
+
+
+def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int) -> LoadedTransformer:
+    """Load a FLUX MODEL for sampling `latent_shape` (B, 16, H/8, W/8) with ComfyUI's memory management:
+    other models are unloaded first, and a model that does not fit is loaded partially."""
+    import comfy.model_base  # type: ignore[import-not-found]
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+    import comfy.model_patcher  # type: ignore[import-not-found]
+
+    holder = getattr(model, "model", None)
+    if not isinstance(model, comfy.model_patcher.ModelPatcher) or not isinstance(holder, comfy.model_base.Flux):
+        raise ValueError(f"Krea Sampler needs a FLUX.1 MODEL (Krea Model Loader, or ComfyUI's Load Diffusion Model "
+                         f"with a FLUX.1 file); the connected model is {describe_model(model)}.")
+    memory_required = holder.memory_required(latent_shape) + extra_bytes
+    model_management.load_models_gpu([model], memory_required=memory_required)
+    module = holder.diffusion_model
+    dtype = holder.manual_cast_dtype or holder.get_dtype()
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    return LoadedTransformer(module=module, device=model.load_device, compute_dtype=dtype,
+                             is_pack_model=isinstance(module, FluxTransformer),
+                             streamed=bool(getattr(holder, "model_lowvram", False)))
