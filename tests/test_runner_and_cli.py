@@ -1,0 +1,475 @@
+"""The API-workflow runner's checks and the command line's options, each pinned by a test that fails without it.
+
+Runner (workflow_runner.py): every check of `validate` (unknown node type, missing required input, link to a
+missing node, not a number, not an integer, min, max, combo list, boolean, string, the VALIDATE_INPUTS result and
+the inputs it alone checks), "no output node" and the cycle check of the ordering; run order and inputs. Toy node
+classes keep these exact and fast; a few checks run on the pack's own nodes too.
+
+Command line (__main__.py): every option reaches the input it names (`apply_overrides`), and end-to-end runs of
+`main([...])` on small random-weight models show each option's effect in the printed lines and written files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_krea.__main__ import apply_overrides, main, parse_args
+from comfyui_krea.demo import write_demo_models
+from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, host
+from comfyui_krea.nodes.handles import forget_loaded
+from comfyui_krea.workflow_runner import LoadImage, WorkflowError, run, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT_TO_IMAGE = ROOT / "workflows" / "api" / "krea_text_to_image.json"
+IMAGE_TO_IMAGE = ROOT / "workflows" / "api" / "krea_image_to_image.json"
+PACK_CLASSES = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+
+
+# ---------------------------------------------------------------------------------------- toy nodes for the runner
+
+RAN: list[str] = []  # class names of the nodes run, in order (cleared by the `ran` fixture)
+
+
+class Constant:
+    """One input of every kind the runner checks."""
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "count": ("INT", {"min": 0, "max": 10}),
+                "scale": ("FLOAT", {"min": 0.5, "max": 2.0}),
+                "mode": (["add", "keep"],),
+                "flag": ("BOOLEAN", {"default": True}),
+                "text": ("STRING", {"multiline": True}),
+            },
+            "optional": {"extra": ("INT", {"min": 0})},
+        }
+
+    def make(self, count, scale, mode, flag, text, extra=0):
+        RAN.append("Constant")
+        return (count + extra,)
+
+
+class Add:
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "add"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"a": ("INT",), "b": ("INT",)}}
+
+    def add(self, a, b):
+        RAN.append("Add")
+        return (a + b,)
+
+
+class Even:
+    """VALIDATE_INPUTS takes `size`: it alone checks it (ComfyUI then skips its own min/max for that input)."""
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "pass_on"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"size": ("INT", {"min": 0, "max": 100})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, size) -> bool | str:
+        return True if size % 2 == 0 else f"size must be even, got {size}"
+
+    def pass_on(self, size):
+        RAN.append("Even")
+        return (size,)
+
+
+class Show:
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+    FUNCTION = "show"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"value": ("INT",)},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "node_id": "UNIQUE_ID"}}
+
+    def show(self, value, prompt=None, extra_pnginfo=None, node_id=None):
+        RAN.append("Show")
+        return {"ui": {"value": [value], "node_id": [node_id], "nodes": sorted(prompt),
+                       "extra": [extra_pnginfo]}}
+
+
+TOYS = {"Constant": Constant, "Add": Add, "Even": Even, "Show": Show}
+
+
+def constant(count=2, **inputs) -> dict:
+    return {"class_type": "Constant",
+            "inputs": {"count": count, "scale": 1.0, "mode": "add", "flag": True, "text": "t", **inputs}}
+
+
+def toy_workflow() -> dict:
+    """Show(Add(Constant 2, Even 4)), plus a Constant no output needs."""
+    return {
+        "1": constant(2),
+        "2": {"class_type": "Even", "inputs": {"size": 4}},
+        "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
+        "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+        "5": constant(9),
+    }
+
+
+@pytest.fixture
+def ran():
+    RAN.clear()
+    yield RAN
+    RAN.clear()
+
+
+def test_a_valid_toy_workflow_runs_in_dependency_order(ran):
+    prompt = toy_workflow()
+    assert validate(prompt, TOYS) == []
+    uis = run(prompt, TOYS, extra_pnginfo={"workflow": "w"})
+    assert uis == {"4": {"value": [6], "node_id": ["4"], "nodes": ["1", "2", "3", "4", "5"],
+                         "extra": [{"workflow": "w"}]}}
+    # Node 5 feeds no output node: it does not run. Every node runs after the nodes it reads from.
+    assert sorted(ran[:2]) == ["Constant", "Even"] and ran[2:] == ["Add", "Show"]
+
+
+def test_optional_inputs_may_be_left_out_and_are_passed_when_given(ran):
+    prompt = toy_workflow()
+    prompt["1"]["inputs"]["extra"] = 3
+    assert run(prompt, TOYS)["4"]["value"] == [9]
+    del prompt["1"]["inputs"]["extra"]
+    assert validate(prompt, TOYS) == []
+
+
+def test_inputs_a_node_does_not_declare_are_not_passed(ran):
+    prompt = toy_workflow()
+    prompt["3"]["inputs"]["stale"] = 5  # e.g. left over from an older version of the node
+    assert run(prompt, TOYS)["4"]["value"] == [6]
+
+
+@pytest.mark.parametrize("node_id,change,message", [
+    ("1", {"class_type": "Nope"}, "node 1: unknown node type 'Nope'"),
+    ("1", {"inputs": {"count": 1, "scale": 1.0, "mode": "add", "flag": True}},
+     "node 1 (Constant): required input 'text' is missing"),
+    ("3", {"inputs": {"a": ["1", 0]}}, "node 3 (Add): required input 'b' is missing"),
+    ("3", {"inputs": {"a": ["1", 0], "b": ["99", 0]}},
+     "node 3 (Add): b is linked to node 99, which is not in the workflow"),
+    ("1", constant("3"), "node 1 (Constant): count: '3' is not a number"),
+    ("1", constant(True), "node 1 (Constant): count: True is not a number"),
+    ("1", constant(scale="big"), "node 1 (Constant): scale: 'big' is not a number"),
+    ("1", constant(2.5), "node 1 (Constant): count: 2.5 is not an integer"),
+    ("1", constant(-1), "node 1 (Constant): count: -1 is smaller than the minimum 0"),
+    ("1", constant(scale=0.25), "node 1 (Constant): scale: 0.25 is smaller than the minimum 0.5"),
+    ("1", constant(11), "node 1 (Constant): count: 11 is bigger than the maximum 10"),
+    ("1", constant(scale=2.5), "node 1 (Constant): scale: 2.5 is bigger than the maximum 2.0"),
+    ("1", constant(extra=-2), "node 1 (Constant): extra: -2 is smaller than the minimum 0"),
+    ("1", constant(mode="double"), "node 1 (Constant): mode: 'double' is not one of ['add', 'keep']"),
+    ("1", constant(flag="true"), "node 1 (Constant): flag: 'true' is not a boolean"),
+    ("1", constant(flag=1), "node 1 (Constant): flag: 1 is not a boolean"),
+    ("1", constant(text=5), "node 1 (Constant): text: 5 is not a string"),
+    ("2", {"inputs": {"size": 3}}, "node 2 (Even): size must be even, got 3"),
+], ids=["unknown-type", "missing-required", "missing-required-link", "link-to-missing-node", "string-as-number",
+        "bool-as-number", "string-as-float", "not-an-integer", "min-int", "min-float", "max-int", "max-float",
+        "min-optional", "combo", "string-as-boolean", "int-as-boolean", "not-a-string", "validate-inputs"])
+def test_each_problem_is_reported_and_nothing_runs(ran, node_id, change, message):
+    prompt = toy_workflow()
+    prompt[node_id] = {**prompt[node_id], **change}
+    problems = validate(prompt, TOYS)
+    assert len(problems) == 1 and problems[0].startswith(message), problems
+    with pytest.raises(WorkflowError, match="the workflow cannot run") as err:
+        run(prompt, TOYS)
+    assert message in str(err.value)
+    assert ran == []  # refused before any node ran
+
+
+def test_every_problem_is_listed_at_once():
+    prompt = toy_workflow()
+    prompt["1"] = constant(11, mode="double")
+    prompt["2"]["inputs"]["size"] = 5
+    prompt["5"] = {"class_type": "Nope", "inputs": {}}
+    assert len(validate(prompt, TOYS)) == 4
+
+
+def test_inputs_that_validate_inputs_takes_skip_the_generic_checks(ran):
+    # Even.VALIDATE_INPUTS takes size: as in ComfyUI, its max of 100 is then not checked by the runner.
+    prompt = toy_workflow()
+    prompt["2"]["inputs"]["size"] = 1000
+    assert validate(prompt, TOYS) == []
+    assert run(prompt, TOYS)["4"]["value"] == [1002]
+
+
+def test_a_workflow_without_an_output_node_is_refused(ran):
+    prompt = {"1": constant(2), "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["1", 0]}}}
+    assert validate(prompt, TOYS) == []
+    with pytest.raises(WorkflowError, match="no output node"):
+        run(prompt, TOYS)
+    assert ran == []
+
+
+def test_a_cycle_is_refused_with_the_node_named(ran):
+    prompt = {
+        "1": constant(2),
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["3", 0]}},
+        "3": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["1", 0]}},
+        "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+    }
+    assert validate(prompt, TOYS) == []  # every link points at a node of the workflow
+    with pytest.raises(WorkflowError, match="cycle through node [23]"):
+        run(prompt, TOYS)
+    assert ran == []
+
+
+def test_the_pack_nodes_inputs_are_checked_before_any_model(tmp_path):
+    # No models: the refusals are about the values, found before anything loads.
+    saved = dict(host._standalone)
+    host.configure_standalone(models_dir=tmp_path / "none", output_dir=tmp_path)
+    try:
+        prompt = json.loads(TEXT_TO_IMAGE.read_text())
+        prompt["3"]["inputs"].update(image_size="huge", acceleration="turbo", seed=-1)
+        prompt["5"]["inputs"]["enable_safety_checker"] = "yes"
+        prompt["6"]["inputs"]["quality"] = 0
+        problems = validate(prompt, PACK_CLASSES)
+    finally:
+        host._standalone.clear()
+        host._standalone.update(saved)
+    assert "node 3 (KreaSampler): image_size: 'huge' is not one of" in "\n".join(problems)
+    assert "node 3 (KreaSampler): acceleration: 'turbo' is not one of ['none', 'regular', 'high']" in problems
+    assert "node 3 (KreaSampler): seed: -1 is smaller than the minimum 0" in problems
+    assert "node 5 (KreaSafetyCheck): enable_safety_checker: 'yes' is not a boolean" in problems
+    assert "node 6 (KreaSaveImage): quality: 0 is smaller than the minimum 1" in problems
+    assert any(p.startswith("node 1 (KreaModelLoader): Model file 'flux1-krea-dev.safetensors' not found")
+               for p in problems)
+
+
+# --------------------------------------------------------------------------------- command line: apply_overrides
+
+def overridden(workflow: Path, *options: str) -> dict:
+    prompt = json.loads(workflow.read_text())
+    apply_overrides(prompt, parse_args(["run", str(workflow), *options]))
+    return prompt
+
+
+@pytest.mark.parametrize("options,node_id,expected", [
+    (["--prompt", "a red fox"], "2", {"prompt": "a red fox"}),
+    (["--seed", "123"], "3", {"seed": 123}),
+    (["--width", "320", "--height", "208"], "3", {"image_size": "custom", "width": 320, "height": 208}),
+    (["--width", "320"], "3", {"image_size": "custom", "width": 320, "height": 768}),
+    (["--image-size", "portrait_16_9"], "3", {"image_size": "portrait_16_9"}),
+    (["--steps", "7"], "3", {"num_inference_steps": 7}),
+    (["--guidance", "3.25"], "3", {"guidance_scale": 3.25}),
+    (["--num-images", "3"], "3", {"num_images": 3}),
+    (["--acceleration", "high"], "3", {"acceleration": "high"}),
+    (["--strength", "0.4"], "3", {"strength": 0.4}),
+    (["--format", "webp"], "6", {"output_format": "webp"}),
+    (["--no-safety-checker"], "5", {"enable_safety_checker": False}),
+    (["--set", "6.quality=80"], "6", {"quality": 80}),
+], ids=["prompt", "seed", "width-height", "width-only", "image-size", "steps", "guidance", "num-images",
+        "acceleration", "strength", "format", "no-safety-checker", "set"])
+def test_each_option_sets_its_input(options, node_id, expected):
+    original = json.loads(TEXT_TO_IMAGE.read_text())
+    prompt = overridden(TEXT_TO_IMAGE, *options)
+    assert {name: prompt[node_id]["inputs"][name] for name in expected} == expected
+    # ... and nothing else changes.
+    for name in expected:
+        original[node_id]["inputs"][name] = expected[name]
+    assert prompt == original
+
+
+def test_no_options_change_nothing():
+    assert overridden(TEXT_TO_IMAGE) == json.loads(TEXT_TO_IMAGE.read_text())
+    assert overridden(TEXT_TO_IMAGE)["5"]["inputs"]["enable_safety_checker"] is True
+
+
+def test_image_option_sets_the_load_image_node(tmp_path):
+    prompt = overridden(IMAGE_TO_IMAGE, "--image", str(tmp_path / "in.png"), "--strength", "0.6")
+    (load,) = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
+    assert load["inputs"]["image"] == str(tmp_path / "in.png")
+    assert prompt["3"]["inputs"]["strength"] == 0.6
+
+
+def test_set_parses_json_else_keeps_a_string_and_wins_over_options():
+    prompt = overridden(TEXT_TO_IMAGE, "--seed", "5", "--set", "3.seed=6", "--set", "3.guidance_scale=2.5",
+                        "--set", "2.prompt=a cat, at night", "--set", "5.enable_safety_checker=false",
+                        "--set", "3.latent=[\"9\", 0]")
+    assert prompt["3"]["inputs"]["seed"] == 6
+    assert prompt["3"]["inputs"]["guidance_scale"] == 2.5
+    assert prompt["2"]["inputs"]["prompt"] == "a cat, at night"
+    assert prompt["5"]["inputs"]["enable_safety_checker"] is False
+    assert prompt["3"]["inputs"]["latent"] == ["9", 0]
+
+
+@pytest.mark.parametrize("item", ["99.seed=1", "3=5", "seed=5"])
+def test_set_refuses_an_unknown_node_or_no_input_name(item):
+    with pytest.raises(WorkflowError, match="NODE_ID.INPUT=VALUE"):
+        overridden(TEXT_TO_IMAGE, "--set", item)
+
+
+def test_parse_args_defaults_and_refusals(capsys):
+    args = parse_args(["run", str(TEXT_TO_IMAGE)])
+    assert args.models == Path("models") and args.output == Path("output") and args.tokenizers is None
+    assert not args.demo and not args.no_safety_checker and args.set == []
+    assert all(getattr(args, name) is None for name in ("prompt", "seed", "width", "height", "image_size", "steps",
+                                                        "guidance", "num_images", "acceleration", "strength",
+                                                        "image", "output_format"))
+    for bad in (["--image-size", "huge"], ["--format", "gif"], ["--seed", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(["run", str(TEXT_TO_IMAGE), *bad])
+    assert "invalid" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- command line: end to end runs
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    models, tokenizers = write_demo_models(tmp_path_factory.mktemp("cli_demo"))
+    yield models, tokenizers
+    forget_loaded()
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """Runs main() from an empty working folder (an ignored --models / --output falls back to ./models and
+    ./output there), with the host's state as it was before and no tokenizer folder left from other tests."""
+    saved = dict(host._standalone)
+    host._standalone["tokenizer_dir"] = None
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    host._standalone.clear()
+    host._standalone.update(saved)
+
+
+def saved_paths(stdout: str) -> list[Path]:
+    return [Path(line.removeprefix("saved ")) for line in stdout.splitlines() if line.startswith("saved ")]
+
+
+def printed(stdout: str, label: str) -> list[str]:
+    return [line.removeprefix(f"{label}: ") for line in stdout.splitlines() if line.startswith(f"{label}: ")]
+
+
+def test_cli_options_reach_the_run_and_its_files(demo_models, cli, capsys):
+    models, tokenizers = demo_models
+    out = cli / "images"
+    code = main(["run", str(TEXT_TO_IMAGE), "--models", str(models), "--tokenizers", str(tokenizers),
+                 "--output", str(out), "--prompt", "a red fox", "--seed", "123", "--width", "80", "--height", "48",
+                 "--steps", "3", "--guidance", "3.25", "--num-images", "2", "--acceleration", "high",
+                 "--format", "png", "--set", "6.filename_prefix=cli/fox"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    (sampler,) = printed(stdout, "sampler")
+    assert sampler.startswith("acceleration high: ") and sampler.endswith(" reused")
+    assert "of 3 steps computed fully" in sampler
+    paths = saved_paths(stdout)
+    assert paths == [out / "cli" / "fox_00001_.png", out / "cli" / "fox_00002_.png"]
+    assert not (cli / "output").exists()
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (80, 48)
+            embedded = json.loads(image.text["prompt"])
+    assert embedded["2"]["inputs"]["prompt"] == "a red fox"
+    assert {k: embedded["3"]["inputs"][k] for k in ("seed", "image_size", "width", "height", "num_inference_steps",
+                                                   "guidance_scale", "num_images", "acceleration")} == {
+        "seed": 123, "image_size": "custom", "width": 80, "height": 48, "num_inference_steps": 3,
+        "guidance_scale": 3.25, "num_images": 2, "acceleration": "high"}
+    assert "sampling [" in stderr and "3/3" in stderr  # the progress line
+
+
+def test_cli_seed_and_guidance_change_the_image(demo_models, cli, capsys):
+    models, tokenizers = demo_models
+
+    def pixels(*options: str) -> np.ndarray:
+        code = main(["run", str(TEXT_TO_IMAGE), "--models", str(models), "--tokenizers", str(tokenizers),
+                     "--output", str(cli), "--width", "64", "--height", "48", "--steps", "2", "--format", "png",
+                     "--no-safety-checker", *options])
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        (path,) = saved_paths(stdout)
+        with Image.open(path) as image:
+            return np.asarray(image, dtype=np.int16)
+
+    base = pixels("--seed", "1")
+    assert np.abs(pixels("--seed", "2") - base).mean() > 1
+    assert np.abs(pixels("--seed", "1", "--guidance", "9") - base).mean() > 0.1
+
+
+def test_cli_no_safety_checker_disables_the_check(demo_models, cli, capsys):
+    # With threshold 0 the enabled checker flags every image and blacks it out; disabled, nothing is flagged.
+    models, tokenizers = demo_models
+    common = ["run", str(TEXT_TO_IMAGE), "--models", str(models), "--tokenizers", str(tokenizers),
+              "--output", str(cli), "--width", "64", "--height", "48", "--steps", "2", "--set", "5.threshold=0.0"]
+    results = {}
+    for name, extra in (("checked", []), ("unchecked", ["--no-safety-checker"])):
+        code = main([*common, *extra])
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        (path,) = saved_paths(stdout)
+        assert path.suffix == ".jpg"  # the workflow's format when --format is not given
+        with Image.open(path) as image:
+            results[name] = (printed(stdout, "has_nsfw_concepts"), np.asarray(image),
+                             json.loads(image.getexif()[0x0110].partition(":")[2]))
+    flags, image, embedded = results["checked"]
+    assert flags == ["[true]"] and image.max() <= 8  # black, up to JPEG ringing
+    assert embedded["5"]["inputs"]["enable_safety_checker"] is True
+    flags, image, embedded = results["unchecked"]
+    assert flags == ["[false]"] and image.max() > 64
+    assert embedded["5"]["inputs"]["enable_safety_checker"] is False
+
+
+def test_cli_image_and_strength(demo_models, cli, capsys):
+    models, tokenizers = demo_models
+    source = cli / "input.png"
+    Image.fromarray((np.random.default_rng(0).random((80, 112, 3)) * 255).astype(np.uint8)).save(source)
+    common = ["run", str(IMAGE_TO_IMAGE), "--models", str(models), "--tokenizers", str(tokenizers),
+              "--output", str(cli), "--steps", "4", "--no-safety-checker", "--image", str(source)]
+    for strength, steps_run in (("0.5", 2), ("0.25", 1)):
+        code = main([*common, "--strength", strength])
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        assert printed(stdout, "sampler") == [f"acceleration none: {steps_run} of {steps_run} steps computed fully"]
+        (path,) = saved_paths(stdout)
+        with Image.open(path) as image:
+            assert image.size == (112, 80)  # the input image's size
+
+
+def test_cli_without_image_for_image_to_image_fails_cleanly(demo_models, cli, capsys):
+    models, tokenizers = demo_models
+    code = main(["run", str(IMAGE_TO_IMAGE), "--models", str(models), "--tokenizers", str(tokenizers),
+                 "--output", str(cli), "--steps", "2"])
+    assert code == 1
+    assert "example.png not found" in capsys.readouterr().err
+
+
+def test_cli_needs_models_and_tokenizers_where_it_is_told(demo_models, cli, capsys):
+    # (test_cli_options_reach_the_run_and_its_files shows that the run succeeds with both options.)
+    models, tokenizers = demo_models
+    small = ["--width", "64", "--height", "48", "--steps", "1", "--output", str(cli)]
+    # Without --tokenizers: none beside the model files, so the text encoder cannot tokenize. (First: main()
+    # keeps a tokenizer folder given in an earlier call of the same process.)
+    assert main(["run", str(TEXT_TO_IMAGE), "--models", str(models), *small]) == 1
+    assert "No CLIP tokenizer" in capsys.readouterr().err
+    # Without --models: ./models of the (empty) working folder.
+    assert main(["run", str(TEXT_TO_IMAGE), "--tokenizers", str(tokenizers), *small]) == 1
+    err = capsys.readouterr().err
+    assert "flux1-krea-dev.safetensors" in err and str(cli / "models" / "diffusion_models") in err
+
+
+def test_cli_demo_builds_its_own_models(cli, capsys):
+    code = main(["run", str(TEXT_TO_IMAGE), "--demo", "--output", str(cli / "out"), "--width", "64", "--height",
+                 "48", "--steps", "2"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "RANDOM-WEIGHT" in stderr
+    (path,) = saved_paths(stdout)
+    assert path.parent.parent == cli / "out" and path.is_file()
+    assert not (cli / "models").exists()
+    # The same run without --demo looks for real models in ./models and finds none.
+    assert main(["run", str(TEXT_TO_IMAGE), "--output", str(cli / "out"), "--width", "64", "--height", "48",
+                 "--steps", "2"]) == 1
+    assert "not found" in capsys.readouterr().err
+
