@@ -98,9 +98,12 @@ class KreaSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width: int, height: int) -> bool | str:
+    def VALIDATE_INPUTS(cls, width: int | None, height: int | None) -> bool | str:
         # ComfyUI skips its own min/max checks for inputs named here, so the range is checked in full.
+        # A linked input arrives as None: its value is checked when the node runs.
         for name, value in ((WIDTH.name, width), (HEIGHT.name, height)):
+            if value is None:
+                continue
             try:
                 check_side(name, value)
             except ValueError as err:

@@ -96,7 +96,8 @@ def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[st
             if problem:
                 errors.append(f"{where}: {problem}")
         if check is not None:
-            result = check(**{k: constants[k] for k in custom_checked if k in constants})
+            # As ComfyUI does: a linked input is passed as None (its value is known only at run time).
+            result = check(**{k: constants.get(k) for k in custom_checked if k in inputs})
             if result is not True:
                 errors.append(f"{where}: {result}")
     return errors

@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
-from comfyui_krea.model_loader.flux import FluxConfig
-from comfyui_krea.model_loader.flux_loading import write_random_flux_checkpoint
+from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint
 from comfyui_krea.nodes import host
 from comfyui_krea.nodes.handles import TransformerHandle, VaeHandle, forget_loaded
 from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage
 from comfyui_krea.nodes.sampler import KreaSampler
 from comfyui_krea.sampling.denoise import GenerationSettings, denoise, generate
+from conftest import rel_err
 
 # FLUX.1's VAE latent convention (black-forest-labs/FLUX.1-dev vae/config.json; design §3). Typed, not imported.
 FLUX_SCALING_FACTOR = 0.3611
@@ -48,17 +48,12 @@ BASE = {"image_size": "custom", "width": 64, "height": 48, "num_inference_steps"
         "seed": 7, "num_images": 1, "acceleration": "none"}
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.fixture(autouse=True)
 def standalone_state():
     """Tests set the progress reporter: the host's module-level state is put back afterwards."""
-    saved = dict(host._standalone)
+    saved = host.standalone_settings()
     yield
-    host._standalone.clear()
-    host._standalone.update(saved)
+    host.restore_standalone(saved)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +237,7 @@ def test_encoded_latent_is_the_raw_diffusers_latent(vae, diffusers_vae):
 
 @dataclass
 class RecordingHandle:
-    """A KREA_MODEL whose model records what the transformer is given and returns, call by call."""
+    """A MODEL whose transformer records what the transformer is given and returns, call by call."""
     model: torch.nn.Module
     path: Path = Path("recorded.safetensors")
     device: torch.device = CPU
@@ -254,10 +249,11 @@ class RecordingHandle:
         class Recorder(torch.nn.Module):
             config = handle.model.config
             compute_dtype = torch.float32
+            img_in = handle.model.img_in
 
-            def forward(self, **inputs):
-                v = handle.model(**inputs)
-                handle.calls.append((inputs["img"].clone(), float(inputs["timesteps"][0]), v.clone()))
+            def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
+                v = handle.model.forward_orig(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+                handle.calls.append((img.clone(), float(timesteps[0]), v.clone()))
                 return v
 
         return Recorder()

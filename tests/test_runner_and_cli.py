@@ -1,6 +1,6 @@
 """The API-workflow runner's checks and the command line's options, each pinned by a test that fails without it.
 
-Runner (workflow_runner.py): every check of `validate` (unknown node type, missing required input, link to a
+Runner (standalone/runner.py): every check of `validate` (unknown node type, missing required input, link to a
 missing node, not a number, not an integer, min, max, combo list, boolean, string, the VALIDATE_INPUTS result and
 the inputs it alone checks), "no output node" and the cycle check of the ordering; run order and inputs. Toy node
 classes keep these exact and fast; a few checks run on the pack's own nodes too.
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_krea.__main__ import apply_overrides, main, parse_args
-from comfyui_krea.demo import write_demo_models
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, host
 from comfyui_krea.nodes.handles import forget_loaded
-from comfyui_krea.workflow_runner import LoadImage, WorkflowError, run, validate
+from comfyui_krea.standalone.cli import apply_overrides, main, parse_args
+from comfyui_krea.standalone.demo import write_demo_models
+from comfyui_krea.standalone.runner import LoadImage, WorkflowError, run, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TO_IMAGE = ROOT / "workflows" / "api" / "krea_text_to_image.json"
@@ -228,7 +228,7 @@ def test_a_cycle_is_refused_with_the_node_named(ran):
 
 def test_the_pack_nodes_inputs_are_checked_before_any_model(tmp_path):
     # No models: the refusals are about the values, found before anything loads.
-    saved = dict(host._standalone)
+    saved = host.standalone_settings()
     host.configure_standalone(models_dir=tmp_path / "none", output_dir=tmp_path)
     try:
         prompt = json.loads(TEXT_TO_IMAGE.read_text())
@@ -237,8 +237,7 @@ def test_the_pack_nodes_inputs_are_checked_before_any_model(tmp_path):
         prompt["6"]["inputs"]["quality"] = 0
         problems = validate(prompt, PACK_CLASSES)
     finally:
-        host._standalone.clear()
-        host._standalone.update(saved)
+        host.restore_standalone(saved)
     assert "node 3 (KreaSampler): image_size: 'huge' is not one of" in "\n".join(problems)
     assert "node 3 (KreaSampler): acceleration: 'turbo' is not one of ['none', 'regular', 'high']" in problems
     assert "node 3 (KreaSampler): seed: -1 is smaller than the minimum 0" in problems
@@ -337,12 +336,11 @@ def demo_models(tmp_path_factory):
 def cli(tmp_path, monkeypatch):
     """Runs main() from an empty working folder (an ignored --models / --output falls back to ./models and
     ./output there), with the host's state as it was before and no tokenizer folder left from other tests."""
-    saved = dict(host._standalone)
-    host._standalone["tokenizer_dir"] = None
+    saved = host.standalone_settings()
+    host.restore_standalone({**saved, "tokenizer_dir": None})
     monkeypatch.chdir(tmp_path)
     yield tmp_path
-    host._standalone.clear()
-    host._standalone.update(saved)
+    host.restore_standalone(saved)
 
 
 def saved_paths(stdout: str) -> list[Path]:
@@ -473,3 +471,14 @@ def test_cli_demo_builds_its_own_models(cli, capsys):
                  "--steps", "2"]) == 1
     assert "not found" in capsys.readouterr().err
 
+
+
+def test_validate_inputs_gets_none_for_a_linked_input():
+    # ComfyUI passes None for inputs of VALIDATE_INPUTS that are linked; the runner crashed with a TypeError.
+    prompt = json.loads(TEXT_TO_IMAGE.read_text())
+    prompt["20"] = {"class_type": "PrimitiveWidth", "inputs": {}}
+    prompt["3"]["inputs"]["width"] = ["20", 0]
+    classes = {**PACK_CLASSES, "PrimitiveWidth": type("PrimitiveWidth", (), {
+        "RETURN_TYPES": ("INT",), "FUNCTION": "f", "INPUT_TYPES": classmethod(lambda cls: {"required": {}})})}
+    problems = validate(prompt, classes)
+    assert not any("KreaSampler" in p for p in problems), problems
