@@ -77,7 +77,10 @@ class LoadedTransformer:
 def describe_model(model: Any) -> str:
     """What a MODEL input holds, for messages ("SDXL", "Flux", ...)."""
     inner = getattr(model, "model", None)
-    return type(inner).__name__ if inner is not None else type(model).__name__
+    if inner is None:
+        return type(model).__name__
+    config = getattr(inner, "model_config", None)
+    return f"{type(inner).__name__} ({type(config).__name__})" if config is not None else type(inner).__name__
 
 
 def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int) -> LoadedTransformer:

@@ -1,0 +1,253 @@
+"""Scenarios run inside the real ComfyUI, one per process: `python scenarios.py NAME WORKDIR`.
+
+Each imports ComfyUI from $COMFYUI_DIR (on the CPU), puts the pack's nodes and ComfyUI's own side by side on
+small checkpoints in the real key layouts, and prints one JSON line of measurements that
+tests/test_comfyui_host.py asserts on. A separate process per scenario: once ComfyUI is importable the
+pack runs in its ComfyUI mode, which the rest of the test session must not see.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import weakref
+from pathlib import Path
+
+sys.path.insert(0, os.environ["COMFYUI_DIR"])
+from comfy.cli_args import args  # noqa: E402  (ComfyUI must be told it runs on the CPU before it loads)
+
+args.cpu = True
+
+import comfy.model_management as mm  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint  # noqa: E402
+from comfyui_krea.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from comfyui_krea.nodes.host import IN_COMFYUI  # noqa: E402
+
+TINY = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+                  num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14))
+# What ComfyUI's own FLUX loader accepts: full width (it does not read widths off the file), two blocks.
+SHALLOW_FLUX_DEV = FluxConfig(depth=1, depth_single_blocks=1)
+RANK, ALPHA = 4, 2.0
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def setup_folders(work: Path, config: FluxConfig, dtype: torch.dtype = torch.float32) -> None:
+    for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(folder, str(work / folder), is_default=True)
+    write_random_flux_checkpoint(work / "diffusion_models" / "krea.safetensors", config, seed=1, dtype=dtype)
+    for name in ("text_encoders/clip_l.safetensors", "text_encoders/t5.safetensors", "vae/ae.safetensors"):
+        (work / name).write_bytes(b"")  # the loader node only checks that these exist; nothing reads them here
+
+
+def krea_model(weight_dtype: str = "default", name: str = "krea.safetensors"):
+    loader = NODE_CLASS_MAPPINGS["KreaModelLoader"]()
+    return loader.load(name, weight_dtype, "clip_l.safetensors", "t5.safetensors", "ae.safetensors")[0]
+
+
+def write_loras(work: Path, config: FluxConfig) -> dict[str, dict]:
+    """One LoRA file per format, each on one Linear; returns what each holds, for the expected merge."""
+    gen = torch.Generator().manual_seed(7)
+    h = config.hidden_size
+    cases = {
+        # kohya sd-scripts, on a fused qkv weight
+        "kohya": ("lora_unet_double_blocks_0_img_attn_qkv", "lora_down", "lora_up", ".alpha",
+                  "double_blocks.0.img_attn.qkv.weight", (3 * h, h), None),
+        # diffusers / peft: to_q of a single block lands in the first h rows of the fused linear1
+        "diffusers": ("transformer.single_transformer_blocks.0.attn.to_q", "lora_A", "lora_B", None,
+                      "single_blocks.0.linear1.weight", (h, h), (0, h)),
+        # ComfyUI's own naming
+        "comfyui": ("diffusion_model.double_blocks.1.img_mlp.0", "lora_down", "lora_up", ".alpha",
+                    "double_blocks.1.img_mlp.0.weight", (int(h * config.mlp_ratio), h), None),
+    }
+    out = {}
+    for fmt, (stem, down_name, up_name, alpha_key, target, (rows, cols), rows_slice) in cases.items():
+        down = torch.randn(RANK, cols, generator=gen) * 0.3
+        up = torch.randn(rows, RANK, generator=gen) * 0.3
+        tensors = {f"{stem}.{down_name}.weight": down, f"{stem}.{up_name}.weight": up}
+        scale = 1.0
+        if alpha_key:
+            tensors[stem + alpha_key] = torch.tensor(ALPHA)
+            scale = ALPHA / RANK
+        save_file(tensors, str(work / "loras" / f"{fmt}.safetensors"))
+        out[fmt] = {"target": target, "delta": scale * up @ down, "rows": rows_slice}
+    return out
+
+
+def conditioning(config: FluxConfig, tokens: int = 6):
+    gen = torch.Generator().manual_seed(3)
+    txt = torch.randn(1, tokens, config.context_in_dim, generator=gen)
+    pooled = torch.randn(1, config.vec_in_dim, generator=gen)
+    return [[txt, {"pooled_output": pooled, "guidance": 4.5}]]
+
+
+def krea_sample(model, config: FluxConfig, steps: int = 3, size: int = 64) -> torch.Tensor:
+    sampler = NODE_CLASS_MAPPINGS["KreaSampler"]()
+    out = sampler.sample(model, conditioning(config), "custom", size, size, steps, 4.5, 42, 1, "none")
+    return out["result"][0]["samples"]
+
+
+def weight_of(model, key: str) -> torch.Tensor:
+    module_name, _, leaf = key.rpartition(".")
+    module = model.model.diffusion_model.get_submodule(module_name)
+    return getattr(module, leaf).detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+
+
+def lora(work: Path) -> dict:
+    """Native LoraLoaderModelOnly on the pack's MODEL, in three formats; and on a scaled-fp8 file."""
+    setup_folders(work, TINY)
+    expected = write_loras(work, TINY)
+    base = krea_model()
+    result: dict = {"in_comfyui": IN_COMFYUI, "type": type(base).__name__,
+                    "holder": type(base.model).__name__, "formats": {}}
+    base_latents = krea_sample(base, TINY)
+    originals = {fmt: weight_of(base, e["target"]) for fmt, e in expected.items()}
+    loader = comfy_nodes.LoraLoaderModelOnly()
+    for fmt, e in expected.items():
+        patched = loader.load_lora_model_only(base, f"{fmt}.safetensors", 0.8)[0]
+        mm.load_models_gpu([patched])
+        merged = weight_of(patched, e["target"])
+        want = originals[fmt].clone()
+        if e["rows"] is None:
+            want += 0.8 * e["delta"]
+        else:
+            want[e["rows"][0]:e["rows"][1]] += 0.8 * e["delta"]
+        latents = krea_sample(patched, TINY)
+        mm.unload_all_models()
+        restored = weight_of(base, e["target"])
+        zero = loader.load_lora_model_only(base, f"{fmt}.safetensors", 0.0)[0]
+        zero_latents = krea_sample(zero, TINY)
+        mm.unload_all_models()
+        result["formats"][fmt] = {
+            "patches": len(patched.patches), "merge_error": rel(merged, want),
+            "changed": rel(merged, originals[fmt]), "restored_exactly": bool(torch.equal(restored, originals[fmt])),
+            "image_change": rel(latents, base_latents), "strength_zero_equal": bool(torch.equal(zero_latents,
+                                                                                                base_latents))}
+    # Scaled fp8: the LoRA must reach the weight in real units (ComfyUI's scaled layers convert before merging).
+    write_random_flux_checkpoint(work / "diffusion_models" / "krea_fp8.safetensors", TINY, seed=1,
+                                 layout="comfy_fp8_scaled")
+    fp8 = krea_model("default", "krea_fp8.safetensors")
+    layer = fp8.model.diffusion_model.double_blocks[0].img_attn.qkv
+    real = (layer.weight.float() * layer.scale_weight.float()).clone()
+    patched = loader.load_lora_model_only(fp8, "kohya.safetensors", 1.0)[0]
+    mm.load_models_gpu([patched])
+    effective = layer.weight.float() * layer.scale_weight.float()
+    delta = expected["kohya"]["delta"]
+    result["fp8_scaled"] = {"ops": type(layer).__module__ + "." + type(layer).__qualname__,
+                            "error_with_lora": rel(effective, real + delta), "error_without_lora": rel(effective, real)}
+    mm.unload_all_models()
+    return result
+
+
+def partial(work: Path) -> dict:
+    """ComfyUI's own budget logic loading the pack's MODEL partially: what is resident, what streams."""
+    setup_folders(work, TINY, dtype=torch.bfloat16)
+    model = krea_model("default")
+    transformer = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 8, 8, generator=gen)
+    args_ = (torch.tensor([0.6]), torch.randn(1, 6, TINY.context_in_dim, generator=gen))
+    kwargs = {"y": torch.randn(1, TINY.vec_in_dim, generator=gen), "guidance": torch.tensor([4.5])}
+    model.patch_model(device_to=torch.device("cpu"))
+    with torch.no_grad():
+        full = transformer(x.float(), *args_, **kwargs).clone()
+    model.unpatch_model(device_to=torch.device("cpu"))
+    budget = model.model_size() // 3
+    model.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=budget)
+    leaves = [m for m in transformer.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    resident = [m for m in leaves if getattr(m, "comfy_patched_weights", False)]
+    streamed = [m for m in leaves if getattr(m, "comfy_cast_weights", False) and m not in resident]
+    self_casting = [m for m in leaves if type(m).__name__ == "RMSNorm"]
+    uncovered = [type(m).__name__ for m in leaves if m not in streamed and m not in resident and m not in self_casting]
+    with torch.no_grad():
+        out = transformer(x.float(), *args_, **kwargs)
+    result = {"model_size": model.model_size(), "budget": budget, "loaded_size": model.loaded_size(),
+              "lowvram": bool(getattr(model.model, "model_lowvram", False)), "leaves": len(leaves),
+              "streamed": len(streamed), "resident": len(resident), "uncovered": uncovered,
+              "identical": bool(torch.equal(out, full))}
+    model.unpatch_model(device_to=torch.device("cpu"))
+    return result
+
+
+def unload(work: Path) -> dict:
+    """ComfyUI's memory management owns the MODEL: it lists it, and unloading frees it (no pack reference)."""
+    setup_folders(work, TINY)
+    model = krea_model()
+    alive = weakref.ref(model.model.diffusion_model)
+    krea_sample(model, TINY, steps=1)
+    listed = [m for m in mm.current_loaded_models if m.model is model]
+    result = {"listed": len(listed), "loaded_size": listed[0].model_memory() if listed else 0,
+              "model_size": model.model_size()}
+    del model, listed
+    mm.unload_all_models()
+    gc.collect()
+    result["freed"] = alive() is None
+    return result
+
+
+def native(work: Path) -> dict:
+    """The pack against ComfyUI's own FLUX on the same file (full width, two blocks, bf16)."""
+    setup_folders(work, SHALLOW_FLUX_DEV, dtype=torch.bfloat16)
+    write_loras(work, SHALLOW_FLUX_DEV)
+    ours = krea_model()
+    theirs = comfy_nodes.UNETLoader().load_unet("krea.safetensors", "default")[0]
+    result: dict = {"theirs": type(theirs.model.diffusion_model).__name__,
+                    "ours": type(ours.model.diffusion_model).__name__}
+    # KreaSampler on both MODELs: the reference loop over ComfyUI's own transformer and over ours.
+    a = krea_sample(ours, SHALLOW_FLUX_DEV, steps=2, size=32)
+    b = krea_sample(theirs, SHALLOW_FLUX_DEV, steps=2, size=32)
+    result["krea_sampler_rel"] = rel(a, b)
+    mm.unload_all_models()
+    # The same LoRA on both, sampled by ComfyUI's own KSampler.
+    lora_loader = comfy_nodes.LoraLoaderModelOnly()
+    cond = conditioning(SHALLOW_FLUX_DEV)
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    outs = []
+    for model in (ours, theirs):
+        patched = lora_loader.load_lora_model_only(model, "diffusers.safetensors", 1.0)[0]
+        (samples,) = comfy_nodes.common_ksampler(patched, 7, 2, 1.0, "euler", "simple", cond, cond, latent)
+        outs.append(samples["samples"])
+        mm.unload_all_models()
+    result["ksampler_lora_rel"] = rel(outs[0], outs[1])
+    plain = comfy_nodes.common_ksampler(ours, 7, 2, 1.0, "euler", "simple", cond, cond, latent)[0]["samples"]
+    result["lora_changed_ksampler"] = rel(outs[0], plain)
+    # Step caching cannot apply to ComfyUI's own transformer: the report says so.
+    sampler = NODE_CLASS_MAPPINGS["KreaSampler"]()
+    report = sampler.sample(theirs, cond, "custom", 32, 32, 2, 4.5, 1, 1, "regular")["ui"]["text"][0]
+    result["native_acceleration_report"] = report
+    return result
+
+
+def other_family(work: Path) -> dict:
+    """A MODEL of another family is refused with its name."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    holder = comfy.model_base.BaseModel(comfy.supported_models.SDXL({"disable_unet_model_creation": True,
+                                                                      "adm_in_channels": 2816}))
+    model = comfy.model_patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
+    sampler = NODE_CLASS_MAPPINGS["KreaSampler"]()
+    try:
+        sampler.sample(model, conditioning(TINY), "custom", 32, 32, 1, 4.5, 1, 1, "none")
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+if __name__ == "__main__":
+    name, workdir = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    print(json.dumps(globals()[name](workdir)))
