@@ -59,8 +59,9 @@ class KreaModelLoader:
         device = host.torch_device()
         transformer_path = host.model_path("diffusion_models", model_name)
         text_encoder = TextEncoderHandle(host.model_path("text_encoders", clip_name),
-                                         host.model_path("text_encoders", t5_name), host.tokenizer_dir(), device)
-        vae = VaeHandle(host.model_path("vae", vae_name), device)
+                                         host.model_path("text_encoders", t5_name), host.tokenizer_dir(),
+                                         host.model_devices("text_encoder")[0])
+        vae = VaeHandle(host.model_path("vae", vae_name), host.model_devices("vae")[0])
         try:  # every file was found before the transformer is read
             transformer = host.transformer_model(transformer_path, weight_dtype, device)
         except ModelFileError as err:

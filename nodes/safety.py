@@ -102,7 +102,9 @@ class KreaSafetyCheck:
             flags = [False] * images.shape[0]
             return self._result(images, flags)
 
-        checker = SafetyCheckerHandle(_classifier_path(checker_name), host.torch_device()).load()
+        handle = SafetyCheckerHandle(_classifier_path(checker_name), host.model_devices("safety_checker")[0])
+        checker = handle.load()
+        handle.ready()
         probabilities = []
         for batch in images.split(IMAGES_PER_BATCH):
             host.throw_if_interrupted()

@@ -28,6 +28,7 @@ class KreaTextEncode:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be text, got {type(prompt).__name__}.")
         encoders = text_encoder.load()
+        text_encoder.ready()
         sequence, pooled = encoders.encode([prompt])
         device = host.intermediate_device()
         return ([[sequence.to(device), {"pooled_output": pooled.to(device)}]],)

@@ -88,6 +88,15 @@ def test_acceleration_on_a_native_model_says_it_did_not_apply(native):
     assert "step caching needs the Krea transformer" in native["native_acceleration_report"]
 
 
+def test_text_encoders_vae_and_classifier_are_under_comfyuis_memory_management(tmp_path_factory):
+    result = scenario("other_models", tmp_path_factory)
+    # Each model the pack's other nodes ran was loaded by load_models_gpu under its own ModelPatcher ...
+    assert result["loaded"] == ["AutoEncoder", "CLIPTextModel T5EncoderModel", "_ViT Linear"]
+    assert result["conditioning"] == [1, 512, 48] and result["image"] == [1, 64, 64, 3]
+    # ... and unloading with the node outputs gone frees them (ComfyUI's tokenizers were used inside it).
+    assert result["after_unload"] == 0 and result["freed"]
+
+
 def test_a_model_of_another_family_is_named(tmp_path_factory):
     error = scenario("other_family", tmp_path_factory)["error"]
     assert error is not None and "needs a FLUX.1 MODEL" in error and "SDXL" in error

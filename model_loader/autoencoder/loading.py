@@ -22,10 +22,13 @@ from .model import AutoEncoder
 log = logging.getLogger(__name__)
 
 
-def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str) -> AutoEncoder:
-    """The autoencoder of a BFL `ae.safetensors` or a diffusers `vae/` (folder or file), ready on `device`
-    in its compute dtype."""
+def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str,
+                     compute_device: torch.device | str | None = None) -> AutoEncoder:
+    """The autoencoder of a BFL `ae.safetensors` or a diffusers `vae/` (folder or file), on `device` in the
+    dtype it computes in on `compute_device` (default: `device`; inside ComfyUI the weights wait on the
+    offload device and ComfyUI moves them)."""
     path, device = Path(path), torch.device(device)
+    compute_device = device if compute_device is None else torch.device(compute_device)
     ckpt = open_checkpoint(path, "vae")
     prefix, layout = find_autoencoder(ckpt, path)
     config = config_from_checkpoint(ckpt, prefix, layout, path)
@@ -67,7 +70,7 @@ def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str) -
     del state
     model.requires_grad_(False)
     model.eval()
-    dtype = autoencoder_compute_dtype(device)
+    dtype = autoencoder_compute_dtype(compute_device)
     log.info("Autoencoder %s: %s layout, config %s, computing in %s on %s.", path.name, layout, config,
              dtype, device)
     return model.to(device=device, dtype=dtype)

@@ -208,6 +208,11 @@ class AutoEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
+    def pass_bytes(self, kind: str, batch: int, h: int, w: int, device: torch.device) -> int:
+        """Estimated peak activation bytes of an untiled `kind` ("encode"/"decode") pass over `batch` inputs of
+        h x w latent pixels on `device`: what to ask a memory manager for before running it."""
+        return batch * tiling.estimate_bytes(self.config, kind, h, w, self.dtype, device)
+
     def _encode_pass(self, images: torch.Tensor, out_device: torch.device) -> torch.Tensor:
         moments = self.encoder(images.to(self.device, self.dtype))
         return moments[:, : self.config.z_channels].to(out_device, torch.float32)  # the posterior mean

@@ -164,6 +164,19 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_devices(kind: str) -> tuple[torch.device, torch.device]:
+    """(where a model of `kind` computes, where its weights wait): ComfyUI's devices for its own models of that
+    kind ("text_encoder", "vae", "safety_checker") inside it; outside, the compute device for both."""
+    if not IN_COMFYUI:
+        device = torch_device()
+        return device, device
+    return {
+        "text_encoder": (model_management.text_encoder_device(), model_management.text_encoder_offload_device()),
+        "vae": (model_management.vae_device(), model_management.vae_offload_device()),
+        "safety_checker": (model_management.get_torch_device(), model_management.unet_offload_device()),
+    }[kind]
+
+
 def intermediate_device() -> torch.device:
     """Where IMAGE and LATENT outputs live between nodes."""
     if IN_COMFYUI:

@@ -103,3 +103,17 @@ def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int
     return LoadedTransformer(module=module, device=model.load_device, compute_dtype=dtype,
                              is_pack_model=isinstance(module, FluxTransformer),
                              streamed=bool(getattr(holder, "model_lowvram", False)))
+
+
+def managed_model(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
+    """A plain ModelPatcher over one of the pack's other models (text encoders, VAE, classifier)."""
+    import comfy.model_patcher  # type: ignore[import-not-found]
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+def load_for_use(patcher: Any, memory_required: int) -> None:
+    """Let ComfyUI make room and put the model on its device (fully, or partially when it does not fit)."""
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+
+    model_management.load_models_gpu([patcher], memory_required=memory_required)

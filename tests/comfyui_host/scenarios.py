@@ -230,6 +230,48 @@ def native(work: Path) -> dict:
     return result
 
 
+def other_models(work: Path) -> dict:
+    """Text encoders, VAE and classifier each under a plain ModelPatcher that ComfyUI loads and unloads."""
+    from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
+    from comfyui_krea.model_loader.safety_checker import DEMO_SAFETY_CONFIG, write_random_safety_checkpoint
+    from comfyui_krea.model_loader.text_encoders import (
+        CLIPTextConfig,
+        T5EncoderConfig,
+        write_random_clip_checkpoint,
+        write_random_t5_checkpoint,
+    )
+
+    setup_folders(work, TINY)
+    # Real vocabularies (ComfyUI's shipped tokenizers are used inside it), tiny widths.
+    write_random_clip_checkpoint(work / "text_encoders" / "clip_l.safetensors", CLIPTextConfig(
+        vocab_size=49408, width=TINY.vec_in_dim, layers=1, intermediate=64, positions=77, eos_token_id=49407))
+    write_random_t5_checkpoint(work / "text_encoders" / "t5.safetensors", T5EncoderConfig(
+        vocab_size=32128, d_model=TINY.context_in_dim, d_kv=16, heads=2, d_ff=64, layers=1))
+    write_random_autoencoder_checkpoint(work / "vae" / "ae.safetensors",
+                                        AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+    (work / "safety_checker").mkdir()
+    folder_paths.add_model_folder_path("safety_checker", str(work / "safety_checker"), is_default=True)
+    write_random_safety_checkpoint(work / "safety_checker" / "nsfw_image_detection.safetensors", DEMO_SAFETY_CONFIG)
+    loader = NODE_CLASS_MAPPINGS["KreaModelLoader"]()
+    model, text_encoder, vae = loader.load("krea.safetensors", "default", "clip_l.safetensors", "t5.safetensors",
+                                           "ae.safetensors")
+    (cond,) = NODE_CLASS_MAPPINGS["KreaTextEncode"]().encode(text_encoder, "a red fox in the snow")
+    (latent,) = NODE_CLASS_MAPPINGS["KreaEncodeImage"]().encode(vae, torch.rand(1, 64, 64, 3))
+    (images,) = NODE_CLASS_MAPPINGS["KreaDecode"]().decode(vae, latent)
+    NODE_CLASS_MAPPINGS["KreaSafetyCheck"]().check(images, True, 0.5, "nsfw_image_detection.safetensors")
+    loaded = sorted(" ".join(type(sub).__name__ for sub in m.model.model.children())
+                    for m in mm.current_loaded_models)
+    encoders, autoencoder = weakref.ref(text_encoder.load().t5), weakref.ref(vae.load())
+    result = {"loaded": loaded, "conditioning": list(cond[0][0].shape),
+              "pooled": list(cond[0][1]["pooled_output"].shape), "image": list(images.shape)}
+    del model, text_encoder, vae, cond
+    mm.unload_all_models()
+    gc.collect()
+    result["after_unload"] = len(mm.current_loaded_models)
+    result["freed"] = encoders() is None and autoencoder() is None
+    return result
+
+
 def other_family(work: Path) -> dict:
     """A MODEL of another family is refused with its name."""
     import comfy.model_base
