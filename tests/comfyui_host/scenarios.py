@@ -230,8 +230,9 @@ def native(work: Path) -> dict:
     return result
 
 
-def other_models(work: Path) -> dict:
-    """Text encoders, VAE and classifier each under a plain ModelPatcher that ComfyUI loads and unloads."""
+def write_other_models(models: Path, config: FluxConfig, t5_name: str = "t5.safetensors") -> None:
+    """Text encoders with the real vocabularies (inside ComfyUI its shipped tokenizers are used) and widths
+    that fit `config`, a small VAE and the demo classifier, under the file names the workflows use."""
     from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
     from comfyui_krea.model_loader.safety_checker import DEMO_SAFETY_CONFIG, write_random_safety_checkpoint
     from comfyui_krea.model_loader.text_encoders import (
@@ -241,17 +242,22 @@ def other_models(work: Path) -> dict:
         write_random_t5_checkpoint,
     )
 
-    setup_folders(work, TINY)
-    # Real vocabularies (ComfyUI's shipped tokenizers are used inside it), tiny widths.
-    write_random_clip_checkpoint(work / "text_encoders" / "clip_l.safetensors", CLIPTextConfig(
-        vocab_size=49408, width=TINY.vec_in_dim, layers=1, intermediate=64, positions=77, eos_token_id=49407))
-    write_random_t5_checkpoint(work / "text_encoders" / "t5.safetensors", T5EncoderConfig(
-        vocab_size=32128, d_model=TINY.context_in_dim, d_kv=16, heads=2, d_ff=64, layers=1))
-    write_random_autoencoder_checkpoint(work / "vae" / "ae.safetensors",
+    write_random_clip_checkpoint(models / "text_encoders" / "clip_l.safetensors", CLIPTextConfig(
+        vocab_size=49408, width=config.vec_in_dim, layers=1, intermediate=64, positions=77, eos_token_id=49407))
+    write_random_t5_checkpoint(models / "text_encoders" / t5_name, T5EncoderConfig(
+        vocab_size=32128, d_model=config.context_in_dim, d_kv=16, heads=2, d_ff=64, layers=1))
+    write_random_autoencoder_checkpoint(models / "vae" / "ae.safetensors",
                                         AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
-    (work / "safety_checker").mkdir()
+    (models / "safety_checker").mkdir(parents=True, exist_ok=True)
+    write_random_safety_checkpoint(models / "safety_checker" / "nsfw_image_detection.safetensors",
+                                   DEMO_SAFETY_CONFIG)
+
+
+def other_models(work: Path) -> dict:
+    """Text encoders, VAE and classifier each under a plain ModelPatcher that ComfyUI loads and unloads."""
+    setup_folders(work, TINY)
+    write_other_models(work, TINY)
     folder_paths.add_model_folder_path("safety_checker", str(work / "safety_checker"), is_default=True)
-    write_random_safety_checkpoint(work / "safety_checker" / "nsfw_image_detection.safetensors", DEMO_SAFETY_CONFIG)
     loader = NODE_CLASS_MAPPINGS["KreaModelLoader"]()
     model, text_encoder, vae = loader.load("krea.safetensors", "default", "clip_l.safetensors", "t5.safetensors",
                                            "ae.safetensors")
