@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 _SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+# file dtype -> the dtype weight_dtype "default" stores it in (the host's choice inside ComfyUI)
+DefaultDtype = Callable[[torch.dtype], torch.dtype]
 
 
 def config_from_checkpoint(ckpt: TensorSource | Mapping[str, Tensor] | str | os.PathLike[str]) -> FluxConfig:
@@ -57,15 +59,18 @@ def _dequantize(t: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     return (t.to(torch.float32) * scale.to(t.device, torch.float32)).to(dtype)
 
 
-def _convert(key: str, t: Tensor, scale: Tensor | None, weight_dtype: str, linear_weights: set[str]
-             ) -> tuple[Tensor, Tensor | None]:
-    """One tensor as `weight_dtype` stores it: (tensor, per-tensor scale for CastLinear or None)."""
+def _convert(key: str, t: Tensor, scale: Tensor | None, weight_dtype: str, linear_weights: set[str],
+             default_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    """One tensor as `weight_dtype` stores it: (tensor, per-tensor scale for CastLinear or None).
+    `default_dtype`: what "default" stores non-fp8 tensors in (None: as the file does)."""
     is_linear = key in linear_weights
     if weight_dtype == "default":
         if is_linear and t.dtype in FP8_DTYPES:
             return t, scale
         if t.dtype in FP8_DTYPES:
             return _dequantize(t, scale, torch.bfloat16), None
+        if default_dtype is not None and t.dtype != default_dtype:
+            return _dequantize(t, scale, default_dtype), None
         return (t, None) if scale is None else (_dequantize(t, scale, t.dtype), None)
     if weight_dtype in ("bf16", "fp16"):
         return _dequantize(t, scale, torch.bfloat16 if weight_dtype == "bf16" else torch.float16), None
@@ -79,19 +84,23 @@ def _convert(key: str, t: Tensor, scale: Tensor | None, weight_dtype: str, linea
 
 def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", device: str | torch.device = "cpu",
                           name: str = "state dict", compute_device: str | torch.device | None = None,
-                          operations: OperationsFor = cast_operations) -> FluxTransformer:
+                          operations: OperationsFor = cast_operations,
+                          default_dtype: DefaultDtype | None = None) -> FluxTransformer:
     """Build a FluxTransformer from any TensorSource (a Checkpoint, or a StateDictSource of possibly meta tensors).
 
     Weights go to `device`; the model will compute on `compute_device` (default: `device`; inside ComfyUI
     they differ: weights on the offload device, compute on the GPU). `operations` picks the layer classes
-    for the storage: the pack's own by default, ComfyUI's inside it.
+    for the storage: the pack's own by default, ComfyUI's inside it. `default_dtype(file dtype)`: what
+    `weight_dtype` "default" stores a non-fp8 file in (None: as stored; inside ComfyUI: ComfyUI's own
+    choice for the device and its --*-unet flags).
     """
     _check_weight_dtype(weight_dtype)
     device = torch.device(device)
     compute_device = device if compute_device is None else torch.device(compute_device)
     layout = plan_flux_layout(source, name)
     config = config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
-    storage = _storage(layout, weight_dtype, compute_device)
+    storage = _storage(layout, weight_dtype, compute_device, default_dtype)
+    target = storage.dtype if weight_dtype == "default" and storage.dtype not in FP8_DTYPES else None
     try:
         model = FluxTransformer(config, device="meta", operations=operations(storage))
     except ValueError as err:
@@ -106,7 +115,7 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     for key, planned in layout.tensors.items():  # tensor by tensor: at most one converted tensor in flight
         t = planned.read().to(device)
         scale = planned.scale().to(device, torch.float32) if planned.scale is not None else None
-        state[key], scale = _convert(key, t, scale, weight_dtype, linear_weights)
+        state[key], scale = _convert(key, t, scale, weight_dtype, linear_weights, target)
         if scale is not None:
             scales[key[: -len(".weight")]] = scale.reshape(())
     for key in scale_keys:  # a layer without a stored scale has scale 1
@@ -135,12 +144,15 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     return model
 
 
-def _storage(layout: FluxLayout, weight_dtype: str, compute_device: torch.device) -> WeightStorage:
+def _storage(layout: FluxLayout, weight_dtype: str, compute_device: torch.device,
+             default_dtype: DefaultDtype | None) -> WeightStorage:
     """How the loaded blocks will hold their weights, known from the plan before anything is read."""
     probe = next(p for k, p in layout.tensors.items() if k.startswith(("double_blocks.", "single_blocks."))
                  and k.endswith(".weight") and len(p.shape) == 2)
     stored = {"default": probe.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}.get(weight_dtype,
                                                                                        torch.float8_e4m3fn)
+    if weight_dtype == "default" and stored not in FP8_DTYPES and default_dtype is not None:
+        stored = default_dtype(stored)
     if weight_dtype == "default" and stored in FP8_DTYPES:
         scaled = probe.scale is not None
     else:
@@ -169,7 +181,8 @@ def _check_keys(name: str, layout: FluxLayout, expected: Mapping[str, tuple[int,
 
 def load_flux(path: str | os.PathLike[str], weight_dtype: str = "default", device: str | torch.device = "cpu",
               compute_device: str | torch.device | None = None,
-              operations: OperationsFor = cast_operations) -> FluxTransformer:
+              operations: OperationsFor = cast_operations,
+              default_dtype: DefaultDtype | None = None) -> FluxTransformer:
     """Load a FLUX.1 transformer (any accepted layout) as an eval-mode FluxTransformer with frozen weights.
 
     weight_dtype: "default" (as stored; fp8 stays fp8 and computes in bf16), "bf16", "fp16",
@@ -179,4 +192,5 @@ def load_flux(path: str | os.PathLike[str], weight_dtype: str = "default", devic
     """
     _check_weight_dtype(weight_dtype)
     checkpoint = open_checkpoint(path, "transformer")
-    return load_flux_from_source(checkpoint, weight_dtype, device, str(checkpoint.path), compute_device, operations)
+    return load_flux_from_source(checkpoint, weight_dtype, device, str(checkpoint.path), compute_device, operations,
+                                 default_dtype)

@@ -36,6 +36,20 @@ def comfy_operations(load_device: torch.device) -> OperationsFor:
     return choose
 
 
+def comfy_default_dtype(load_device: torch.device):
+    """What weight_dtype "default" stores a bf16/fp16/fp32 file in: ComfyUI's own choice for its FLUX on this
+    device (float32 on a CPU, the file's half dtype on GPUs that compute in it), --bf16-unet and the like
+    included, so the pack's model uses what ComfyUI's own would."""
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+
+    supported = [torch.bfloat16, torch.float16, torch.float32]  # what ComfyUI's FLUX config supports
+
+    def choose(stored: torch.dtype) -> torch.dtype:
+        chosen = model_management.unet_dtype(load_device, supported_dtypes=supported, weight_dtype=stored)
+        return chosen if chosen in supported else stored
+    return choose
+
+
 def transformer_model(path: str | os.PathLike[str], weight_dtype: str) -> Any:
     """A standard MODEL (a ModelPatcher) whose diffusion_model IS the pack's transformer, weights on the offload
     device."""
@@ -46,7 +60,7 @@ def transformer_model(path: str | os.PathLike[str], weight_dtype: str) -> Any:
 
     load_device, offload_device = model_management.get_torch_device(), model_management.unet_offload_device()
     transformer = load_flux(path, weight_dtype, device=offload_device, compute_device=load_device,
-                            operations=comfy_operations(load_device))
+                            operations=comfy_operations(load_device), default_dtype=comfy_default_dtype(load_device))
     c = transformer.config
     model_config = comfy.supported_models.Flux({
         "image_model": "flux", "guidance_embed": c.guidance_embed, "in_channels": c.in_channels // 4,

@@ -21,10 +21,10 @@ args.cpu = True
 
 import comfy.model_management as mm  # noqa: E402
 import folder_paths  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import nodes as comfy_nodes  # noqa: E402
 from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint  # noqa: E402
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from comfyui_krea.nodes.host import IN_COMFYUI  # noqa: E402
