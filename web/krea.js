@@ -2,6 +2,7 @@
 // checker's has_nsfw_concepts) in a read-only text box on the node.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
+import { migrateModelType } from "./krea_migrate.js";
 
 const REPORTING_NODES = new Set(["KreaSampler", "KreaSafetyCheck"]);
 const WIDGET_NAME = "krea_report";
@@ -19,6 +20,19 @@ function showReport(node, lines) {
   widget.value = lines.join("\n");
   node.setDirtyCanvas(true, true);
 }
+
+app.registerExtension({
+  name: "krea.model_type_migration",
+  async beforeConfigureGraph(graphData) {
+    const changed = migrateModelType(graphData);
+    if (changed > 0) {
+      const detail = "This workflow was saved with the Krea loader's old KREA_MODEL output; it is now a standard " +
+        "MODEL (LoRA loaders and ComfyUI's samplers accept it). The links were updated: save the workflow to keep it.";
+      console.info(`Krea node pack: ${detail}`);
+      app.extensionManager?.toast?.add({ severity: "info", summary: "Krea node pack", detail, life: 8000 });
+    }
+  },
+});
 
 app.registerExtension({
   name: "krea.node_reports",
