@@ -1,4 +1,4 @@
-"""IMAGE tensors -> image files: PIL images, the save arguments that embed the workflow, atomic writes.
+"""IMAGE tensors -> image files: PIL images, the save arguments that embed the workflow, atomic no-clobber writes.
 
 Saved files carry the workflow the way ComfyUI writes it: PNG text chunks `prompt` and `workflow`; WebP and
 JPEG EXIF tags 0x0110 (Model) = "prompt:<json>" and 0x010F (Make) = "workflow:<json>" (further extra_pnginfo
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,36 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def write_image_atomically(image: Image.Image, folder: Path, name: str, save_arguments: dict) -> Path:
-    """Write `image` to folder/name through a temporary file in the same folder and os.replace, so the name
-    only ever shows a complete image; the temporary file is removed if anything fails."""
+MAX_NAME_ATTEMPTS = 100_000  # counters tried before giving up (the counter has five digits)
+
+
+def _claim(temp_name: str, target: Path) -> bool:
+    """Give the complete temporary file the name `target` unless that name exists: True when claimed.
+
+    A hard link fails if the name exists, so two savers never take the same name. Where the file system has
+    no hard links, an O_EXCL create claims the name and the complete file then replaces our own empty claim.
+    """
     try:
-        handle, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        os.link(temp_name, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network / FAT file systems): claim the name, then fill it
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK))
+        except FileExistsError:
+            return False
+        os.replace(temp_name, target)
+        return True
+
+
+def save_image_no_clobber(image: Image.Image, folder: Path, name_for: Callable[[int], str], counter: int,
+                          save_arguments: dict) -> tuple[Path, int]:
+    """Write `image` to folder/name_for(counter), taking the next counter while that name exists: -> (path,
+    counter used). The image is written to a temporary file first, so a name only ever shows a complete
+    image, and an existing file is never replaced (two runs saving to one folder both keep their images)."""
+    try:
+        handle, temp_name = tempfile.mkstemp(dir=folder, prefix=".krea-", suffix=".tmp")
     except OSError as e:
         raise OSError(f"Cannot write images to the output folder {folder}: {e.strerror or e}. Check that it "
                       "exists and is writable, or change the output folder / filename_prefix.") from e
@@ -98,13 +124,16 @@ def write_image_atomically(image: Image.Image, folder: Path, name: str, save_arg
             os.fsync(stream.fileno())
         # mkstemp creates the file private (0600); give it the permissions a plain open() would.
         os.chmod(temp_name, 0o666 & ~_UMASK)
-        target = folder / name
-        os.replace(temp_name, target)
-        return target
-    except BaseException:
+        for _ in range(MAX_NAME_ATTEMPTS):
+            target = folder / name_for(counter)
+            if _claim(temp_name, target):
+                return target, counter
+            counter += 1
+        raise OSError(f"No free file name in {folder} after {MAX_NAME_ATTEMPTS} tries (last: {target.name}); "
+                      "change filename_prefix or clean up the folder.")
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp_name)
-        raise
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..image_io.save import EXTENSIONS, save_arguments, to_pil, write_image_atomically
+from ..image_io.save import EXTENSIONS, save_arguments, save_image_no_clobber, to_pil
 from ..sampling.latents import LATENT_CHANNELS
 from ..sampling.parameters import OUTPUT_FORMAT, SIZE_MULTIPLE
 from . import host
@@ -181,11 +181,16 @@ class KreaSaveImage:
                           "folder's permissions, or change filename_prefix.") from e
         arguments = save_arguments(output_format, quality, prompt, extra_pnginfo)
         results = []
+        extension = EXTENSIONS[output_format]
         for index, image in enumerate(batch):
             host.throw_if_interrupted()
-            name = f"{filename.replace('%batch_num%', str(index))}_{counter:05}_.{EXTENSIONS[output_format]}"
-            write_image_atomically(to_pil(image), folder, name, arguments)
-            results.append({"filename": name, "subfolder": subfolder, "type": "output"})
+            base = filename.replace("%batch_num%", str(index))
+            # The counter is the host's first free one (a folder scan); when another run took that name in the
+            # meantime, the next free counter is used: no existing file is ever replaced.
+            path, counter = save_image_no_clobber(to_pil(image), folder,
+                                                  lambda c, base=base: f"{base}_{c:05}_.{extension}", counter,
+                                                  arguments)
+            results.append({"filename": path.name, "subfolder": subfolder, "type": "output"})
             counter += 1
         log.info("Saved %d image(s) to %s.", len(results), folder)
         return {"ui": {"images": results}}

@@ -245,3 +245,56 @@ def test_saved_files_get_ordinary_permissions(output_dir):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+# ------------------------------------------------------------------------------ no file is ever replaced (issue 14)
+
+def test_a_name_taken_since_the_folder_scan_is_not_replaced(output_dir, monkeypatch):
+    # Two runs that scanned the folder at the same moment both get counter 1 from the host: the second one
+    # must take the next free name instead of replacing the first one's image.
+    from comfyui_krea.nodes import host
+
+    scanned = host.save_image_path
+    monkeypatch.setattr(host, "save_image_path", lambda prefix, w, h: (*scanned(prefix, w, h)[:2], 1,
+                                                                       scanned(prefix, w, h)[3]))
+    first = KreaSaveImage().save(torch.zeros(2, 16, 16, 3), "race/r", "png")["ui"]["images"]
+    second = KreaSaveImage().save(torch.ones(2, 16, 16, 3), "race/r", "png")["ui"]["images"]
+    assert [i["filename"] for i in first] == ["r_00001_.png", "r_00002_.png"]
+    assert [i["filename"] for i in second] == ["r_00003_.png", "r_00004_.png"]
+    pixels = [np.asarray(Image.open(output_dir / "race" / f"r_0000{n}_.png")).max() for n in (1, 2, 3, 4)]
+    assert pixels == [0, 0, 255, 255]  # the first run's images are still there
+    assert all_files(output_dir) == [f"race/r_0000{n}_.png" for n in (1, 2, 3, 4)]
+
+
+def test_batch_num_prefix_does_not_overwrite_the_previous_run(output_dir):
+    for value in (0.0, 1.0):
+        KreaSaveImage().save(torch.full((2, 16, 16, 3), value), "b/x_%batch_num%", "png")
+    files = all_files(output_dir)
+    assert len(files) == 4, files
+    assert sorted(np.asarray(Image.open(output_dir / f)).max() for f in files) == [0, 0, 255, 255]
+
+
+SAVER = """
+import sys, torch
+from comfyui_krea.nodes import host
+from comfyui_krea.nodes.image import KreaSaveImage
+host.configure_standalone(output_dir=sys.argv[1])
+value = float(sys.argv[2])
+for _ in range(12):
+    KreaSaveImage().save(torch.full((2, 8, 8, 3), value), "same/img", "png")
+"""
+
+
+def test_two_processes_saving_to_one_folder_keep_every_image(output_dir):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [subprocess.Popen([sys.executable, "-c", SAVER, str(output_dir), str(value)], env=env,
+                             stderr=subprocess.PIPE, text=True) for value in (0.0, 1.0)]
+    for run in runs:
+        assert run.wait(timeout=120) == 0, run.stderr.read()
+    files = all_files(output_dir)
+    assert len(files) == 48 and len(set(files)) == 48, files  # 2 processes x 12 saves x 2 images
+    values = [int(np.asarray(Image.open(output_dir / f)).max()) for f in files]
+    assert values.count(0) == 24 and values.count(255) == 24
