@@ -1,0 +1,294 @@
+"""Mutation testing (mutmut 3) of the core: per package, how many of the mutants the test suite kills.
+
+Not part of the default test run: it runs the tests once per mutant and takes long (sampling: minutes;
+the model_loader math: about an hour on two cores).
+
+    .venv/bin/python bench/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
+                                       [--time-limit SECONDS] [--report]
+
+For each package it builds a work folder (default: .mutation/<package>/ in the checkout, git-ignored) holding
+`src/comfyui_krea/`, a copy of the working tree, so that the mutated copy under `mutants/src/comfyui_krea/` is
+what `import comfyui_krea` finds (mutmut puts `mutants/src` first on sys.path, ahead of the editable install's
+finder, which Python consults only after sys.path). The tests run from that copy too, so their paths
+relative to the package (workflows/, ...) resolve inside it. The tracked sources are never touched.
+
+Log and exception message arguments are not mutated (the work folder's mutmut configuration skips their lines):
+mutants that only change what an error or log line says are counted as equivalent as a class. The other
+equivalent mutants are listed, with the reason, in bench/mutation_equivalent.md; the score "excl. equivalent"
+leaves them out. A listed mutant that no longer survives, or no longer exists, is reported as stale.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# package label -> files. A source file may name functions to restrict the mutants to ("file.py::f,Class.m");
+# entries under tests/ (files or pytest node ids) restrict the tests run for that package (default: the whole
+# suite), "!tests/..." deselects one. Edit this table when the tree moves.
+PACKAGES: dict[str, list[str]] = {
+    "sampling": ["sampling/schedule.py", "sampling/latents.py", "sampling/denoise.py", "sampling/step_cache.py",
+                 "sampling/gpu_acceleration.py",
+                 "tests/test_schedule.py", "tests/test_pipeline_parity.py", "tests/test_step_cache.py",
+                 "tests/test_sampler_node.py", "tests/test_mutants_sampling.py",
+                 "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
+                 "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
+    "model_loader math": [
+        "model_loader/flux.py", "model_loader/clip.py", "model_loader/t5.py", "model_loader/autoencoder.py",
+        "model_loader/autoencoder_tiling.py", "model_loader/operations.py",
+        ("model_loader/flux_loading.py::_linear,diffusers_renames,swap_halves,_plan_bfl,_plan_diffusers,_read_fused,"
+         "rope_axes_for_head_dim,_config_from_shapes,_dequantize,quantize_fp8,_convert"),
+        "model_loader/autoencoder_loading.py::diffusers_key_names,_read_config",
+        "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_autoencoder.py",
+        "tests/test_text_encoders.py", "tests/test_operations.py", "tests/test_mutants_model_loader.py"],
+    "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/safety.py", "nodes/sampler.py",
+              "nodes/text.py"],
+    "workflow_runner": ["workflow_runner.py"],
+}
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT_LIST = ROOT / "bench" / "mutation_equivalent.md"
+DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
+IGNORE = shutil.ignore_patterns(".git", ".venv", ".mutation", "__pycache__", "*.egg-info", "models", "output",
+                                ".pytest_cache", ".ruff_cache")
+LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical"}
+
+
+def split_entries(entries: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(source files, mutant-name globs restricting them, test files) of one package entry list."""
+    files, globs, tests = [], [], []
+    for entry in entries:
+        if entry.startswith(("tests/", "!tests/")):
+            tests.append(entry)
+            continue
+        path, _, functions = entry.partition("::")
+        files.append(path)
+        module = "comfyui_krea." + path[:-3].replace("/", ".")
+        names = [f.strip() for f in functions.split(",") if f.strip()] or ["*"]
+        for name in names:
+            cls, _, meth = name.rpartition(".")
+            key = f"xǁ{cls}ǁ{meth}" if cls else (f"x_{name}" if name != "*" else "x*")
+            globs.append(f"{module}.{key}__mutmut_*")
+    return files, globs, tests
+
+
+def message_lines(source: str) -> list[str]:
+    """Source lines of exception and log message arguments: `raise E(...)`, `log.x(...)`, `warnings.warn(...)`."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    spans = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            spans.append((node.exc.lineno, node.exc.end_lineno))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOG_METHODS:
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and owner.id in {"log", "logger", "logging", "warnings"}:
+                spans.append((node.lineno, node.end_lineno))
+    picked = {lines[i - 1] for start, end in spans for i in range(start, end + 1)}
+    return sorted(line for line in picked if line.strip())
+
+
+def toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def build_workdir(work: Path, files: list[str], tests: list[str], keep: bool) -> None:
+    pkg = work / "src" / "comfyui_krea"
+    if work.exists() and not keep:
+        shutil.rmtree(work)
+    if keep and pkg.exists():  # keep mutants/ (mutmut's results); refresh the tests only
+        shutil.rmtree(pkg / "tests")
+        shutil.copytree(ROOT / "tests", pkg / "tests", ignore=IGNORE)
+        mutated_tests = work / "mutants" / "src" / "comfyui_krea" / "tests"
+        if mutated_tests.exists():
+            shutil.rmtree(mutated_tests)
+            shutil.copytree(ROOT / "tests", mutated_tests, ignore=IGNORE)
+    else:
+        shutil.copytree(ROOT, pkg, ignore=IGNORE)
+    patterns = []
+    for f in files:
+        patterns += ["^" + re.escape(line) + "$" for line in message_lines((ROOT / f).read_text())]
+    tests = [t for t in tests if (ROOT / t.lstrip("!").partition("::")[0]).exists()]  # a test file not written yet
+    selection = [f"src/comfyui_krea/{t}" for t in tests if not t.startswith("!")] or ["src/comfyui_krea/tests"]
+    selection += [f"--deselect=src/comfyui_krea/{t[1:]}" for t in tests if t.startswith("!")]
+    (work / "pyproject.toml").write_text(
+        "[tool.mutmut]\n"
+        'source_paths = ["src/comfyui_krea"]\n'
+        f"only_mutate = {toml_list(['src/comfyui_krea/' + f for f in files])}\n"
+        'do_not_mutate = ["src/comfyui_krea/tests/*"]\n'
+        f"do_not_mutate_patterns = {toml_list(patterns)}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(selection)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly"]\n'
+        'process_isolation = "forkserver"\n'
+        "use_git_change_detection = false\n"
+        "use_setproctitle = false\n")
+
+
+def read_equivalents() -> dict[str, str]:
+    """mutant id -> reason, from the table rows of bench/mutation_equivalent.md that start with a `mutant id`."""
+    found = {}
+    if EQUIVALENT_LIST.exists():
+        for line in EQUIVALENT_LIST.read_text().splitlines():
+            m = re.match(r"\|\s*`([^`]+__mutmut_\d+)`\s*\|(.*)\|", line)
+            if m:
+                found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+RESULTS_SCRIPT = """
+import json, sys
+from mutmut.configuration import config
+from mutmut.utils.file_utils import walk_mutatable_files
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+out = {}
+for path in walk_mutatable_files():
+    m = SourceFileMutationData(path=path)
+    m.load()
+    for key, code in m.exit_code_by_key.items():
+        status = status_by_exit_code[code]
+        diff = ""
+        if status not in ("killed", "timeout"):
+            diff = "\\n".join(l for l in get_diff_for_mutant(key, path=path).splitlines()[2:]
+                              if l[:1] in "+-" )
+        out[key] = {"status": status, "diff": diff}
+json.dump(out, sys.stdout)
+"""
+
+
+def run_package(label: str, entries: list[str], workroot: Path, max_children: int, keep: bool,
+                time_limit: float | None, report_only: bool = False) -> dict:
+    files, globs, tests = split_entries(entries)
+    work = workroot / re.sub(r"\W+", "_", label)
+    build_workdir(work, files, tests, keep or report_only)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    shared_tokenizers = ROOT.parent / "shared" / "tokenizers"
+    if "KREA_TOKENIZERS" not in env and shared_tokenizers.is_dir():
+        env["KREA_TOKENIZERS"] = str(shared_tokenizers)
+    start = time.monotonic()
+    targets = globs
+    previous = work / "results.json"
+    if keep and previous.exists():  # retest only what survived last time (mutmut reruns every mutant named)
+        targets = [k for k, m in json.loads(previous.read_text()).items() if m["status"] not in DETECTED]
+    if report_only:
+        targets = []
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *targets]
+    print(f"== {label}: {' '.join(cmd[1:4])} ... in {work}", flush=True)
+    log = work / "mutmut-run.log"
+    returncode = 0
+    if targets:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                returncode = proc.wait(timeout=time_limit)
+            except subprocess.TimeoutExpired:  # stop mutmut and its workers; what was checked is kept
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                print(f"   stopped after --time-limit {time_limit:.0f}s; --keep continues", flush=True)
+                returncode = 0
+    elapsed = time.monotonic() - start
+    if returncode != 0:
+        print(f"   mutmut exited with {returncode}; see {log}", flush=True)
+    res = subprocess.run([sys.executable, "-c", RESULTS_SCRIPT], cwd=work, env=env, capture_output=True, text=True,
+                         check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"reading mutmut's results failed:\n{res.stderr[-3000:]}")
+    mutants = {k: v for k, v in json.loads(res.stdout).items() if any(fnmatch.fnmatch(k, g) for g in globs)}
+    (work / "results.json").write_text(json.dumps(mutants, indent=1))
+    return {"label": label, "mutants": mutants, "seconds": elapsed}
+
+
+def summarize(result: dict, equivalents: dict[str, str]) -> dict:
+    mutants = result["mutants"]
+    counts: dict[str, int] = {}
+    for m in mutants.values():
+        counts[m["status"]] = counts.get(m["status"], 0) + 1
+    detected = sum(n for s, n in counts.items() if s in DETECTED)
+    undetected = {k: m for k, m in mutants.items() if m["status"] not in DETECTED}
+    equivalent = [k for k, m in undetected.items() if k in equivalents and m["status"] in ("survived", "no tests")]
+    stale = [k for k in equivalents if k.startswith(tuple(_modules(result))) and k not in undetected]
+    total = len(mutants)
+    return {
+        "total": total, "killed": counts.get("killed", 0), "survived": counts.get("survived", 0),
+        "timeout": counts.get("timeout", 0), "no tests": counts.get("no tests", 0),
+        "other": total - sum(counts.get(s, 0) for s in ("killed", "survived", "timeout", "no tests")),
+        "equivalent": len(equivalent),
+        "score": 100.0 * detected / total if total else float("nan"),
+        "score_excl": 100.0 * detected / (total - len(equivalent)) if total > len(equivalent) else float("nan"),
+        "not_checked": counts.get("not checked", 0),
+        "score_checked": (100.0 * detected / (total - len(equivalent) - counts.get("not checked", 0))
+                          if total - len(equivalent) - counts.get("not checked", 0) > 0 else float("nan")),
+        "remaining": {k: m for k, m in undetected.items() if k not in equivalent},
+        "stale": stale,
+    }
+
+
+def _modules(result: dict) -> set[str]:
+    return {k.split(".x")[0] + "." for k in result["mutants"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", action="append", choices=list(PACKAGES),
+                        help="package to mutate (repeatable; default: all)")
+    parser.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2)))
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".mutation",
+                        help="where the work folders go (default: .mutation/ in the checkout, git-ignored)")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse the work folder's earlier results: only the mutants not detected last time "
+                             "are tested again, against a fresh copy of the tests")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop each package's run after this many seconds (unchecked mutants count as "
+                             "'other'; --keep resumes)")
+    parser.add_argument("--report", action="store_true", help="only print the results of the earlier runs")
+    args = parser.parse_args()
+    equivalents = read_equivalents()
+    rows = []
+    for label in args.package or list(PACKAGES):
+        if args.report and not (args.workdir / re.sub(r"\W+", "_", label) / "results.json").exists():
+            continue
+        result = run_package(label, PACKAGES[label], args.workdir, args.max_children, args.keep, args.time_limit,
+                             args.report)
+        rows.append((label, result["seconds"], summarize(result, equivalents)))
+
+    print()
+    print(f"{'package':<20}{'total':>7}{'killed':>8}{'surv.':>7}{'timeout':>8}{'no test':>8}{'other':>7}"
+          f"{'equiv.':>7}{'score':>8}{'excl.eq':>9}{'time':>8}")
+    for label, seconds, s in rows:
+        print(f"{label:<20}{s['total']:>7}{s['killed']:>8}{s['survived']:>7}{s['timeout']:>8}{s['no tests']:>8}"
+              f"{s['other']:>7}{s['equivalent']:>7}{s['score']:>7.1f}%{s['score_excl']:>8.1f}%{seconds:>7.0f}s")
+    for label, _, s in rows:
+        if s["not_checked"]:
+            print(f"{label}: {s['not_checked']} mutants not checked yet (run stopped; --keep continues); of the "
+                  f"checked non-equivalent ones {s['score_checked']:.1f}% killed")
+    for label, _, s in rows:
+        if s["remaining"]:
+            print(f"\n{label}: {len(s['remaining'])} undetected mutants not listed as equivalent")
+            for key, m in sorted(s["remaining"].items()):
+                if m["status"] == "not checked":
+                    continue
+                print(f"  {key} [{m['status']}]")
+                for line in m["diff"].splitlines():
+                    print(f"      {line.strip()[:150]}")
+        if s["stale"]:
+            print(f"\n{label}: listed as equivalent but detected or gone (stale entries): {', '.join(s['stale'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
