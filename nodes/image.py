@@ -159,6 +159,17 @@ class KreaSaveImage:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
+        # Before any work: the prefix stays inside the output folder and that folder can be written to.
+        # (Taking filename_prefix turns off ComfyUI's own string check for it, so that is done here too.)
+        if filename_prefix is None:  # linked: checked when the node runs
+            return True
+        if not isinstance(filename_prefix, str) or not filename_prefix.strip():
+            return f"filename_prefix must be a non-empty text such as 'krea/krea'; got {filename_prefix!r}"
+        problem = host.save_folder_problem(filename_prefix)
+        return problem if problem is not None else True
+
     def save(self, images: torch.Tensor, filename_prefix: str = "krea/krea",
              output_format: str = OUTPUT_FORMAT.default, quality: int = 95, prompt: Any = None,
              extra_pnginfo: dict | None = None) -> dict:

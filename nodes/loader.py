@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..model_loader import WEIGHT_DTYPES, ModelFileError
-from . import host
+from . import host, model_files
 from .handles import TextEncoderHandle, VaeHandle
+from .model_files import model_file_problems
 
 
 def _choices(folder: str) -> list[str]:
@@ -40,16 +41,13 @@ class KreaModelLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, model_name: str, clip_name: str, t5_name: str, vae_name: str) -> bool | str:
         # Replaces ComfyUI's "value not in list" for these inputs with a message that names the folders
-        # searched and what to put there; runs before anything is loaded.
-        problems = []
-        for folder, name in (("diffusion_models", model_name), ("text_encoders", clip_name),
-                             ("text_encoders", t5_name), ("vae", vae_name)):
-            if name is None:  # linked from another node: known only at run time
-                continue
-            try:
-                host.model_path(folder, name)
-            except ModelFileError as err:
-                problems.append(str(err))
+        # searched and what to put there, refuses names that leave the model folders, and reads each file's
+        # header to refuse a damaged file or one of another model: all before any weights are read.
+        problems = model_file_problems([
+            ("diffusion_models", model_name, model_files.TRANSFORMER, "model_name"),
+            ("text_encoders", clip_name, model_files.CLIP, "clip_name"),
+            ("text_encoders", t5_name, model_files.T5, "t5_name"),
+            ("vae", vae_name, model_files.VAE, "vae_name")])
         return " ".join(problems) if problems else True
 
     def load(self, model_name: str, weight_dtype: str, clip_name: str, t5_name: str,

@@ -15,6 +15,7 @@ import torch
 from ..model_loader import WHERE_TO_GET_IT, ModelFileError
 from . import host
 from .handles import SafetyCheckerHandle
+from .model_files import CLASSIFIER, model_file_problems
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,31 @@ class KreaSafetyCheck:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, checker_name: str | None = None) -> bool | str:
+    def VALIDATE_INPUTS(cls, checker_name: str | None = None, enable_safety_checker: bool | None = None) -> bool | str:
         # Taking checker_name here turns off ComfyUI's combo check for it: a workflow saved where another
-        # classifier was installed must still run with the check disabled, and with it enabled the run
-        # fails with the folder to put the classifier in (clearer than "value not in list").
-        if checker_name is not None and not isinstance(checker_name, str):
+        # classifier was installed must still run with the check disabled. With the check enabled,
+        # the classifier is looked for and its header read now, before any model loads; a name that leaves
+        # the model folder is refused either way. Taking enable_safety_checker turns off ComfyUI's own
+        # boolean check, so it is done here.
+        if enable_safety_checker is not None and not isinstance(enable_safety_checker, bool):
+            return f"enable_safety_checker: {enable_safety_checker!r} is not a boolean"
+        if checker_name is None:
+            return True
+        if not isinstance(checker_name, str):
             return f"checker_name must be a file name from models/{FOLDER}; got {checker_name!r}"
-        return True
+        problem = host.model_name_problem(checker_name)
+        if problem is not None:
+            return f"checker_name: {problem}."
+        if enable_safety_checker is not True:  # disabled, or linked (known only at run time, checked then)
+            return True
+        if checker_name == NO_CLASSIFIER:
+            return str(_no_classifier_error(checker_name))
+        try:
+            host.model_path(FOLDER, checker_name)
+        except ModelFileError:
+            return str(_no_classifier_error(checker_name))
+        problems = model_file_problems([(FOLDER, checker_name, CLASSIFIER, "checker_name")])
+        return " ".join(problems) if problems else True
 
     def check(self, images: torch.Tensor, enable_safety_checker: bool, threshold: float,
               checker_name: str) -> dict:

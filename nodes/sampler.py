@@ -17,6 +17,7 @@ from ..sampling.parameters import (
     NUM_IMAGES,
     NUM_INFERENCE_STEPS,
     SEED,
+    SIZE_MULTIPLE,
     STRENGTH,
     WIDTH,
     NumericParameter,
@@ -104,6 +105,8 @@ class KreaSampler:
         for name, value in ((WIDTH.name, width), (HEIGHT.name, height)):
             if value is None:
                 continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"{name} must be a whole number (a multiple of {SIZE_MULTIPLE}), got {value!r}"
             try:
                 check_side(name, value)
             except ValueError as err:

@@ -4,6 +4,25 @@ from __future__ import annotations
 from . import host
 from .handles import TextEncoderHandle
 
+# T5 reads 512 tokens and CLIP 77; a token is rarely more than a few characters, so anything past this is cut
+# anyway. Longer texts are refused before tokenizing them costs gigabytes.
+MAX_PROMPT_CHARS = 100_000
+
+
+def prompt_problem(prompt: object) -> str | None:
+    """Why `prompt` cannot be encoded (None: it can)."""
+    if not isinstance(prompt, str):
+        return f"prompt must be text, got {type(prompt).__name__}."
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return (f"prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are accepted (T5 reads the "
+                "first 512 tokens, about 2000 characters). Shorten it.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"prompt holds a character that is not valid Unicode text ({prompt[err.start]!r} at position "
+                f"{err.start}, a lone surrogate); remove it.")
+    return None
+
 
 class KreaTextEncode:
     DESCRIPTION = ("Encodes a prompt for FLUX.1 Krea [dev]: T5-XXL reads up to 512 tokens (the sequence the "
@@ -24,9 +43,19 @@ class KreaTextEncode:
                                   "tooltip": "What the image should show. An empty prompt is allowed."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt: str | None = None) -> bool | str:
+        # Taking prompt turns off ComfyUI's own string check for it, so it is done here, with what the
+        # tokenizers cannot take: text that is not valid Unicode, and sizes far beyond what is read.
+        if prompt is None:  # linked: checked when the node runs
+            return True
+        problem = prompt_problem(prompt)
+        return problem if problem is not None else True
+
     def encode(self, text_encoder: TextEncoderHandle, prompt: str) -> tuple[list]:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be text, got {type(prompt).__name__}.")
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            raise ValueError(problem)
         encoders = text_encoder.load()
         text_encoder.ready()
         sequence, pooled = encoders.encode([prompt])

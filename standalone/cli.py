@@ -2,15 +2,23 @@
 
 The options write into the inputs of the workflow's nodes; their choices and ranges come from the fal parameter
 table (sampling.parameters), and the run goes through the in-process runner with the same nodes as ComfyUI.
+Everything that can be checked without the weights is checked first (the nodes' validation: values, model files
+and their kinds, the input image, the output folder; then the memory the run needs). Every error is one
+`error: ...` paragraph, exit code 2 for bad input, 130 for Ctrl-C (143 for SIGTERM); --debug adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +39,8 @@ from ..sampling.parameters import (
     STRENGTH,
     NumericParameter,
 )
-from .runner import LoadImage, WorkflowError, run
+from .preflight import memory_problem
+from .runner import LoadImage, WorkflowError, is_link, run, structure_problems, validate
 
 log = logging.getLogger("comfyui_krea")
 
@@ -52,25 +61,26 @@ def range_help(parameter: NumericParameter, default: str | None = None) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    root = comfyui_root()
-    parser = argparse.ArgumentParser(prog="python -m comfyui_krea", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m comfyui_krea", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run an API-format workflow of the pack's nodes")
     p.add_argument("workflow", type=Path, help="API-format workflow JSON, e.g. workflows/api/krea_text_to_image.json")
-    p.add_argument("--models", type=Path, default=(root / "models") if root else Path("models"),
+    p.add_argument("--models", type=Path, default=None,
                    help="models folder with ComfyUI's layout (diffusion_models/, text_encoders/, vae/, "
                         "safety_checker/); default: ComfyUI's when the pack is in its custom_nodes, else ./models")
-    p.add_argument("--output", type=Path, default=(root / "output") if root else Path("output"),
-                   help="where images are written")
+    p.add_argument("--output", type=Path, default=None,
+                   help="where images are written (default: ComfyUI's output folder when the pack is in its "
+                        "custom_nodes, else ./output)")
     p.add_argument("--tokenizers", type=Path, default=None,
                    help="folder with clip/ (vocab.json, merges.txt) and t5/ (tokenizer.json) tokenizer files")
     p.add_argument("--prompt")
     p.add_argument("--seed", type=int, help=f"{SEED.name}, {SEED.min}-{SEED.max}")
     side = f"a multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}"
-    p.add_argument("--width", type=int, help=f"custom width, {side} (sets image_size to custom)")
-    p.add_argument("--height", type=int, help=f"custom height, {side} (sets image_size to custom)")
+    p.add_argument("--width", type=int, help=f"custom width, {side} (sets image_size to custom; text-to-image)")
+    p.add_argument("--height", type=int, help=f"custom height, {side} (sets image_size to custom; text-to-image)")
     p.add_argument("--image-size", choices=IMAGE_SIZE.choices,
-                   help=f"{IMAGE_SIZE.name}: a fal preset or custom (fal default: {IMAGE_SIZE.default})")
+                   help=f"{IMAGE_SIZE.name}: a fal preset or custom (fal default: {IMAGE_SIZE.default}; text-to-image)")
     p.add_argument("--steps", type=int,
                    help=range_help(NUM_INFERENCE_STEPS, f"{NUM_INFERENCE_STEPS.default}, image-to-image "
                                                         f"{IMAGE_TO_IMAGE_STEPS}"))
@@ -79,21 +89,65 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--acceleration", choices=ACCELERATION.choices,
                    help=f"{ACCELERATION.name} (fal default: {ACCELERATION.default})")
     p.add_argument("--strength", type=float, help=f"image-to-image {range_help(STRENGTH)}")
-    p.add_argument("--image", type=Path, help="input image for image-to-image workflows")
+    p.add_argument("--image", type=Path, help="input image of image-to-image workflows")
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
                    help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
-                   help="set any input, e.g. --set 5.num_images=2 (value parsed as JSON, else a string)")
+                   help="set any input of a node, e.g. --set 6.quality=80 (value parsed as JSON, else a string)")
     p.add_argument("--demo", action="store_true",
-                   help="build small random-weight models in a temporary folder and run on them: the image is "
-                        "noise and only proves the install works")
+                   help="build small random-weight models in a temporary folder (removed on exit) and run on them: "
+                        "the image is noise and only proves the install works")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the estimated memory of the run exceeds what the machine has free")
+    p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
     p.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
 
-def apply_overrides(prompt: dict, args: argparse.Namespace) -> None:
-    """Write the command-line options into the inputs of the nodes they belong to."""
+def _sampler_nodes(prompt: dict) -> list[dict]:
+    return [n for n in prompt.values() if isinstance(n, dict) and n.get("class_type") == "KreaSampler"]
+
+
+def _is_image_to_image(prompt: dict) -> bool:
+    return any(is_link(n.get("inputs", {}).get("latent")) for n in _sampler_nodes(prompt))
+
+
+def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
+    """The options given that the workflow has nowhere to put, each with why."""
+    classes = {n.get("class_type") for n in prompt.values() if isinstance(n, dict)}
+    samplers, image_to_image = _sampler_nodes(prompt), _is_image_to_image(prompt)
+    wants = {  # option -> (given, the workflow uses it, what it needs)
+        "--prompt": (args.prompt, "KreaTextEncode" in classes, "a Krea Text Encode node"),
+        "--image": (args.image, "LoadImage" in classes, "a LoadImage node (an image-to-image workflow)"),
+        "--strength": (args.strength, image_to_image, "an image-to-image sampler (a latent connected)"),
+        "--width": (args.width, samplers and not image_to_image,
+                    "a text-to-image sampler (image-to-image keeps the input image's size)"),
+        "--height": (args.height, samplers and not image_to_image,
+                     "a text-to-image sampler (image-to-image keeps the input image's size)"),
+        "--image-size": (args.image_size, samplers and not image_to_image,
+                         "a text-to-image sampler (image-to-image keeps the input image's size)"),
+        "--format": (args.output_format, "KreaSaveImage" in classes, "a Krea Save Image node"),
+        "--no-safety-checker": (args.no_safety_checker or None, "KreaSafetyCheck" in classes,
+                                "a Krea Safety Check node"),
+    }
+    for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
+                         ("--num-images", "num_images"), ("--acceleration", "acceleration")):
+        wants[option] = (getattr(args, name), bool(samplers), "a Krea Sampler node")
+    if args.demo:
+        wants["--models"] = (args.models, False, "no --demo (the demo builds its own models)")
+        wants["--tokenizers"] = (args.tokenizers, False, "no --demo (the demo builds its own tokenizers)")
+    return [f"{option} is not used by this workflow: it needs {needs}" for option, (given, used, needs)
+            in wants.items() if given is not None and not used]
+
+
+def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, type] | None = None) -> None:
+    """Write the command-line options into the inputs of the nodes they belong to; refuse options the
+    workflow does not use and --set inputs its nodes do not have."""
+    classes = classes if classes is not None else {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+    unused = unused_options(prompt, args)
+    if unused:
+        raise WorkflowError("; ".join(unused) + ".")
     by_class: dict[str, dict[str, object]] = {
         "KreaTextEncode": {"prompt": args.prompt},
         "KreaSampler": {"seed": args.seed, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
@@ -113,7 +167,15 @@ def apply_overrides(prompt: dict, args: argparse.Namespace) -> None:
         target, _, raw = item.partition("=")
         node_id, _, name = target.partition(".")
         if node_id not in prompt or not name:
-            raise WorkflowError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE with a node id of the workflow")
+            raise WorkflowError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE with a node id of the workflow "
+                                f"({', '.join(prompt)})")
+        cls = classes.get(prompt[node_id].get("class_type"))
+        if cls is not None:
+            spec = cls.INPUT_TYPES()
+            declared = [*spec.get("required", {}), *spec.get("optional", {})]
+            if name not in declared:
+                raise WorkflowError(f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input "
+                                    f"{name!r}; its inputs are {', '.join(declared)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -126,6 +188,7 @@ class TextProgress:
 
     def __init__(self) -> None:
         self.started = self.first = time.perf_counter()
+        self.line_open = False  # a bar is on screen without its newline: an error message starts below it
 
     def __call__(self, step: int, total: int, x0: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -134,46 +197,124 @@ class TextProgress:
         done = int(30 * step / total)
         rate = f" ({(now - self.first) / (step - 1):.2f} s/step)" if step > 1 else ""
         sys.stderr.write(f"\r  sampling [{'#' * done}{'.' * (30 - done)}] {step}/{total}{rate}")
+        self.line_open = step != total
         if step == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `with` blocks (the demo's temporary folder) clean up."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def read_workflow(path: Path) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise WorkflowError(f"cannot read the workflow {path}: {err.strerror or err}") from None
+    try:
+        prompt = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise WorkflowError(f"the workflow {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON, "
+                            "e.g. with ComfyUI's 'Export (API)'") from None
+    except json.JSONDecodeError as err:
+        raise WorkflowError(f"the workflow {path} is not valid JSON ({err}); use the files in workflows/api/ or "
+                            "ComfyUI's 'Export (API)'") from None
+    if not isinstance(prompt, dict) or "nodes" in prompt:
+        raise WorkflowError(f"{path} is not an API-format workflow (use the file in workflows/api/, or "
+                            "'Export (API)' in ComfyUI)")
+    return prompt
+
+
+# Errors that come from what the user gave (exit code 2); anything else is a failure of the run itself (1).
+BAD_INPUT = (WorkflowError, ModelFileError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        prompt = json.loads(args.workflow.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        print(f"error: cannot read the workflow {args.workflow}: {err}", file=sys.stderr)
-        return 2
-    if not isinstance(prompt, dict) or "nodes" in prompt:
-        print(f"error: {args.workflow} is not an API-format workflow (use the file in workflows/api/, or "
-              "'Export (API)' in ComfyUI)", file=sys.stderr)
-        return 2
-    classes = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
-    with tempfile.TemporaryDirectory(prefix="krea-demo-") as scratch:
-        models, tokenizers = args.models, args.tokenizers
-        if args.demo:
-            from .demo import DEMO_SETTINGS, write_demo_models
+    progress = TextProgress()
 
+    def fail(message: str, code: int) -> int:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(("\n" if progress.line_open else "") + f"error: {message}\n")
+        return code
+
+    try:
+        with sigterm_raises():
+            return run_command(args, progress)
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C); the run stopped and nothing more was written.", 130)
+    except Terminated:
+        return fail("terminated (SIGTERM); the run stopped and nothing more was written.", 143)
+    except BAD_INPUT as err:
+        return fail(str(err), 2)
+    except Exception as err:
+        return fail(f"the run failed: {type(err).__name__}: {err}" + ("" if args.debug else
+                    " (run again with --debug for the traceback)"), 1)
+
+
+def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
+    """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line)."""
+    prompt = read_workflow(args.workflow)
+    classes = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+    problems = structure_problems(prompt, classes)  # before the options are written into the nodes
+    if problems:
+        raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
+    for node in prompt.values():
+        node.setdefault("inputs", {})
+    unused = unused_options(prompt, args)
+    if unused:
+        raise WorkflowError("; ".join(unused) + ".")
+    if args.demo:
+        from .demo import DEMO_SETTINGS, write_demo_models
+
+        sized_elsewhere = args.image_size is not None or _is_image_to_image(prompt)  # by the user or the input
+        for name, value in DEMO_SETTINGS.items():
+            if getattr(args, name) is None and not (sized_elsewhere and name in ("width", "height")):
+                setattr(args, name, value)
+    apply_overrides(prompt, args, classes)
+    root = comfyui_root()
+    output = args.output if args.output is not None else (root / "output" if root else Path("output"))
+    # Only --demo makes a temporary folder; it is removed on exit, on Ctrl-C and on SIGTERM (main).
+    scratch = tempfile.TemporaryDirectory(prefix="krea-demo-") if args.demo else contextlib.nullcontext(None)
+    with scratch as scratch_dir:
+        models = args.models if args.models is not None else (root / "models" if root else Path("models"))
+        tokenizers = args.tokenizers
+        if args.demo:
             print("--demo: building small RANDOM-WEIGHT models; the image will be noise. It only proves that "
                   "the install, the nodes and the workflow run.", file=sys.stderr)
-            models, tokenizers = write_demo_models(Path(scratch))
-            for name, value in DEMO_SETTINGS.items():
-                if getattr(args, name) is None:
-                    setattr(args, name, value)
-        host.configure_standalone(models_dir=models, output_dir=args.output, progress=TextProgress(),
+            models, tokenizers = write_demo_models(Path(scratch_dir))
+        host.configure_standalone(models_dir=models, output_dir=output, progress=progress,
                                   tokenizer_dir=tokenizers)
-        try:
-            apply_overrides(prompt, args)
-            started = time.perf_counter()
-            uis = run(prompt, classes)
-        except (WorkflowError, ModelFileError, ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    saved = [Path(args.output) / img["subfolder"] / img["filename"]
+        problems = validate(prompt, classes)
+        if problems:
+            raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
+        if not args.no_memory_check:
+            problem = memory_problem(prompt, host.torch_device())
+            if problem:
+                raise WorkflowError(problem)
+        started = time.perf_counter()
+        uis = run(prompt, classes)
+    saved = [Path(output) / img["subfolder"] / img["filename"]
              for ui in uis.values() for img in ui.get("images", [])]
     for node_id, ui in uis.items():
         for text in ui.get("text", []):
@@ -183,4 +324,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {path}")
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
-

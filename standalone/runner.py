@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..image_io.load import load_image_file
+from ..image_io.load import image_file_problem, load_image_file
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,26 @@ class LoadImage:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"image": ("STRING", {})}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, image: str | None = None) -> bool | str:
+        # Before any model loads: the file is there, is an image, decodes completely and is within limits.
+        if image is None:
+            return True
+        if not isinstance(image, str):
+            return f"image must be the path of an image file, got {image!r}"
+        problem = image_file_problem(Path(image))
+        return f"image: {problem} (give the input image with --image)" if problem else True
+
     def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"LoadImage: input image {path} not found (give a path with --image).")
+        problem = image_file_problem(path)
+        if problem:
+            raise ValueError(f"LoadImage: {problem} (give the input image with --image).")
         return load_image_file(path)
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
+    """An input that links to another node's output: [node id, output index]."""
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
@@ -50,8 +63,11 @@ def _check_constant(name: str, value: Any, spec: tuple) -> str | None:
     if kind in ("INT", "FLOAT"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"{name}: {value!r} is not a number"
-        if kind == "INT" and float(value) != int(value):
-            return f"{name}: {value!r} is not an integer"
+        if not math.isfinite(value):
+            return f"{name}: {value!r} is not a finite number"
+        if kind == "INT" and not isinstance(value, int):
+            # Integers stay integers end to end (a float cannot hold every seed up to 2^64 - 1).
+            return f"{name}: {value!r} is not an integer (write it without a decimal point)"
         if "min" in options and value < options["min"]:
             return f"{name}: {value} is smaller than the minimum {options['min']}"
         if "max" in options and value > options["max"]:
@@ -63,16 +79,27 @@ def _check_constant(name: str, value: Any, spec: tuple) -> str | None:
     return None
 
 
+def structure_problems(prompt: Mapping[str, Any], classes: Mapping[str, type]) -> list[str]:
+    """Nodes that are not nodes, or of a type this runner does not know."""
+    errors = []
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("inputs", {}), dict):
+            errors.append(f"node {node_id}: not a node (an API-format node is {{\"class_type\": ..., "
+                          "\"inputs\": {...}})")
+        elif node.get("class_type") not in classes:
+            errors.append(f"node {node_id}: unknown node type {node.get('class_type')!r} (this runner knows "
+                          f"{', '.join(sorted(classes))})")
+    return errors
+
+
 def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]:
     """Every problem of the workflow, as 'node <id> (<class>): <input>: <what is wrong>'."""
-    errors: list[str] = []
+    errors = structure_problems(prompt, classes)
     for node_id, node in prompt.items():
-        class_type = node.get("class_type")
-        cls = classes.get(class_type)
-        if cls is None:
-            errors.append(f"node {node_id}: unknown node type {class_type!r} (this runner knows "
-                          f"{', '.join(sorted(classes))})")
+        cls = classes.get(node.get("class_type")) if isinstance(node, dict) else None
+        if cls is None or not isinstance(node.get("inputs", {}), dict):
             continue
+        class_type = node["class_type"]
         where = f"node {node_id} ({class_type})"
         spec = cls.INPUT_TYPES()
         inputs = node.get("inputs", {})
@@ -87,7 +114,7 @@ def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[st
                     errors.append(f"{where}: required input {name!r} is missing")
                 continue
             value = inputs[name]
-            if _is_link(value):
+            if is_link(value):
                 if value[0] not in prompt:
                     errors.append(f"{where}: {name} is linked to node {value[0]}, which is not in the workflow")
                 continue
@@ -118,7 +145,7 @@ def _order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]
             raise WorkflowError(f"the workflow has a cycle through node {node_id}")
         state[node_id] = "visiting"
         for value in prompt[node_id].get("inputs", {}).values():
-            if _is_link(value):
+            if is_link(value):
                 visit(value[0])
         state[node_id] = "done"
         order.append(node_id)
@@ -141,7 +168,7 @@ def run(prompt: Mapping[str, dict], classes: Mapping[str, type],
         cls = classes[node["class_type"]]
         kwargs = {}
         for name, value in node.get("inputs", {}).items():
-            kwargs[name] = results[value[0]][value[1]] if _is_link(value) else value
+            kwargs[name] = results[value[0]][value[1]] if is_link(value) else value
         declared = {**cls.INPUT_TYPES().get("required", {}), **cls.INPUT_TYPES().get("optional", {})}
         kwargs = {k: v for k, v in kwargs.items() if k in declared}
         for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():

@@ -265,12 +265,11 @@ def overridden(workflow: Path, *options: str) -> dict:
     (["--guidance", "3.25"], "3", {"guidance_scale": 3.25}),
     (["--num-images", "3"], "3", {"num_images": 3}),
     (["--acceleration", "high"], "3", {"acceleration": "high"}),
-    (["--strength", "0.4"], "3", {"strength": 0.4}),
     (["--format", "webp"], "6", {"output_format": "webp"}),
     (["--no-safety-checker"], "5", {"enable_safety_checker": False}),
     (["--set", "6.quality=80"], "6", {"quality": 80}),
 ], ids=["prompt", "seed", "width-height", "width-only", "image-size", "steps", "guidance", "num-images",
-        "acceleration", "strength", "format", "no-safety-checker", "set"])
+        "acceleration", "format", "no-safety-checker", "set"])
 def test_each_option_sets_its_input(options, node_id, expected):
     original = json.loads(TEXT_TO_IMAGE.read_text())
     prompt = overridden(TEXT_TO_IMAGE, *options)
@@ -312,7 +311,7 @@ def test_set_refuses_an_unknown_node_or_no_input_name(item):
 
 def test_parse_args_defaults_and_refusals(capsys):
     args = parse_args(["run", str(TEXT_TO_IMAGE)])
-    assert args.models == Path("models") and args.output == Path("output") and args.tokenizers is None
+    assert args.models is None and args.output is None and args.tokenizers is None  # resolved by run_command
     assert not args.demo and not args.no_safety_checker and args.set == []
     assert all(getattr(args, name) is None for name in ("prompt", "seed", "width", "height", "image_size", "steps",
                                                         "guidance", "num_images", "acceleration", "strength",
@@ -439,7 +438,7 @@ def test_cli_without_image_for_image_to_image_fails_cleanly(demo_models, cli, ca
     models, tokenizers = demo_models
     code = main(["run", str(IMAGE_TO_IMAGE), "--models", str(models), "--tokenizers", str(tokenizers),
                  "--output", str(cli), "--steps", "2"])
-    assert code == 1
+    assert code == 2
     assert "example.png not found" in capsys.readouterr().err
 
 
@@ -449,10 +448,10 @@ def test_cli_needs_models_and_tokenizers_where_it_is_told(demo_models, cli, caps
     small = ["--width", "64", "--height", "48", "--steps", "1", "--output", str(cli)]
     # Without --tokenizers: none beside the model files, so the text encoder cannot tokenize. (First: main()
     # keeps a tokenizer folder given in an earlier call of the same process.)
-    assert main(["run", str(TEXT_TO_IMAGE), "--models", str(models), *small]) == 1
+    assert main(["run", str(TEXT_TO_IMAGE), "--models", str(models), *small]) == 2
     assert "No CLIP tokenizer" in capsys.readouterr().err
     # Without --models: ./models of the (empty) working folder.
-    assert main(["run", str(TEXT_TO_IMAGE), "--tokenizers", str(tokenizers), *small]) == 1
+    assert main(["run", str(TEXT_TO_IMAGE), "--tokenizers", str(tokenizers), *small]) == 2
     err = capsys.readouterr().err
     assert "flux1-krea-dev.safetensors" in err and str(cli / "models" / "diffusion_models") in err
 
@@ -468,7 +467,7 @@ def test_cli_demo_builds_its_own_models(cli, capsys):
     assert not (cli / "models").exists()
     # The same run without --demo looks for real models in ./models and finds none.
     assert main(["run", str(TEXT_TO_IMAGE), "--output", str(cli / "out"), "--width", "64", "--height", "48",
-                 "--steps", "2"]) == 1
+                 "--steps", "2"]) == 2
     assert "not found" in capsys.readouterr().err
 
 

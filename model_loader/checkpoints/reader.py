@@ -38,6 +38,10 @@ DTYPES: dict[str, torch.dtype] = {  # safetensors dtype name -> torch dtype
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
@@ -73,14 +77,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         data_end = data_start
         for name, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                begin, end = entry["data_offsets"]
-                shape = tuple(int(d) for d in entry["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise ModelFileError(
-                    f"{self.path}: tensor {name!r} has an entry this loader cannot read ({entry!r})."
-                ) from None
+            dtype, shape, begin, end = self._entry(name, entry)
             self.tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
             data_end = max(data_end, data_start + end)
         if data_end > size:
@@ -89,6 +86,30 @@ class SafetensorsFile:
                 "The download did not finish; download the file again."
             )
         self._map: mmap.mmap | None = None
+
+    def _entry(self, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, checked: whole non-negative numbers, offsets in order
+        and as many bytes as the shape and dtype need (a damaged header is refused here, not inside torch)."""
+        def bad(why: str) -> ModelFileError:
+            return ModelFileError(f"{self.path}: the header entry of tensor {name!r} is damaged ({why}); the file "
+                                  "is corrupt or not a safetensors model. Download it again.")
+
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+            dtype_name = entry.get("dtype") if isinstance(entry, dict) else None
+            raise bad(f"unknown dtype {dtype_name!r}" if isinstance(entry, dict) else "not an object")
+        offsets, shape = entry.get("data_offsets"), entry.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)):
+            raise bad(f"data_offsets {offsets!r} are not two whole numbers")
+        if not (isinstance(shape, list) and all(_whole(d) for d in shape)):
+            raise bad(f"shape {shape!r} is not a list of whole numbers")
+        begin, end = offsets
+        dtype = DTYPES[entry["dtype"]]
+        count = 1
+        for d in shape:
+            count *= d
+        if begin > end or end - begin != count * dtype.itemsize:
+            raise bad(f"data_offsets {offsets} do not hold a {entry['dtype']} tensor of shape {shape}")
+        return dtype, tuple(shape), begin, end
 
     def _not_safetensors(self, size: int) -> str:
         hint = ""

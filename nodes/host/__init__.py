@@ -7,6 +7,7 @@ they use a models folder with ComfyUI's layout and an output folder, set by `con
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,8 +116,26 @@ def list_models(folder: str) -> list[str]:
     return sorted(names)
 
 
+def model_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a model file (None: it can). Names are relative to a model folder, as in
+    ComfyUI's lists: an absolute path or a '..' step would leave the folder, so it is refused before any file
+    is touched, and the message says nothing about what lies outside."""
+    if not isinstance(name, str) or not name.strip():
+        return f"the model name {name!r} is not a file name"
+    parts = name.replace("\\", "/").split("/")
+    if "\0" in name or name.startswith(("/", "\\")) or (name[:1].isalpha() and name[1:2] == ":") or ".." in parts:
+        return (f"the model name {name!r} leaves the model folder: names are relative to it (e.g. "
+                "'flux1-krea-dev.safetensors' or 'krea/flux1-krea-dev.safetensors'), without '..' or an absolute "
+                "path. Put the file into the model folder (a link to it works too) and pick it by name")
+    return None
+
+
 def model_path(folder: str, name: str) -> Path:
-    """The full path of a model file, or an error listing where it was looked for."""
+    """The full path of a model file inside the `folder` model folders, or an error listing where it was
+    looked for. Names that would leave the folders are refused first (model_name_problem)."""
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise ModelFileError(f"{problem[0].upper()}{problem[1:]}.")
     if IN_COMFYUI:
         found = folder_paths.get_full_path(folder, name)
         if found is not None:
@@ -264,6 +283,25 @@ def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[Path
                 if digits.isdigit():
                     counter = max(counter, int(digits) + 1)
     return folder, filename, counter, subfolder
+
+
+def save_folder_problem(filename_prefix: str) -> str | None:
+    """Why images saved with `filename_prefix` could not be written (None: they can), found before any work:
+    a prefix that leaves the output folder, or a folder that cannot be created or written to. Creates the
+    folder, as saving would; writes and removes one empty temporary file to know it is writable."""
+    try:
+        folder = save_image_path(filename_prefix, 16, 16)[0]
+    except Exception as err:  # ComfyUI's get_save_image_path raises a bare Exception for a prefix outside
+        return (f"filename_prefix {filename_prefix!r} cannot be used: {err}. Use a name inside the output "
+                f"folder, e.g. 'krea/krea'.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".krea-check-"):
+            pass
+    except OSError as err:
+        return (f"images cannot be written to {folder}: {err.strerror or err}. Make the output folder a "
+                "writable folder, or choose another one (--output) or another filename_prefix.")
+    return None
 
 
 def transformer_model(path: Path, weight_dtype: str, device: torch.device):

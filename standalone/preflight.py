@@ -1,0 +1,164 @@
+"""A workflow and the machine -> whether its runs fit in memory, estimated before any weights are read.
+
+The estimate is deliberately simple and errs on the generous side of what a run holds at its peak outside
+ComfyUI (where every model stays loaded once used):
+
+- weights: the bytes of every model file the workflow names (read off the safetensors headers), the
+  transformer at 1 byte per weight for the fp8 weight_dtypes and 2 for bf16/fp16;
+- the transformer's activations: per token (image tokens (H/16)(W/16) plus 512 text tokens, per image) about
+  14 hidden-size vectors (the single block's fused projections: q, k, v, the 4x MLP, its output, the residual)
+  in 4 bytes, plus the step cache's two residuals per token with acceleration on;
+- pictures: the decoded images and an image-to-image input in float32, a few copies each (the autoencoder
+  tiles its own work to what fits, so its activations are not counted).
+
+It is compared with what the machine has free: on a GPU, torch.cuda.mem_get_info; on the CPU, MemAvailable of
+/proc/meminfo (else the free physical pages). A run that does not fit is refused with the numbers;
+`--no-memory-check` runs it anyway.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..model_loader import ModelFileError, open_checkpoint
+from ..nodes import host
+from ..sampling.parameters import IMAGE_SIZES, SIZE_MULTIPLE
+from .runner import is_link
+
+TEXT_TOKENS = 512
+ACTIVATION_VECTORS = 14  # hidden-size vectors per token held at a single block's peak
+PICTURE_COPIES = 4  # float32 copies of a decoded or input picture alive at once (pixels, clamp, permute, save)
+GIB = 1024**3
+
+MODEL_INPUTS = (("model_name", "diffusion_models"), ("clip_name", "text_encoders"), ("t5_name", "text_encoders"),
+                ("vae_name", "vae"))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    activations: int
+    pictures: int
+    summary: str  # the sizes it was made for, e.g. "2 images of 1024x768"
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.pictures
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(free bytes, where) on the device the models run on."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"the GPU ({torch.cuda.get_device_name(device)})"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "this machine's RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's RAM"
+
+
+def _file_bytes(folder: str, name: object, weight_dtype: str | None = None) -> tuple[int, int]:
+    """(bytes as stored, hidden size when it is a FLUX transformer else 0); (0, 0) when unknown here (the
+    node's own validation reports a bad name or file)."""
+    if not isinstance(name, str):
+        return 0, 0
+    try:
+        checkpoint = open_checkpoint(host.model_path(folder, name))
+    except (ModelFileError, OSError):
+        return 0, 0
+    size = checkpoint.nbytes()
+    hidden = checkpoint.shape("img_in.weight")[0] if "img_in.weight" in checkpoint else 0
+    if weight_dtype and weight_dtype.startswith("fp8"):
+        elements = sum((i.end - i.start) // i.dtype.itemsize for f in checkpoint.files for i in f.tensors.values())
+        size = min(size, elements)
+    elif weight_dtype in ("bf16", "fp16"):
+        elements = sum((i.end - i.start) // i.dtype.itemsize for f in checkpoint.files for i in f.tensors.values())
+        size = 2 * elements
+    return size, hidden
+
+
+def _image_size(path: object) -> tuple[int, int] | None:
+    if not isinstance(path, str):
+        return None
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (OSError, ValueError):
+        return None
+    round16 = lambda side: max(SIZE_MULTIPLE, (side + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE)  # noqa: E731
+    return round16(width), round16(height)
+
+
+def estimate(prompt: Mapping[str, dict]) -> MemoryEstimate | None:
+    """The peak memory of the workflow's run (None when it has no sampler whose size is known here)."""
+    weights, hidden = 0, 0
+    for node in prompt.values():
+        inputs = node.get("inputs", {})
+        if node.get("class_type") == "KreaModelLoader":
+            for input_name, folder in MODEL_INPUTS:
+                dtype = inputs.get("weight_dtype") if input_name == "model_name" else None
+                size, found_hidden = _file_bytes(folder, inputs.get(input_name), dtype)
+                weights += size
+                hidden = max(hidden, found_hidden)
+        elif node.get("class_type") == "KreaSafetyCheck" and inputs.get("enable_safety_checker") is not False:
+            weights += _file_bytes("safety_checker", inputs.get("checker_name"))[0]
+    activations = pictures = 0
+    summaries = []
+    for node in prompt.values():
+        if node.get("class_type") != "KreaSampler":
+            continue
+        inputs = node["inputs"]
+        batch = inputs.get("num_images", 1)
+        size = _sampler_size(prompt, inputs)
+        if size is None or not isinstance(batch, int):
+            continue
+        width, height = size
+        tokens = batch * ((width // 16) * (height // 16) + TEXT_TOKENS)
+        cache = 2 if inputs.get("acceleration", "none") != "none" else 0
+        activations = max(activations, tokens * (hidden or 3072) * (ACTIVATION_VECTORS + cache) * 4)
+        pictures = max(pictures, PICTURE_COPIES * batch * width * height * 4 * 4)
+        summaries.append(f"{batch} image{'s' if batch > 1 else ''} of {width}x{height}")
+    if not summaries:
+        return None
+    return MemoryEstimate(weights, activations, pictures, ", ".join(summaries))
+
+
+def _sampler_size(prompt: Mapping[str, dict], inputs: dict) -> tuple[int, int] | None:
+    """(width, height) the sampler makes: the preset, the custom size, or the input image's (image-to-image)."""
+    latent = inputs.get("latent")
+    if is_link(latent):
+        encode = prompt.get(latent[0], {})
+        image = encode.get("inputs", {}).get("image")
+        loader = prompt.get(image[0], {}) if is_link(image) else {}
+        if loader.get("class_type") != "LoadImage":
+            return None
+        return _image_size(loader.get("inputs", {}).get("image"))
+    image_size = inputs.get("image_size")
+    if image_size in IMAGE_SIZES:
+        return IMAGE_SIZES[image_size]
+    width, height = inputs.get("width"), inputs.get("height")
+    if isinstance(width, int) and isinstance(height, int):
+        return width, height
+    return None
+
+
+def memory_problem(prompt: Mapping[str, dict], device: torch.device) -> str | None:
+    """Why the run would not fit in memory, with the numbers (None: it fits, or its size is not known)."""
+    need = estimate(prompt)
+    if need is None:
+        return None
+    free, where = available_memory(device)
+    if need.total <= free:
+        return None
+    return (f"this run needs about {need.total / GIB:.1f} GiB ({need.summary}: model weights "
+            f"{need.weights / GIB:.1f} GiB, transformer activations {need.activations / GIB:.1f} GiB, images "
+            f"{need.pictures / GIB:.1f} GiB) but {where} has {free / GIB:.1f} GiB free. Make fewer or smaller "
+            "images, use weight_dtype fp8_e4m3fn (--set), or pass --no-memory-check to try anyway.")
