@@ -8,6 +8,7 @@ import torch
 
 from ..sampling.denoise import GenerationSettings, generate
 from ..sampling.gpu_acceleration import gpu_acceleration
+from ..sampling.interrupt import interrupt_between_blocks
 from ..sampling.latents import LATENT_CHANNELS
 from ..sampling.parameters import (
     ACCELERATION,
@@ -151,6 +152,7 @@ class KreaSampler:
             if threshold > 0:
                 notes += stack.enter_context(
                     gpu_acceleration(flux.module, flux.device, compile_blocks=not flux.streamed))
+            stack.enter_context(interrupt_between_blocks(flux.module, host.block_interrupt_check()))
             result = generate(flux.module, txt, pooled, settings, flux.device, flux.compute_dtype, init_latent=init,
                               callback=host.progress_callback(num_inference_steps), cache_threshold=threshold)
         report = f"acceleration {acceleration}: "

@@ -208,6 +208,12 @@ def throw_if_interrupted() -> None:
         model_management.throw_exception_if_processing_interrupted()
 
 
+def block_interrupt_check() -> Callable[[], None] | None:
+    """What the sampler calls between transformer blocks to stop on Cancel: ComfyUI's interrupt check inside
+    it; None outside, where Ctrl-C raises KeyboardInterrupt between any two operations anyway."""
+    return model_management.throw_exception_if_processing_interrupted if IN_COMFYUI else None
+
+
 def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
     """callback(step, total, x0): progress bar, latent preview (when the server has previews on) and the
     interrupt check, once per step. x0 is the model-space (B, 16, H/8, W/8) prediction of the clean latent."""
