@@ -181,3 +181,18 @@ def test_a_shipped_workflow_through_comfyuis_http_api_and_free(tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_hostile_names_are_refused_at_validation_and_saves_never_replace(tmp_path_factory):
+    """Inside the real ComfyUI: model names with '..' or absolute paths in an API prompt are refused by
+    ComfyUI's own validation (before anything loads), as is a prefix leaving the output folder; two saves that
+    got the same counter from ComfyUI's folder scan keep both files."""
+    result = scenario("hostile", tmp_path_factory)
+    assert result["IN_COMFYUI"] and result["valid"] == [True, "{}"]
+    for key in ("model_name", "vae_name", "checker_name"):
+        valid, errors = result[key]
+        assert not valid and "leaves the model folder" in errors, errors
+        assert "planted" not in errors and "bytes" not in errors
+    valid, errors = result["prefix"]
+    assert not valid and "filename_prefix '../escape/x' cannot be used" in errors
+    assert result["saved"] == ["r_00001_.png", "r_00002_.png"] and result["files"] == result["saved"]

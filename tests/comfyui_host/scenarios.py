@@ -295,6 +295,49 @@ def other_family(work: Path) -> dict:
     return {"error": None}
 
 
+def hostile(work: Path) -> dict:
+    """ComfyUI's own prompt validation with a model name that leaves the model folder, and two saves that got
+    the same counter from ComfyUI's folder scan (two runs at once)."""
+    import asyncio
+
+    import execution
+
+    setup_folders(work, TINY)
+    write_other_models(work, TINY, "t5xxl_fp16.safetensors")
+    (work / "diffusion_models" / "krea.safetensors").rename(work / "diffusion_models" / "flux1-krea-dev.safetensors")
+    folder_paths.add_model_folder_path("safety_checker", str(work / "safety_checker"), is_default=True)
+    (work / "outside.safetensors").write_bytes(b"planted outside the model folders")
+    comfy_nodes.NODE_CLASS_MAPPINGS.update(NODE_CLASS_MAPPINGS)
+    workflow = Path(__file__).resolve().parent.parent.parent / "workflows" / "api" / "krea_text_to_image.json"
+
+    def validation(**changes: dict) -> tuple[bool, str]:
+        prompt = json.loads(workflow.read_text())
+        for node_id, inputs in changes.items():
+            prompt[node_id]["inputs"].update(inputs)
+        valid, _, _, node_errors = asyncio.run(execution.validate_prompt("1", prompt, None))
+        return valid, json.dumps(node_errors)
+
+    result = {"IN_COMFYUI": IN_COMFYUI, "valid": validation()}
+    for key, node_id, name in (("model_name", "1", "../outside.safetensors"),
+                               ("vae_name", "1", str(work / "outside.safetensors")),
+                               ("checker_name", "5", "../../outside.safetensors")):
+        result[key] = validation(**{node_id: {key: name}})
+    result["prefix"] = validation(**{"6": {"filename_prefix": "../escape/x"}})
+    output = work / "output"
+    folder_paths.set_output_directory(str(output))
+    real = folder_paths.get_save_image_path
+    scanned = real("race/r", str(output), 16, 16)
+    folder_paths.get_save_image_path = lambda *args, **kwargs: scanned  # both runs scanned before either saved
+    try:
+        saves = [NODE_CLASS_MAPPINGS["KreaSaveImage"]().save(torch.full((1, 16, 16, 3), value), "race/r", "png")
+                 for value in (0.0, 1.0)]
+    finally:
+        folder_paths.get_save_image_path = real
+    result["saved"] = [img["filename"] for ui in saves for img in ui["ui"]["images"]]
+    result["files"] = sorted(p.name for p in (output / "race").iterdir())
+    return result
+
+
 if __name__ == "__main__":
     name, workdir = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)
