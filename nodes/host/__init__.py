@@ -293,16 +293,21 @@ def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[Path
 
 def save_folder_problem(filename_prefix: str) -> str | None:
     """Why images saved with `filename_prefix` could not be written (None: they can), found before any work:
-    a prefix that leaves the output folder, or a folder that cannot be created or written to. Creates the
-    folder, as saving would; writes and removes one empty temporary file to know it is writable."""
+    a prefix that leaves the output folder, or a folder that cannot be created or written to. Creates nothing:
+    the deepest existing folder on the way must be a folder, and one empty temporary file is written and
+    removed there to know it is writable (permission bits do not tell, e.g. for root or read-only mounts)."""
     try:
         folder = save_image_path(filename_prefix, 16, 16)[0]
     except Exception as err:  # ComfyUI's get_save_image_path raises a bare Exception for a prefix outside
         return (f"filename_prefix {filename_prefix!r} cannot be used: {err}. Use a name inside the output "
                 f"folder, e.g. 'krea/krea'.")
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".krea-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=existing, prefix=".krea-check-"):
             pass
     except OSError as err:
         return (f"images cannot be written to {folder}: {err.strerror or err}. Make the output folder a "
