@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..model_loader import LATENT_CHANNELS, SCALE_FACTOR, SHIFT_FACTOR
-from ..model_loader.flux.model import image_ids, pack, text_ids, unpack
+from ..model_loader.flux.math import image_ids, pack, text_ids, unpack
 
 __all__ = ["LATENT_CHANNELS", "SCALE_FACTOR", "SHIFT_FACTOR", "image_ids", "make_noise", "pack", "text_ids",
            "to_model_space", "to_raw", "unpack"]

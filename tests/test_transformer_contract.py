@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
-from comfyui_krea.model_loader.flux.model import image_ids, pack, text_ids, unpack
+from comfyui_krea.model_loader.flux.math import image_ids, pack, text_ids, unpack
 from conftest import TINY_FLUX
 
 
