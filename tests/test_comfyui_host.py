@@ -102,8 +102,8 @@ def test_a_model_of_another_family_is_named(tmp_path_factory):
     assert error is not None and "needs a FLUX.1 MODEL" in error and "SDXL" in error
 
 
-def test_a_shipped_workflow_through_comfyuis_http_api_and_free(tmp_path):
-    """The real server with the pack in custom_nodes: the API workflow runs, and /free gives the
+def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
+    """The real server with the pack in custom_nodes: both API workflows run, and /free gives the
     transformer's memory back (resident set of the server before and after)."""
     import socket
     import time
@@ -152,18 +152,24 @@ def test_a_shipped_workflow_through_comfyuis_http_api_and_free(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        prompt = json.loads((Path(__file__).resolve().parent.parent / "workflows" / "api" /
-                             "krea_text_to_image.json").read_text())
-        prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2)
-        prompt_id = call("/prompt", {"prompt": prompt})["prompt_id"]
-        for _ in range(600):
-            history = call(f"/history/{prompt_id}").get(prompt_id)
-            if history and history["status"].get("completed") is not None:
-                break
-            time.sleep(0.5)
-        assert history["status"]["status_str"] == "success", history["status"]
-        images = [img for out in history["outputs"].values() for img in out.get("images", [])]
-        assert len(images) == 1 and (base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+        (base / "input").mkdir(exist_ok=True)
+        from PIL import Image
+
+        Image.new("RGB", (80, 48), (200, 120, 40)).save(base / "input" / "example.png")
+        workflows = Path(__file__).resolve().parent.parent / "workflows" / "api"
+        for name in ("krea_text_to_image", "krea_image_to_image"):  # both shipped workflows, as saved
+            prompt = json.loads((workflows / f"{name}.json").read_text())
+            prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2)
+            prompt_id = call("/prompt", {"prompt": prompt})["prompt_id"]
+            for _ in range(600):
+                history = call(f"/history/{prompt_id}").get(prompt_id)
+                if history and history["status"].get("completed") is not None:
+                    break
+                time.sleep(0.5)
+            assert history["status"]["status_str"] == "success", (name, history["status"])
+            images = [img for out in history["outputs"].values() for img in out.get("images", [])]
+            assert len(images) == 1, name
+            assert (base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
         before = rss()
         after = before
         for attempt in range(60):
