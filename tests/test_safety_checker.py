@@ -136,6 +136,23 @@ def test_folder_saved_by_transformers_loads(tmp_path, reference):
     assert _rel(checker.logits(_as_image_batch(u8)), expected) < 1e-5
 
 
+def test_state_dict_of_transformers_renamed_modules_loads(tmp_path, reference):
+    # transformers 5.2x names the modules vit.layers.N.attention.q_proj, mlp.fc1 ...; a file saved from its
+    # state_dict() holds those names, where users' files (and save_pretrained) hold vit.encoder.layer.N...
+    processor, model = reference
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.startswith("vit.layers.") for k in state) or any(".encoder.layer." in k for k in state)
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    model.config.to_json_file(str(folder / "config.json"))
+    checker = load_safety_checker(folder / "model.safetensors", "cpu")
+    u8 = _u8_images(120, 90, 1, seed=4)
+    with torch.no_grad():
+        expected = model(processor(images=[Image.fromarray(u8[0])], return_tensors="pt")["pixel_values"]).logits
+    assert _rel(checker.logits(_as_image_batch(u8)), expected) < 1e-5
+
+
 def test_config_read_off_shapes_without_config_json(tmp_path):
     path = write_random_safety_checkpoint(tmp_path / "demo.safetensors", DEMO_SAFETY_CONFIG, seed=1)
     assert not (tmp_path / "config.json").exists()  # heads = hidden / 64: nothing to write

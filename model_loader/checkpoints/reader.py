@@ -177,6 +177,30 @@ class StateDictSource:
         return self._sd[key]
 
 
+class RenamedSource:
+    """A TensorSource seen under other names: `names` maps each name shown to the source's own name."""
+
+    def __init__(self, source: TensorSource, names: Mapping[str, str]) -> None:
+        self._source = source
+        self._names = dict(names)
+        self.path = getattr(source, "path", "state dict")
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._names
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(self._names[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._source.dtype(self._names[key])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._source.tensor(self._names[key])
+
+
 class Checkpoint:
     """One model stored in one or more safetensors files (shards): key -> lazy tensor.
 

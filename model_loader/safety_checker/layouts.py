@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from ..checkpoints import Checkpoint, FileKind, identify
+from ..checkpoints import Checkpoint, FileKind, RenamedSource, TensorSource, identify
 from ..errors import ModelFileError
 from .model import (
     _GELU_APPROXIMATION,
@@ -75,6 +75,28 @@ def _labels_from(id2label: object, num_labels: int, path: Path) -> tuple[str, ..
         raise ModelFileError(
             f"{path}: config.json names labels {sorted(by_index)} but the classifier has {num_labels} outputs.")
     return tuple(by_index[i] for i in range(num_labels))
+
+
+# transformers 5.2x's ViTForImageClassification.state_dict() names -> the names of the files users have (what
+# save_pretrained still writes, and the module's attribute names here).
+_NEW_LAYER_KEY = re.compile(r"^vit\.layers\.(\d+)\.(.+)$")
+_NEW_TO_FILE = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
+                "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense",
+                "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+
+
+def in_file_layout(checkpoint: TensorSource) -> TensorSource:
+    """The checkpoint under the file names (`vit.encoder.layer.N.attention.attention.query`...), also when it
+    holds a state dict saved from transformers 5.2x's renamed modules (`vit.layers.N.attention.q_proj`...)."""
+    names = {}
+    for key in checkpoint.keys():
+        m = _NEW_LAYER_KEY.match(key)
+        if m is None:
+            names[key] = key
+            continue
+        module, _, leaf = m[2].rpartition(".")
+        names[f"vit.encoder.layer.{m[1]}.{_NEW_TO_FILE.get(module, module)}.{leaf}"] = key
+    return checkpoint if all(k == v for k, v in names.items()) else RenamedSource(checkpoint, names)
 
 
 def config_from_checkpoint(checkpoint: Checkpoint) -> SafetyCheckerConfig:

@@ -10,7 +10,7 @@ import torch
 from ..checkpoints import FileKind, identify, open_checkpoint
 from ..compute_dtypes import CLASSIFIER_DTYPE
 from ..errors import ModelFileError
-from .layouts import WHERE_TO_GET_IT, config_from_checkpoint
+from .layouts import WHERE_TO_GET_IT, config_from_checkpoint, in_file_layout
 from .model import SafetyChecker, ViTImageClassifier
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def load_safety_checker(path: str | os.PathLike[str], device: torch.device | str
     """
     path = Path(path)
     device = torch.device(device)
-    checkpoint = open_checkpoint(path)
+    checkpoint = in_file_layout(open_checkpoint(path))
     config = config_from_checkpoint(checkpoint)
     with torch.device("meta"):
         model = ViTImageClassifier(config)
