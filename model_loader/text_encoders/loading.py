@@ -42,10 +42,16 @@ _T5_BLOCK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _SCALE_NAMES = ("scale_weight", "weight_scale")
 
 
-def _looks_like(kind: FileKind, keys: list[str]) -> str:
-    if kind is FileKind.UNKNOWN:
-        return f"{kind.description} (first keys: {first_keys(keys)})"
-    return kind.description
+def _wrong_encoder(ckpt: Checkpoint, expected: FileKind, swapped_hint: str, pick_hint: str) -> ModelFileError:
+    """`ckpt` is not the `expected` encoder: say what it is, and which file to pick (`swapped_hint` when it is
+    the other encoder of the pair)."""
+    keys = ckpt.keys()
+    kind = identify(keys)
+    looks = f"{kind.description} (first keys: {first_keys(keys)})" if kind is FileKind.UNKNOWN else kind.description
+    other = FileKind.T5_TEXT if expected is FileKind.CLIP_TEXT else FileKind.CLIP_TEXT
+    hint = swapped_hint if kind is other else pick_hint
+    return ModelFileError(f"{ckpt.path} is not a {expected.short}: it looks like {looks}.{hint}", found=kind,
+                          expected=expected)
 
 
 def _prefix_of(keys: Iterable[str], mark: str, ckpt: Checkpoint, companion: str) -> str | None:
@@ -108,11 +114,9 @@ def _clip_from(ckpt: Checkpoint, operations) -> CLIPTextModel:
     keys = ckpt.keys()
     prefix = _prefix_of(keys, _CLIP_MARK, ckpt, _CLIP_LAYER)
     if prefix is None:
-        kind = identify(keys)
-        hint = (" Pick it as the T5 file and clip_l.safetensors as the CLIP file."
-                if kind is FileKind.T5_TEXT else " Pick clip_l.safetensors (CLIP-L) as the CLIP file.")
-        raise ModelFileError(f"{ckpt.path} is not a CLIP text encoder: it looks like {_looks_like(kind, keys)}.{hint}",
-                             found=kind, expected=FileKind.CLIP_TEXT)
+        raise _wrong_encoder(ckpt, FileKind.CLIP_TEXT,
+                             " Pick it as the T5 file and clip_l.safetensors as the CLIP file.",
+                             " Pick clip_l.safetensors (CLIP-L) as the CLIP file.")
     config = clip_config_from_checkpoint(ckpt, prefix)
     if config.width != 768 and config.layers >= 12:  # a full-size CLIP of another kind (CLIP-G, CLIP-H)
         log.warning("%s is a CLIP text encoder of width %d; FLUX expects CLIP-L (768).", ckpt.path, config.width)
@@ -132,11 +136,9 @@ def _t5_from(ckpt: Checkpoint, operations) -> T5EncoderModel:
     keys = ckpt.keys()
     prefix = _prefix_of(keys, _T5_MARK, ckpt, _T5_BLOCK)
     if prefix is None:
-        kind = identify(keys)
-        hint = (" Pick it as the CLIP file and t5xxl_fp16.safetensors as the T5 file."
-                if kind is FileKind.CLIP_TEXT else " Pick t5xxl_fp16.safetensors (or the fp8 one) as the T5 file.")
-        raise ModelFileError(f"{ckpt.path} is not a T5 text encoder: it looks like {_looks_like(kind, keys)}.{hint}",
-                             found=kind, expected=FileKind.T5_TEXT)
+        raise _wrong_encoder(ckpt, FileKind.T5_TEXT,
+                             " Pick it as the CLIP file and t5xxl_fp16.safetensors as the T5 file.",
+                             " Pick t5xxl_fp16.safetensors (or the fp8 one) as the T5 file.")
     config = t5_config_from_checkpoint(ckpt, prefix)
     embedding = next(prefix + k for k in EMBEDDING_KEYS if prefix + k in ckpt)
     model = build_t5(config, operations)
