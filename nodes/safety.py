@@ -30,6 +30,15 @@ def _checker_choices() -> list[str]:
     return host.list_models(FOLDER) or [NO_CLASSIFIER]
 
 
+def _threshold_problem(threshold: object) -> str | None:
+    if isinstance(threshold, float) and not math.isfinite(threshold):
+        return f"threshold: {threshold!r} is not a finite number"
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        return (f"threshold must be a number from 0 to 1 (an image is flagged when its NSFW probability is above "
+                f"it); got {threshold!r}.")
+    return None
+
+
 def _no_classifier_error(checker_name: str) -> ModelFileError:
     folders = ", ".join(str(p) for p in host.model_search_paths(FOLDER)) or "(no safety_checker folder configured)"
     found = "" if checker_name == NO_CLASSIFIER else f" ({checker_name!r} is not there)"
@@ -81,7 +90,8 @@ class KreaSafetyCheck:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, checker_name: str | None = None, enable_safety_checker: bool | None = None) -> bool | str:
+    def VALIDATE_INPUTS(cls, checker_name: str | None = None, enable_safety_checker: bool | None = None,
+                        threshold: float | None = None) -> bool | str:
         # Taking checker_name here turns off ComfyUI's combo check for it: a workflow saved where another
         # classifier was installed must still run with the check disabled. With the check enabled,
         # the classifier is looked for and its header read now, before any model loads; a name that leaves
@@ -89,6 +99,9 @@ class KreaSafetyCheck:
         # boolean check, so it is done here.
         if enable_safety_checker is not None and not isinstance(enable_safety_checker, bool):
             return f"enable_safety_checker: {enable_safety_checker!r} is not a boolean"
+        # threshold is taken here because ComfyUI's own range check lets NaN through.
+        if threshold is not None and _threshold_problem(threshold) is not None:
+            return _threshold_problem(threshold)
         if checker_name is None:
             return True
         if not isinstance(checker_name, str):
@@ -109,10 +122,9 @@ class KreaSafetyCheck:
 
     def check(self, images: torch.Tensor, enable_safety_checker: bool, threshold: float,
               checker_name: str) -> dict:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) \
-                or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a number from 0 to 1 (an image is flagged when its NSFW "
-                             f"probability is above it); got {threshold!r}.")
+        problem = _threshold_problem(threshold)
+        if problem is not None:
+            raise ValueError(problem)
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be an IMAGE batch (B, H, W, 3); got {shape}.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 
@@ -100,9 +101,23 @@ class KreaSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width: int | None, height: int | None) -> bool | str:
+    def VALIDATE_INPUTS(cls, width: int | None, height: int | None, guidance_scale: float | None = None,
+                        strength: float | None = None) -> bool | str:
         # ComfyUI skips its own min/max checks for inputs named here, so the range is checked in full.
-        # A linked input arrives as None: its value is checked when the node runs.
+        # A linked input arrives as None: its value is checked when the node runs. guidance_scale and
+        # strength are here because ComfyUI's own check lets NaN through (every comparison with NaN is
+        # false), which would only be found when the sampler runs, after the text encoders loaded.
+        for parameter, value in ((GUIDANCE_SCALE, guidance_scale), (STRENGTH, strength)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"{parameter.name}: {value!r} is not a number"
+            if not math.isfinite(value):
+                return f"{parameter.name}: {value!r} is not a finite number"
+            try:
+                parameter.check(value)
+            except ValueError as err:
+                return str(err)
         for name, value in ((WIDTH.name, width), (HEIGHT.name, height)):
             if value is None:
                 continue

@@ -74,3 +74,23 @@ def test_bad_conditioning_and_latent_are_explained():
         KreaSampler().sample(NeverLoaded(), COND, **GOOD, latent={"samples": torch.zeros(1, 4, 8, 8)})
     with pytest.raises(ValueError, match="multiples of 16"):
         KreaSampler().sample(NeverLoaded(), COND, **GOOD, latent={"samples": torch.zeros(1, 16, 9, 8)})
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"guidance_scale": float("nan")}, "guidance_scale: nan is not a finite number"),
+    ({"guidance_scale": 25.0}, "guidance_scale must be between"),
+    ({"strength": float("inf")}, "strength: inf is not a finite number"),
+    ({"strength": "0.5"}, "strength: '0.5' is not a number"),
+])
+def test_validate_inputs_refuses_nan_and_out_of_range_floats(inputs, message):
+    # ComfyUI's own min/max check lets NaN through; the node's validation must not, before any model loads.
+    result = KreaSampler.VALIDATE_INPUTS(width=1024, height=768, **inputs)
+    assert result is not True and message in result
+
+
+def test_safety_check_validation_refuses_a_nan_threshold():
+    from comfyui_krea.nodes.safety import KreaSafetyCheck
+
+    assert "threshold: nan is not a finite number" in KreaSafetyCheck.VALIDATE_INPUTS(threshold=float("nan"))
+    assert "threshold must be a number from 0 to 1" in KreaSafetyCheck.VALIDATE_INPUTS(threshold=1.5)
+    assert KreaSafetyCheck.VALIDATE_INPUTS(threshold=0.5) is True
