@@ -114,10 +114,11 @@ class KreaSampler:
                 return f"{parameter.name}: {value!r} is not a number"
             if not math.isfinite(value):
                 return f"{parameter.name}: {value!r} is not a finite number"
-            try:
-                parameter.check(value)
-            except ValueError as err:
-                return str(err)
+            # Worded as ComfyUI words its own range check, which this one replaces.
+            if value < parameter.min:
+                return f"{parameter.name}: {value} is smaller than the minimum {parameter.min}"
+            if value > parameter.max:
+                return f"{parameter.name}: {value} is bigger than the maximum {parameter.max}"
         for name, value in ((WIDTH.name, width), (HEIGHT.name, height)):
             if value is None:
                 continue

@@ -78,7 +78,8 @@ def test_bad_conditioning_and_latent_are_explained():
 
 @pytest.mark.parametrize("inputs, message", [
     ({"guidance_scale": float("nan")}, "guidance_scale: nan is not a finite number"),
-    ({"guidance_scale": 25.0}, "guidance_scale must be between"),
+    ({"guidance_scale": 25.0}, "guidance_scale: 25.0 is bigger than the maximum 20.0"),
+    ({"strength": 0.0}, "strength: 0.0 is smaller than the minimum 0.01"),
     ({"strength": float("inf")}, "strength: inf is not a finite number"),
     ({"strength": "0.5"}, "strength: '0.5' is not a number"),
 ])
