@@ -37,22 +37,25 @@ from pathlib import Path
 # suite), "!tests/..." deselects one. Edit this table when the tree moves.
 PACKAGES: dict[str, list[str]] = {
     "sampling": ["sampling/schedule.py", "sampling/latents.py", "sampling/denoise.py", "sampling/step_cache.py",
-                 "sampling/gpu_acceleration.py",
+                 "sampling/gpu_acceleration.py", "sampling/parameters.py",
                  "tests/test_schedule.py", "tests/test_pipeline_parity.py", "tests/test_step_cache.py",
-                 "tests/test_sampler_node.py", "tests/test_mutants_sampling.py",
+                 "tests/test_sampler_node.py", "tests/test_node_contract.py", "tests/test_mutants_sampling.py",
                  "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
                  "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "model_loader math": [
-        "model_loader/flux.py", "model_loader/clip.py", "model_loader/t5.py", "model_loader/autoencoder.py",
-        "model_loader/autoencoder_tiling.py", "model_loader/operations.py",
-        ("model_loader/flux_loading.py::_linear,diffusers_renames,swap_halves,_plan_bfl,_plan_diffusers,_read_fused,"
-         "rope_axes_for_head_dim,_config_from_shapes,_dequantize,quantize_fp8,_convert"),
-        "model_loader/autoencoder_loading.py::diffusers_key_names,_read_config",
-        "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_autoencoder.py",
-        "tests/test_text_encoders.py", "tests/test_operations.py", "tests/test_mutants_model_loader.py"],
-    "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/safety.py", "nodes/sampler.py",
-              "nodes/text.py"],
-    "workflow_runner": ["workflow_runner.py"],
+        "model_loader/flux/model.py", "model_loader/flux/layouts.py",
+        "model_loader/flux/loading.py::_convert,_dequantize,_storage",
+        "model_loader/text_encoders/clip.py", "model_loader/text_encoders/t5.py",
+        "model_loader/autoencoder/model.py", "model_loader/autoencoder/tiling.py",
+        "model_loader/autoencoder/config.py",
+        "model_loader/autoencoder/layouts.py::diffusers_key_names,config_from_checkpoint",
+        "model_loader/operations.py", "model_loader/compute_dtypes.py",
+        "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_transformer_contract.py",
+        "tests/test_autoencoder.py", "tests/test_text_encoders.py", "tests/test_operations.py",
+        "tests/test_mutants_model_loader.py"],
+    "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/model_files.py", "nodes/safety.py",
+              "nodes/sampler.py", "nodes/text.py"],
+    "runner": ["standalone/runner.py"],
 }
 
 ROOT = Path(__file__).resolve().parent.parent
