@@ -2,9 +2,16 @@
 documented contract rather than the implementation."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from comfyui_krea.model_loader import operations
+
+from comfyui_krea.model_loader import ModelFileError, operations
+from comfyui_krea.model_loader.checkpoints import StateDictSource
+from comfyui_krea.model_loader.flux import layouts, load_flux_from_source
+from comfyui_krea.model_loader.flux import model as flux_model
+from conftest import TINY_FLUX, rel_err
 
 
 @pytest.fixture
@@ -45,3 +52,202 @@ def test_fp8_matmul_is_off_off_cuda_without_a_runtime_or_without_scaled_mm(fake_
     assert operations.fp8_matmul_supported(torch.device("cuda")) is False
     fake_cuda((9, 0), available=True, scaled_mm=False)
     assert operations.fp8_matmul_supported(torch.device("cuda")) is False
+
+
+# ------------------------------------------------------------------------------ FLUX math against formulas
+
+
+def test_rope_rotation_matrices_match_the_formula_in_float64():
+    # FLUX's rotary embedding: angle = pos / theta ** (2i / dim), matrix [[cos, -sin], [sin, cos]].
+    # Positions up to 1e5 make float32 arithmetic visibly worse than the float64 of the reference.
+    pos = torch.tensor([[0.0, 1.0, 7.0, 4097.0, 99_991.0]])
+    dim, theta = 6, 10_000
+    got = flux_model.rope(pos, dim, theta)
+    assert got.shape == (1, 5, 3, 2, 2) and got.dtype == torch.float32
+    for i in range(dim // 2):
+        omega = 1.0 / theta ** (2 * i / dim)
+        for j, p in enumerate(pos[0].tolist()):
+            c, s = math.cos(p * omega), math.sin(p * omega)
+            want = torch.tensor([[c, -s], [s, c]], dtype=torch.float32)
+            assert torch.allclose(got[0, j, i], want, atol=1e-6, rtol=0), (i, j, got[0, j, i], want)
+
+
+def test_rope_of_other_theta_and_dim():
+    pos = torch.tensor([[3.0, 11.0]])
+    got = flux_model.rope(pos, 4, 7)
+    for i, omega in enumerate((1.0, 1.0 / 7 ** 0.5)):
+        for j, p in enumerate((3.0, 11.0)):
+            assert math.isclose(got[0, j, i, 1, 0].item(), math.sin(p * omega), abs_tol=1e-6)
+            assert math.isclose(got[0, j, i, 0, 0].item(), math.cos(p * omega), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [8, 7, 256])
+def test_timestep_embedding_matches_diffusers(dim):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0.0, 0.013, 0.5, 1.0])
+    want = get_timestep_embedding(1000.0 * t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    got = flux_model.timestep_embedding(t, dim)
+    assert got.shape == (4, dim) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    if dim % 2:
+        assert torch.equal(got[:, -1], torch.zeros(4))
+
+
+def test_timestep_embedding_max_period_and_time_factor():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    want = get_timestep_embedding(10.0 * t.float(), 6, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=50)
+    got = flux_model.timestep_embedding(t, 6, max_period=50, time_factor=10.0)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+def rms_norm_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x64 = x.double()
+    return (x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-6) * scale.double())
+
+
+def test_rms_norm_matches_the_formula_including_its_epsilon():
+    gen = torch.Generator().manual_seed(0)
+    norm = flux_model.RMSNorm(8)
+    with torch.no_grad():
+        norm.scale.copy_(torch.randn(8, generator=gen))
+    # mean(x^2) of 1e-6 makes the 1e-6 epsilon count by half; a unit-size row checks the plain formula.
+    x = torch.cat([torch.randn(1, 3, 8, generator=gen), 1e-3 * torch.randn(1, 3, 8, generator=gen)], dim=1)
+    got = norm(x)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), rms_norm_reference(x, norm.scale.detach()), rtol=1e-5, atol=1e-7)
+
+
+def test_rms_norm_of_bf16_input_computes_in_float32_and_returns_bf16():
+    gen = torch.Generator().manual_seed(1)
+    norm = flux_model.RMSNorm(16)
+    with torch.no_grad():
+        norm.scale.copy_(torch.rand(16, generator=gen) + 0.5)
+    x = (300.0 * torch.randn(2, 16, generator=gen)).to(torch.bfloat16)  # x*x overflows no float, bf16 rounds
+    got = norm(x)
+    assert got.dtype == torch.bfloat16
+    normalized = (x.double() / torch.sqrt((x.double() ** 2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    want = normalized * norm.scale.detach().to(torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+def test_qk_norm_normalizes_query_and_key_with_their_own_scales_in_v_dtype():
+    gen = torch.Generator().manual_seed(2)
+    qk = flux_model.QKNorm(4)
+    with torch.no_grad():
+        qk.query_norm.scale.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        qk.key_norm.scale.copy_(torch.tensor([-1.0, 0.5, 0.25, 2.0]))
+    q, k = torch.randn(1, 2, 3, 4, generator=gen), torch.randn(1, 2, 3, 4, generator=gen)
+    v = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
+    q_out, k_out = qk(q, k, v)
+    assert q_out.dtype == k_out.dtype == torch.bfloat16
+    assert torch.allclose(q_out.float(), rms_norm_reference(q, qk.query_norm.scale.detach()).float(), rtol=1e-2)
+    assert torch.allclose(k_out.float(), rms_norm_reference(k, qk.key_norm.scale.detach()).float(), rtol=1e-2)
+
+
+def test_swap_halves_exchanges_the_two_halves_of_dim_0():
+    t = torch.arange(12).reshape(6, 2)
+    assert torch.equal(layouts.swap_halves(t), torch.tensor([[6, 7], [8, 9], [10, 11], [0, 1], [2, 3], [4, 5]]))
+    assert torch.equal(layouts.swap_halves(torch.tensor([1, 2])), torch.tensor([2, 1]))
+
+
+# -------------------------------------------------------------------- the diffusers layout, from diffusers
+
+
+def diffusers_flux(config, seed: int):
+    """diffusers' own FluxTransformer2DModel of `config`, every parameter drawn at random (seeded)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
+        num_single_layers=config.depth_single_blocks, attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads, joint_attention_dim=config.context_in_dim,
+        pooled_projection_dim=config.vec_in_dim, guidance_embeds=config.guidance_embed,
+        axes_dims_rope=config.axes_dim).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def flux_inputs(config, batch: int = 1, h: int = 3, w: int = 2, txt_len: int = 4):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return dict(img=torch.randn(batch, h * w, config.in_channels, generator=gen),
+                img_ids=ids.reshape(1, h * w, 3).expand(batch, -1, -1),
+                txt=torch.randn(batch, txt_len, config.context_in_dim, generator=gen),
+                txt_ids=torch.zeros(batch, txt_len, 3),
+                timesteps=torch.full((batch,), 0.6), y=torch.randn(batch, config.vec_in_dim, generator=gen),
+                guidance=torch.full((batch,), 3.5))
+
+
+def diffusers_output(model, x):
+    with torch.no_grad():
+        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                     timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
+                     guidance=x["guidance"], return_dict=False)[0]
+
+
+def ours_from_state(state):
+    model = load_flux_from_source(StateDictSource(state))
+    with torch.no_grad():
+        return model, model.forward_orig(**flux_inputs(model.config))
+
+
+@pytest.fixture(scope="module")
+def diffusers_tiny():
+    model = diffusers_flux(TINY_FLUX, seed=9)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_diffusers_weights_drawn_by_diffusers_load_to_the_same_function(diffusers_tiny):
+    reference, state = diffusers_tiny
+    assert layouts.plan_flux_layout(StateDictSource(state), "f").kind == "diffusers"
+    model, out = ours_from_state(state)
+    assert model.config == TINY_FLUX
+    assert rel_err(out, diffusers_output(reference, flux_inputs(TINY_FLUX))) < 1e-5
+    # the final layer's (shift, scale) are diffusers' norm_out (scale, shift) with the halves exchanged
+    w = state["norm_out.linear.weight"]
+    assert torch.equal(model.final_layer.adaLN_modulation[1].weight, torch.cat([w[32:], w[:32]]))
+
+
+def test_diffusers_file_without_attention_bias(diffusers_tiny):
+    """Some exports drop the q/k/v biases of the double blocks (qkv_bias=False); zero biases are the same model."""
+    _, state = diffusers_tiny
+    reference = diffusers_flux(TINY_FLUX, seed=9)  # the same weights; the fixture's model stays untouched
+    names = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    dropped = {k for k in state if k.startswith("transformer_blocks.") and k.split(".")[-2] in names
+               and k.endswith(".bias")}
+    assert len(dropped) == 2 * 6
+    with torch.no_grad():
+        for k in dropped:
+            reference.get_parameter(k).zero_()
+    model, out = ours_from_state({k: v for k, v in state.items() if k not in dropped})
+    assert model.config.qkv_bias is False and model.double_blocks[0].img_attn.qkv.bias is None
+    assert model.single_blocks[0].linear1.bias is not None  # the single blocks keep theirs
+    assert rel_err(out, diffusers_output(reference, flux_inputs(TINY_FLUX))) < 1e-5
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_diffusers_file_with_missing_or_extra_tensors(diffusers_tiny, change):
+    _, state = diffusers_tiny
+    state = dict(state)
+    if change == "missing":
+        del state["single_transformer_blocks.1.proj_mlp.bias"]
+    else:
+        state["transformer_blocks.1.attn.to_q.lora.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ModelFileError, match={"missing": "missing 1 tensors", "extra": "holds 1 tensors"}[change]):
+        layouts.plan_flux_layout(StateDictSource(state), "my.safetensors")
+
+
+def test_diffusers_tensors_that_do_not_fit_together(diffusers_tiny):
+    _, state = diffusers_tiny
+    state = dict(state, **{"transformer_blocks.0.attn.to_k.weight": torch.zeros(32, 31)})
+    with pytest.raises(ModelFileError, match="do not fit together"):
+        layouts.plan_flux_layout(StateDictSource(state), "my.safetensors")

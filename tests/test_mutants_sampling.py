@@ -19,7 +19,6 @@ from comfyui_krea.sampling.latents import make_noise, pack
 from comfyui_krea.sampling.schedule import get_schedule, image_to_image_start
 from comfyui_krea.sampling.step_cache import CacheReport, StepCache
 
-
 # ---- denoise: Euler steps and the callback contract -------------------------------------------------------
 
 def test_denoise_with_the_true_velocity_lands_on_the_data_and_reports_every_step():
