@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from comfyui_krea.model_loader import ModelFileError, operations
-from comfyui_krea.model_loader.checkpoints import StateDictSource
-from comfyui_krea.model_loader.flux import layouts, load_flux_from_source
+from comfyui_krea.model_loader.checkpoints import FileKind, StateDictSource
+from comfyui_krea.model_loader.flux import FluxTransformer, layouts, load_flux_from_source
 from comfyui_krea.model_loader.flux import model as flux_model
 from conftest import TINY_FLUX, rel_err
 
@@ -251,3 +251,53 @@ def test_diffusers_tensors_that_do_not_fit_together(diffusers_tiny):
     state = dict(state, **{"transformer_blocks.0.attn.to_k.weight": torch.zeros(32, 31)})
     with pytest.raises(ModelFileError, match="do not fit together"):
         layouts.plan_flux_layout(StateDictSource(state), "my.safetensors")
+
+
+# ------------------------------------------------------------------ token layout (pack, ids) written out
+
+
+def test_image_ids_are_zero_row_column_in_row_major_order():
+    ids = flux_model.image_ids(2, 4, 6)  # a 2 x 3 grid of 2x2 patches
+    want = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]], dtype=torch.float32)
+    assert ids.shape == (2, 6, 3) and ids.dtype == torch.float32 and ids.is_contiguous()
+    assert torch.equal(ids[0], want) and torch.equal(ids[1], want)
+    assert torch.equal(flux_model.text_ids(3, 5), torch.zeros(3, 5, 3))
+
+
+def test_pack_takes_2x2_patches_row_major_channel_major_inside():
+    latent = torch.arange(2 * 2 * 4 * 6, dtype=torch.float32).reshape(2, 2, 4, 6)
+    tokens = flux_model.pack(latent)
+    assert tokens.shape == (2, 6, 8)
+    for b in range(2):
+        for row in range(2):
+            for col in range(3):
+                patch = latent[b, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2]  # (C, 2, 2): channel, then y, x
+                assert torch.equal(tokens[b, row * 3 + col], patch.reshape(-1))
+    assert torch.equal(flux_model.unpack(tokens, 4, 6), latent)
+
+
+def test_comfy_forward_takes_inputs_comfyui_passes_as_none():
+    # ComfyUI's FLUX callers pass extra keyword inputs set to None (ref_latents, attention_mask): no refusal.
+    model = FluxTransformer(TINY_FLUX).eval()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        x, context = torch.randn(1, 16, 4, 4, generator=gen), torch.randn(1, 3, 32, generator=gen)
+        y, t, g = torch.randn(1, 16, generator=gen), torch.tensor([0.5]), torch.tensor([3.0])
+        plain = model(x, t, context, y=y, guidance=g)
+        assert torch.equal(model(x, t, context, y=y, guidance=g, ref_latents=None, attention_mask=None), plain)
+
+
+# ------------------------------------------------------------------------- files that are not FLUX's
+
+
+@pytest.mark.parametrize("keys,found", [
+    (["text_model.encoder.layers.0.mlp.fc1.weight", "text_model.final_layer_norm.weight"], FileKind.CLIP_TEXT),
+    ([f"unknown_{i}.weight" for i in range(7)], FileKind.UNKNOWN),
+])
+def test_other_files_say_what_they_are_and_what_was_expected(keys, found):
+    with pytest.raises(ModelFileError) as err:
+        layouts.plan_flux_layout(StateDictSource({k: torch.zeros(1) for k in keys}), "x.safetensors")
+    assert err.value.found is found and err.value.expected is FileKind.FLUX_TRANSFORMER
+    assert str(err.value).endswith("Use a FLUX.1 transformer file (e.g. flux1-krea-dev.safetensors).")
