@@ -11,7 +11,7 @@ from comfyui_krea.model_loader import ModelFileError, operations
 from comfyui_krea.model_loader.checkpoints import FileKind, StateDictSource
 from comfyui_krea.model_loader.flux import FluxTransformer, layouts, load_flux_from_source
 from comfyui_krea.model_loader.flux import model as flux_model
-from conftest import TINY_FLUX, rel_err
+from conftest import TINY_AUTOENCODER, TINY_FLUX, rel_err
 
 
 @pytest.fixture
@@ -301,3 +301,66 @@ def test_other_files_say_what_they_are_and_what_was_expected(keys, found):
         layouts.plan_flux_layout(StateDictSource({k: torch.zeros(1) for k in keys}), "x.safetensors")
     assert err.value.found is found and err.value.expected is FileKind.FLUX_TRANSFORMER
     assert str(err.value).endswith("Use a FLUX.1 transformer file (e.g. flux1-krea-dev.safetensors).")
+
+
+def random_flux(seed: int = 8) -> FluxTransformer:
+    model = FluxTransformer(TINY_FLUX).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def comfy_inputs(h: int, w: int):
+    gen = torch.Generator().manual_seed(12)
+    return (torch.randn(1, 16, h, w, generator=gen), torch.tensor([0.5]), torch.randn(1, 3, 32, generator=gen),
+            torch.randn(1, 16, generator=gen), torch.tensor([3.0]))
+
+
+@pytest.mark.parametrize("h,w", [(5, 4), (4, 3), (5, 3)])
+def test_comfy_forward_wraps_odd_sides_around_like_comfyui(h, w):
+    # ComfyUI's FLUX pads an odd latent side by wrapping (circular): the first row / column repeated after the
+    # last; the output is cropped back. Written out here with cat, then run through the reference call.
+    model = random_flux()
+    x, t, context, y, g = comfy_inputs(h, w)
+    padded = torch.cat([x, x[:, :, :1]], dim=2) if h % 2 else x
+    padded = torch.cat([padded, padded[:, :, :, :1]], dim=3) if w % 2 else padded
+    lh, lw = padded.shape[-2:]
+    with torch.no_grad():
+        out = model(x, t, context, y=y, guidance=g)
+        tokens = model.forward_orig(flux_model.pack(padded), flux_model.image_ids(1, lh, lw), context,
+                                    flux_model.text_ids(1, 3), t, y, g)
+    assert out.shape == x.shape
+    assert torch.equal(out, flux_model.unpack(tokens, lh, lw)[:, :, :h, :w])
+
+
+def test_comfy_forward_refuses_an_attention_mask_as_a_mask():
+    model = random_flux()
+    x, t, context, y, g = comfy_inputs(4, 4)
+    with pytest.raises(NotImplementedError, match="takes no attention mask"):
+        model(x, t, context, y=y, guidance=g, attention_mask=torch.ones(1, 7, 7, dtype=torch.bool))
+
+
+def test_comfy_forward_builds_position_ids_on_the_latents_device():
+    # On the meta device nothing is computed; ids left on the CPU would fail next to meta tensors.
+    model = FluxTransformer(TINY_FLUX, device="meta")
+    meta = dict(device="meta")
+    out = model(torch.empty(1, 16, 4, 6, **meta), torch.empty(1, **meta), torch.empty(1, 3, 32, **meta),
+                y=torch.empty(1, 16, **meta), guidance=torch.empty(1, **meta))
+    assert out.shape == (1, 16, 4, 6) and out.device.type == "meta"
+
+
+def test_autoencoder_pass_bytes_grows_with_batch_size_and_precision():
+    from comfyui_krea.model_loader.autoencoder import AutoEncoder
+
+    with torch.device("meta"):
+        vae = AutoEncoder(TINY_AUTOENCODER)
+    cpu = torch.device("cpu")
+    one = vae.pass_bytes("decode", 1, 16, 16, cpu)
+    assert isinstance(one, int) and one > 16 * 16 * 64 * 4  # at least one float32 feature map of the top level
+    assert vae.pass_bytes("decode", 3, 16, 16, cpu) == 3 * one
+    assert vae.pass_bytes("decode", 1, 16, 32, cpu) > one and vae.pass_bytes("decode", 1, 32, 16, cpu) > one
+    assert vae.pass_bytes("encode", 1, 16, 16, cpu) != one
+    assert vae.to(torch.bfloat16).pass_bytes("decode", 1, 16, 16, cpu) < one
+    assert vae.pass_bytes("decode", 1, 16, 16, torch.device("cuda")) > 0  # asks no CUDA runtime
