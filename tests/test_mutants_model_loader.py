@@ -9,7 +9,7 @@ import torch
 
 from comfyui_krea.model_loader import ModelFileError, operations
 from comfyui_krea.model_loader.checkpoints import FileKind, StateDictSource
-from comfyui_krea.model_loader.flux import FluxTransformer, layouts, load_flux_from_source
+from comfyui_krea.model_loader.flux import FluxConfig, FluxTransformer, layouts, load_flux_from_source
 from comfyui_krea.model_loader.flux import model as flux_model
 from conftest import TINY_AUTOENCODER, TINY_FLUX, rel_err
 
@@ -191,7 +191,7 @@ def diffusers_output(model, x):
     with torch.no_grad():
         return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
                      timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
-                     guidance=x["guidance"], return_dict=False)[0]
+                     guidance=x["guidance"] if model.config.guidance_embeds else None, return_dict=False)[0]
 
 
 def ours_from_state(state):
@@ -364,3 +364,26 @@ def test_autoencoder_pass_bytes_grows_with_batch_size_and_precision():
     assert vae.pass_bytes("encode", 1, 16, 16, cpu) != one
     assert vae.to(torch.bfloat16).pass_bytes("decode", 1, 16, 16, cpu) < one
     assert vae.pass_bytes("decode", 1, 16, 16, torch.device("cuda")) > 0  # asks no CUDA runtime
+
+
+def test_diffusers_file_with_double_blocks_only():
+    config = FluxConfig(**{**TINY_FLUX.__dict__, "depth_single_blocks": 0, "guidance_embed": False})
+    reference = diffusers_flux(config, seed=6)
+    model, out = ours_from_state({k: v.detach().clone() for k, v in reference.state_dict().items()})
+    assert model.config == config and len(model.single_blocks) == 0
+    assert rel_err(out, diffusers_output(reference, flux_inputs(config))) < 1e-5
+
+
+def test_diffusers_plan_reports_the_files_dtype_and_fused_shapes(diffusers_tiny):
+    _, state = diffusers_tiny
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    plan = layouts.plan_flux_layout(StateDictSource(state), "f").tensors
+    assert {t.dtype for t in plan.values()} == {torch.bfloat16}
+    qkv = plan["double_blocks.1.txt_attn.qkv.weight"]
+    assert qkv.shape == (96, 32)
+    parts = [state[f"transformer_blocks.1.attn.add_{x}_proj.weight"] for x in "qkv"]
+    assert torch.equal(qkv.read(), torch.cat(parts))
+    linear1 = plan["single_blocks.0.linear1.bias"]
+    assert linear1.shape == (3 * 32 + 128,)
+    assert torch.equal(linear1.read(), torch.cat([state[f"single_transformer_blocks.0.{p}.bias"]
+                                                  for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]))
