@@ -301,6 +301,8 @@ def test_other_files_say_what_they_are_and_what_was_expected(keys, found):
         layouts.plan_flux_layout(StateDictSource({k: torch.zeros(1) for k in keys}), "x.safetensors")
     assert err.value.found is found and err.value.expected is FileKind.FLUX_TRANSFORMER
     assert str(err.value).endswith("Use a FLUX.1 transformer file (e.g. flux1-krea-dev.safetensors).")
+    if found is FileKind.UNKNOWN:  # a file of no known kind is described by its first five key names
+        assert "first keys: " + ", ".join(f"unknown_{i}.weight" for i in range(5)) + ")" in str(err.value)
 
 
 def random_flux(seed: int = 8) -> FluxTransformer:
