@@ -389,3 +389,21 @@ def test_diffusers_plan_reports_the_files_dtype_and_fused_shapes(diffusers_tiny)
     assert linear1.shape == (3 * 32 + 128,)
     assert torch.equal(linear1.read(), torch.cat([state[f"single_transformer_blocks.0.{p}.bias"]
                                                   for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]))
+
+
+def test_fp16_activations_are_kept_finite_and_other_dtypes_untouched():
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5, -70000.0])
+    half = flux_model._clamp_fp16(special.half())  # -70000 overflows fp16 to -inf on the cast
+    assert half.dtype == torch.float16
+    assert half.tolist() == [0.0, 65504.0, -65504.0, 1.5, -65504.0]  # 65504: float16's largest finite value
+    for dtype in (torch.float32, torch.bfloat16):
+        out = flux_model._clamp_fp16(special.to(dtype))
+        assert out.dtype == dtype and torch.equal(out.isnan(), special.isnan())
+        assert out[1:].tolist() == special[1:].to(dtype).tolist()
+
+
+def test_rms_norm_scale_follows_the_input_device():
+    # Under ComfyUI's partial loading the scale may stay on another device than the activations.
+    norm = flux_model.RMSNorm(4)
+    out = norm(torch.empty(2, 4, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 4)
