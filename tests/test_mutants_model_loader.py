@@ -407,3 +407,23 @@ def test_rms_norm_scale_follows_the_input_device():
     norm = flux_model.RMSNorm(4)
     out = norm(torch.empty(2, 4, device="meta"))
     assert out.device.type == "meta" and out.shape == (2, 4)
+
+
+def test_reference_call_computes_in_the_image_tokens_dtype():
+    # The image tokens set the compute dtype: float32 text and pooled vectors are cast to it first.
+    model = load_flux_from_source(StateDictSource(random_flux().state_dict()))
+    x = flux_inputs(TINY_FLUX, batch=1)
+    with torch.no_grad():
+        cast = model.forward_orig(**{**x, "img": x["img"].bfloat16(), "txt": x["txt"].bfloat16(),
+                                     "y": x["y"].bfloat16()})
+        mixed = model.forward_orig(**{**x, "img": x["img"].bfloat16()})
+    assert cast.dtype == mixed.dtype == torch.bfloat16
+    assert torch.equal(mixed, cast)
+
+
+@pytest.mark.parametrize("img_shape,txt_shape", [((1, 6, 64), (4, 32)), ((6, 64), (1, 4, 32))])
+def test_reference_call_refuses_unbatched_tokens(img_shape, txt_shape):
+    model = random_flux()
+    x = flux_inputs(TINY_FLUX, batch=1)
+    with pytest.raises(ValueError, match=r"must be \(B, L, C\)"):
+        model.forward_orig(**{**x, "img": torch.zeros(img_shape), "txt": torch.zeros(txt_shape)})
