@@ -427,3 +427,39 @@ def test_reference_call_refuses_unbatched_tokens(img_shape, txt_shape):
     x = flux_inputs(TINY_FLUX, batch=1)
     with pytest.raises(ValueError, match=r"must be \(B, L, C\)"):
         model.forward_orig(**{**x, "img": torch.zeros(img_shape), "txt": torch.zeros(txt_shape)})
+
+
+# ---------------------------------------------------------------------- scaled fp8 files, converted on load
+
+
+@pytest.fixture(scope="module")
+def scaled_fp8_file(tmp_path_factory):
+    from comfyui_krea.model_loader.flux import write_random_flux_checkpoint
+
+    return write_random_flux_checkpoint(tmp_path_factory.mktemp("fp8") / "f.safetensors", TINY_FLUX, seed=4,
+                                        layout="comfy_fp8_scaled")
+
+
+@pytest.mark.parametrize("weight_dtype,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_scaled_fp8_file_loaded_as_16_bit_holds_weight_times_scale(scaled_fp8_file, weight_dtype, dtype):
+    from safetensors.torch import load_file
+
+    from comfyui_krea.model_loader.flux import load_flux
+    from comfyui_krea.model_loader.flux.layouts import COMFY_PREFIX
+
+    raw = load_file(str(scaled_fp8_file))
+    key = "double_blocks.1.img_mlp.0.weight"
+    weight, scale = raw[COMFY_PREFIX + key], raw[COMFY_PREFIX + key.replace(".weight", ".scale_weight")]
+    assert weight.dtype == torch.float8_e4m3fn and scale.float().item() not in (0.0, 1.0)
+    model = load_flux(scaled_fp8_file, weight_dtype)
+    got = model.state_dict()[key]
+    assert got.dtype == dtype
+    assert torch.equal(got, (weight.double() * scale.double()).to(dtype))
+
+
+def test_dequantize_takes_a_scale_from_another_device():
+    from comfyui_krea.model_loader.flux.loading import _dequantize
+
+    weight = torch.empty(4, 4, dtype=torch.float8_e4m3fn, device="meta")
+    out = _dequantize(weight, torch.tensor([0.5]), torch.bfloat16)  # a (1,)-shaped scale left on the CPU
+    assert out.device.type == "meta" and out.dtype == torch.bfloat16
