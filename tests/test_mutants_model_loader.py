@@ -463,3 +463,86 @@ def test_dequantize_takes_a_scale_from_another_device():
     weight = torch.empty(4, 4, dtype=torch.float8_e4m3fn, device="meta")
     out = _dequantize(weight, torch.tensor([0.5]), torch.bfloat16)  # a (1,)-shaped scale left on the CPU
     assert out.device.type == "meta" and out.dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------- compute dtypes, fp8 quantization, patches
+
+
+@pytest.mark.parametrize("available,bf16,device,expected", [
+    (True, True, "cuda", torch.bfloat16), (True, False, "cuda", torch.float32), (False, True, "cuda", torch.float32),
+    (True, True, "cpu", torch.float32), (True, True, "mps", torch.float32)])
+def test_autoencoder_computes_in_bf16_only_on_gpus_that_have_it(monkeypatch, available, bf16, device, expected):
+    from comfyui_krea.model_loader.compute_dtypes import autoencoder_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert autoencoder_compute_dtype(torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_fp8_maps_the_largest_magnitude_to_448(dtype):
+    w = torch.tensor([[0.05, -0.1], [0.025, 0.0]]).to(dtype)
+    q, scale = operations.quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(w.float().abs().max().item() / 448.0, rel=1e-7)
+    assert q.float()[0, 1].item() == -448.0
+    assert torch.allclose(q.float() * scale, w.float(), rtol=0.07, atol=0)
+    q0, scale0 = operations.quantize_fp8(torch.zeros(3, 3, dtype=dtype))  # no division by zero
+    assert 0 < scale0.item() <= 1e-12 and torch.equal(q0.float(), torch.zeros(3, 3))
+
+
+def test_block_patches_of_comfyuis_flux_are_refused():
+    model = random_flux()
+    x, t, context, y, g = comfy_inputs(4, 4)
+    with pytest.raises(NotImplementedError, match="block patches"):
+        model(x, t, context, y=y, guidance=g, transformer_options={"patches": {"double_block": [print]}})
+
+
+@pytest.mark.parametrize("layer", ["norm", "q", "proj_out"])
+def test_vae_attention_key_names_new_then_old(layer):
+    from comfyui_krea.model_loader.autoencoder.layouts import diffusers_key_names
+
+    new = {"norm": "group_norm", "q": "to_q", "proj_out": "to_out.0"}[layer]
+    old = {"norm": None, "q": "query", "proj_out": "proj_attn"}[layer]
+    want = [f"decoder.mid_block.attentions.0.{new}.bias"] + ([f"decoder.mid_block.attentions.0.{old}.bias"]
+                                                             if old else [])
+    assert diffusers_key_names(f"decoder.mid.attn_1.{layer}.bias", 4) == want
+
+
+# ------------------------------------------------------------------------------------ autoencoder entry
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from comfyui_krea.model_loader.autoencoder import AutoEncoder
+
+    vae = AutoEncoder(TINY_AUTOENCODER).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return vae
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 0, 16), (1, 3, 16, 0), (1, 4, 16, 16), (3, 16, 16)])
+def test_encode_refuses_empty_or_misshaped_images(tiny_vae, shape):
+    with pytest.raises(ValueError, match="encode expects images|multiples of 8"):
+        tiny_vae.encode(torch.zeros(shape))
+
+
+def test_encode_of_a_bf16_vae_takes_float32_images_and_returns_float32(tiny_vae):
+    import copy
+
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    half = copy.deepcopy(tiny_vae).to(torch.bfloat16)
+    out = half.encode(images)
+    assert out.dtype == torch.float32 and out.shape == (1, 16, 2, 2)
+    assert rel_err(out, tiny_vae.encode(images)) < 0.05
+
+
+def test_forced_encode_tiles_report_progress(tiny_vae):
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    calls = []
+    tiled = tiny_vae.encode(images, tile_size=32, tile_overlap=16, callback=lambda *a: calls.append(a))
+    assert len(calls) >= 4  # at least a 2 x 2 grid of tiles
+    assert not torch.equal(tiled, tiny_vae.encode(images))  # tiles see only part of the image
