@@ -546,3 +546,68 @@ def test_forced_encode_tiles_report_progress(tiny_vae):
     tiled = tiny_vae.encode(images, tile_size=32, tile_overlap=16, callback=lambda *a: calls.append(a))
     assert len(calls) >= 4  # at least a 2 x 2 grid of tiles
     assert not torch.equal(tiled, tiny_vae.encode(images))  # tiles see only part of the image
+
+
+# ------------------------------------------------------------------------- VAE config read off the shapes
+
+
+def vae_state(config, seed: int = 1):
+    from comfyui_krea.model_loader.autoencoder import AutoEncoder
+
+    with torch.device("meta"):
+        return dict(AutoEncoder(config).state_dict())
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_vae_config_other_than_the_defaults_is_read_off_the_shapes(layout, tmp_path):
+    from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, load_autoencoder
+    from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint as write
+
+    config = AutoEncoderConfig(in_channels=4, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                               z_channels=16, mid_attention=False)
+    path = write(tmp_path / ("ae.safetensors" if layout == "bfl" else "vae"), config, seed=2, layout=layout)
+    assert load_autoencoder(path, "cpu").config == config
+
+
+def _vae_error(tmp_path, state):
+    from safetensors.torch import save_file
+
+    from comfyui_krea.model_loader.autoencoder import load_autoencoder
+
+    path = tmp_path / "v.safetensors"
+    save_file({k: torch.zeros(v.shape) for k, v in state.items()}, str(path))
+    with pytest.raises(ModelFileError) as err:
+        load_autoencoder(path, "cpu")
+    return str(err.value)
+
+
+@pytest.mark.parametrize("extra", ["quant_conv.weight", "post_quant_conv.weight"])
+def test_vae_with_quant_conv_layers_is_another_models(tmp_path, extra):
+    from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig
+
+    state = vae_state(AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1))  # 16 latent channels
+    state[extra] = torch.empty(32, 32, 1, 1, device="meta")
+    assert "(it has quant_conv layers, which FLUX's autoencoder does not)" in _vae_error(tmp_path, state)
+
+
+def test_sd_vae_error_names_stable_diffusion(tmp_path):
+    from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig
+
+    message = _vae_error(tmp_path, vae_state(AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                                z_channels=4)))
+    assert "4 latent channels, not 16 (a Stable Diffusion 1.x/2.x/SDXL VAE)" in message
+    message = _vae_error(tmp_path, vae_state(AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                                z_channels=8)))
+    assert "8 latent channels, not 16." in message  # no hint for a VAE of no known model
+
+
+@pytest.mark.parametrize("available,bf16,device,stored,expected", [
+    (True, True, "cuda", torch.bfloat16, torch.bfloat16), (True, False, "cuda", torch.bfloat16, torch.float16),
+    (True, True, "cuda", torch.float16, torch.float16), (True, True, "cuda", torch.float8_e4m3fn, torch.float16),
+    (True, True, "cpu", torch.bfloat16, torch.float32), (True, True, "mps", torch.float16, torch.float32)])
+def test_text_encoder_compute_dtype(monkeypatch, available, bf16, device, stored, expected):
+    from comfyui_krea.model_loader.compute_dtypes import text_encoder_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert text_encoder_compute_dtype(torch.device(device), stored) is expected
