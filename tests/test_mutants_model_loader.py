@@ -611,3 +611,15 @@ def test_text_encoder_compute_dtype(monkeypatch, available, bf16, device, stored
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert text_encoder_compute_dtype(torch.device(device), stored) is expected
+
+
+def test_vae_group_norms_use_diffusers_epsilon(tiny_vae):
+    from diffusers import AutoencoderKL
+
+    reference = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
+                              layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                              use_post_quant_conv=False)
+    theirs = [(m.num_groups, m.eps, m.affine) for m in reference.modules() if isinstance(m, torch.nn.GroupNorm)]
+    ours = [(m.num_groups, m.eps, m.affine) for m in tiny_vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert sorted(ours) == sorted(theirs) and {eps for _, eps, _ in ours} == {1e-6}
