@@ -563,7 +563,7 @@ def test_vae_config_other_than_the_defaults_is_read_off_the_shapes(layout, tmp_p
     from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, load_autoencoder
     from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint as write
 
-    config = AutoEncoderConfig(in_channels=4, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+    config = AutoEncoderConfig(in_channels=4, out_channels=1, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
                                z_channels=16, mid_attention=False)
     path = write(tmp_path / ("ae.safetensors" if layout == "bfl" else "vae"), config, seed=2, layout=layout)
     assert load_autoencoder(path, "cpu").config == config
@@ -658,3 +658,24 @@ def test_fast_fp8_matmul_is_the_scaled_product_of_the_quantized_inputs(monkeypat
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 16)
     assert not operations._fast_fp8_broken  # the fp8 kernel ran, no fallback
     assert (got.double() - want).abs().max() < 0.01 * want.abs().max()  # measured 0.2%; 4% with a clamped scale
+
+
+def test_every_vae_layer_comes_from_the_operations_given():
+    # ComfyUI builds models with its own layer classes (comfy.ops: weight casting, offloading).
+    import types
+
+    from comfyui_krea.model_loader.autoencoder import AutoEncoder
+
+    class Conv(torch.nn.Conv2d):
+        pass
+
+    class Norm(torch.nn.GroupNorm):
+        pass
+
+    ops = types.SimpleNamespace(Conv2d=Conv, GroupNorm=Norm, Linear=torch.nn.Linear)
+    with torch.device("meta"):
+        vae = AutoEncoder(TINY_AUTOENCODER, ops)
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert convs and norms
+    assert all(type(m) is Conv for m in convs) and all(type(m) is Norm for m in norms)
