@@ -679,3 +679,50 @@ def test_every_vae_layer_comes_from_the_operations_given():
     norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert convs and norms
     assert all(type(m) is Conv for m in convs) and all(type(m) is Norm for m in norms)
+
+
+# --------------------------------------------------------------------------- BFL / ComfyUI layouts
+
+
+@pytest.fixture(scope="module")
+def bfl_state():
+    return {k: v.detach().clone() for k, v in random_flux(seed=21).state_dict().items()}
+
+
+def test_layout_names_of_bfl_comfy_and_scaled_fp8_files(bfl_state):
+    from comfyui_krea.model_loader.flux.layouts import COMFY_PREFIX
+
+    assert layouts.plan_flux_layout(StateDictSource(bfl_state), "f").kind == "bfl"
+    comfy = {COMFY_PREFIX + k: v for k, v in bfl_state.items()}
+    assert layouts.plan_flux_layout(StateDictSource(comfy), "f").kind == "comfy"
+    key = COMFY_PREFIX + "single_blocks.0.linear2.weight"
+    q, scale = operations.quantize_fp8(comfy[key])
+    scaled = {**comfy, key: q, key.replace(".weight", ".scale_weight"): scale}
+    assert layouts.plan_flux_layout(StateDictSource(scaled), "f").kind == "comfy_fp8_scaled"
+
+
+def test_scaled_fp8_markers_and_activation_scales_are_skipped_wherever_they_are(bfl_state):
+    from comfyui_krea.model_loader.flux.layouts import COMFY_PREFIX
+
+    key = "double_blocks.0.img_mlp.2.weight"
+    q, scale = operations.quantize_fp8(bfl_state[key])
+    # ComfyUI's scaled files: a `scaled_fp8` marker and `.scale_input` activation scales, here written first.
+    state = {COMFY_PREFIX + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn),
+             COMFY_PREFIX + key.replace(".weight", ".scale_input"): torch.tensor(1.0)}
+    state.update({COMFY_PREFIX + k: v for k, v in bfl_state.items()})
+    state[COMFY_PREFIX + key] = q
+    state[COMFY_PREFIX + key.replace(".weight", ".scale_weight")] = scale
+    layout = layouts.plan_flux_layout(StateDictSource(state), "f")
+    assert set(layout.tensors) == set(bfl_state)
+    assert layout.tensors[key].scale is not None and layout.tensors[key.replace(".weight", ".bias")].scale is None
+    model = load_flux_from_source(StateDictSource(state))
+    assert torch.equal(model.double_blocks[0].img_mlp[2].weight.float(), q.float())
+
+
+def test_comfy_file_with_unknown_tensors_outside_the_transformer_is_refused(bfl_state):
+    from comfyui_krea.model_loader.flux.layouts import COMFY_PREFIX
+
+    state = {COMFY_PREFIX + k: v for k, v in bfl_state.items()}
+    state["model.some_adapter.weight"] = torch.zeros(2)
+    with pytest.raises(ModelFileError, match="outside the FLUX transformer"):
+        layouts.plan_flux_layout(StateDictSource(state), "f")
