@@ -558,12 +558,12 @@ def vae_state(config, seed: int = 1):
         return dict(AutoEncoder(config).state_dict())
 
 
-@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
-def test_vae_config_other_than_the_defaults_is_read_off_the_shapes(layout, tmp_path):
+@pytest.mark.parametrize("layout,ch_mult", [("bfl", (1, 2, 4)), ("diffusers", (1, 2, 4)), ("bfl", (2,))])
+def test_vae_config_other_than_the_defaults_is_read_off_the_shapes(layout, ch_mult, tmp_path):
     from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, load_autoencoder
     from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint as write
 
-    config = AutoEncoderConfig(in_channels=4, out_channels=1, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
+    config = AutoEncoderConfig(in_channels=4, out_channels=1, ch=32, ch_mult=ch_mult, num_res_blocks=1,
                                z_channels=16, mid_attention=False)
     path = write(tmp_path / ("ae.safetensors" if layout == "bfl" else "vae"), config, seed=2, layout=layout)
     assert load_autoencoder(path, "cpu").config == config
