@@ -4,7 +4,7 @@ Not part of the default test run: it runs the tests once per mutant and takes lo
 the model_loader math: about an hour on two cores).
 
     .venv/bin/python bench/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
-                                       [--time-limit SECONDS] [--report]
+                                       [--time-limit SECONDS] [--survivors] [--report]
 
 For each package it builds a work folder (default: .mutation/<package>/ in the checkout, git-ignored) holding
 `src/comfyui_krea/`, a copy of the working tree, so that the mutated copy under `mutants/src/comfyui_krea/` is
@@ -170,7 +170,7 @@ json.dump(out, sys.stdout)
 
 
 def run_package(label: str, entries: list[str], workroot: Path, max_children: int, keep: bool,
-                time_limit: float | None, report_only: bool = False) -> dict:
+                time_limit: float | None, report_only: bool = False, survivors_only: bool = False) -> dict:
     files, globs, tests = split_entries(entries)
     work = workroot / re.sub(r"\W+", "_", label)
     build_workdir(work, files, tests, keep or report_only)
@@ -182,7 +182,8 @@ def run_package(label: str, entries: list[str], workroot: Path, max_children: in
     targets = globs
     previous = work / "results.json"
     if keep and previous.exists():  # retest only what survived last time (mutmut reruns every mutant named)
-        targets = [k for k, m in json.loads(previous.read_text()).items() if m["status"] not in DETECTED]
+        targets = [k for k, m in json.loads(previous.read_text()).items() if m["status"] not in DETECTED
+                   and not (survivors_only and m["status"] == "not checked")]
     if report_only:
         targets = []
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *targets]
@@ -258,6 +259,9 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop each package's run after this many seconds (unchecked mutants count as "
                              "'other'; --keep resumes)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="with --keep: retest only the mutants that survived last time (after adding tests), "
+                             "not those a stopped run left unchecked")
     parser.add_argument("--report", action="store_true", help="only print the results of the earlier runs")
     args = parser.parse_args()
     equivalents = read_equivalents()
@@ -266,7 +270,7 @@ def main() -> int:
         if args.report and not (args.workdir / re.sub(r"\W+", "_", label) / "results.json").exists():
             continue
         result = run_package(label, PACKAGES[label], args.workdir, args.max_children, args.keep, args.time_limit,
-                             args.report)
+                             args.report, args.survivors)
         rows.append((label, result["seconds"], summarize(result, equivalents)))
 
     print()

@@ -726,3 +726,17 @@ def test_comfy_file_with_unknown_tensors_outside_the_transformer_is_refused(bfl_
     state["model.some_adapter.weight"] = torch.zeros(2)
     with pytest.raises(ModelFileError, match="outside the FLUX transformer"):
         layouts.plan_flux_layout(StateDictSource(state), "f")
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20), (4, 6), (6, 9), (6, 2)])
+def test_t5_relative_position_buckets_match_transformers(num_buckets, max_distance):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from comfyui_krea.model_loader.text_encoders.t5 import relative_position_buckets
+
+    length = 40
+    position = torch.arange(length)
+    relative = position[None, :] - position[:, None]
+    want = T5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=num_buckets,
+                                                 max_distance=max_distance)
+    assert torch.equal(relative_position_buckets(length, num_buckets, max_distance, torch.device("cpu")), want)
