@@ -740,3 +740,28 @@ def test_t5_relative_position_buckets_match_transformers(num_buckets, max_distan
     want = T5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=num_buckets,
                                                  max_distance=max_distance)
     assert torch.equal(relative_position_buckets(length, num_buckets, max_distance, torch.device("cpu")), want)
+
+
+def test_t5_layer_norm_matches_transformers_on_small_activations():
+    from transformers.models.t5.modeling_t5 import T5LayerNorm as Reference
+
+    from comfyui_krea.model_loader.text_encoders.t5 import T5LayerNorm
+
+    gen = torch.Generator().manual_seed(6)
+    ours, theirs = T5LayerNorm(16, eps=1e-6), Reference(16, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16, generator=gen))
+        theirs.weight.copy_(ours.weight)
+    x = 1e-3 * torch.randn(2, 5, 16, generator=gen)  # mean(x^2) ~ 1e-6: the epsilon counts
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-6, atol=0)
+
+
+def test_t5_config_with_an_attention_width_other_than_the_model_width(tmp_path):
+    from comfyui_krea.model_loader.checkpoints import Checkpoint
+    from comfyui_krea.model_loader.text_encoders import T5EncoderConfig
+    from comfyui_krea.model_loader.text_encoders.random_weights import write_random_t5_checkpoint
+    from comfyui_krea.model_loader.text_encoders.t5 import config_from_checkpoint
+
+    config = T5EncoderConfig(d_model=64, d_kv=8, heads=4, d_ff=96, layers=2)  # inner width 32, not 64
+    path = write_random_t5_checkpoint(tmp_path / "t5.safetensors", config)
+    assert config_from_checkpoint(Checkpoint(path)) == config
