@@ -765,3 +765,52 @@ def test_t5_config_with_an_attention_width_other_than_the_model_width(tmp_path):
     config = T5EncoderConfig(d_model=64, d_kv=8, heads=4, d_ff=96, layers=2)  # inner width 32, not 64
     path = write_random_t5_checkpoint(tmp_path / "t5.safetensors", config)
     assert config_from_checkpoint(Checkpoint(path)) == config
+
+
+# ----------------------------------------------------------- one tensor as each weight_dtype stores it
+
+
+def _convert(*args, **kwargs):
+    from comfyui_krea.model_loader.flux.loading import _convert as convert
+
+    return convert(*args, **kwargs)
+
+
+LINEAR = "double_blocks.0.img_mlp.0.weight"
+
+
+def test_convert_default_keeps_scaled_fp8_linears_and_dequantizes_other_fp8_tensors():
+    t8, scale = torch.tensor([[1.0, -2.0], [0.5, 4.0]]).to(torch.float8_e4m3fn), torch.tensor(0.25)
+    kept, kept_scale = _convert(LINEAR, t8, scale, "default", {LINEAR})
+    assert kept is t8 and kept_scale is scale
+    other, other_scale = _convert("img_in.bias", t8, scale, "default", {LINEAR})  # not a Linear weight
+    assert other_scale is None and other.dtype == torch.bfloat16
+    assert other.tolist() == [[0.25, -0.5], [0.125, 1.0]]
+
+
+@pytest.mark.parametrize("key", [LINEAR, "final_layer.linear.bias"])
+def test_convert_default_applies_the_scale_and_the_default_dtype(key):
+    t, scale = torch.tensor([1.0, -3.0]), torch.tensor(0.5)
+    out, s = _convert(key, t, scale, "default", {LINEAR}, torch.float16)  # the file's float32 -> fp16
+    assert s is None and out.dtype == torch.float16 and out.tolist() == [0.5, -1.5]
+    out, s = _convert(key, t, None, "default", {LINEAR}, torch.float16)
+    assert s is None and out.dtype == torch.float16 and out.tolist() == [1.0, -3.0]
+    same = t.half()
+    out, s = _convert(key, same, None, "default", {LINEAR}, torch.float16)
+    assert out is same and s is None  # already the default dtype: untouched
+    out, s = _convert(key, t.bfloat16(), scale, "default", {LINEAR})  # no default dtype: the file's dtype
+    assert s is None and out.dtype == torch.bfloat16 and out.tolist() == [0.5, -1.5]
+    plain = t.bfloat16()
+    out, s = _convert(key, plain, None, "default", {LINEAR})
+    assert out is plain and s is None
+
+
+def test_convert_to_fp8_storage_quantizes_block_linears_after_applying_the_scale():
+    t, scale = torch.tensor([[2.0, -8.0], [1.0, 4.0]]), torch.tensor(0.5)
+    q, q_scale = _convert(LINEAR, t, scale, "fp8_e4m3fn", {LINEAR})
+    assert q.dtype == torch.float8_e4m3fn and q_scale.item() == pytest.approx(4.0 / 448.0)
+    assert torch.allclose(q.float() * q_scale, t * 0.5, rtol=0.07)
+    q, q_scale = _convert(LINEAR, t, None, "fp8_e4m3fn", {LINEAR})
+    assert q_scale.item() == pytest.approx(8.0 / 448.0)
+    small, s = _convert("img_in.weight", t, scale, "fp8_e4m3fn", {LINEAR, "img_in.weight"})  # outside blocks
+    assert s is None and small.dtype == torch.bfloat16 and small.tolist() == [[1.0, -4.0], [0.5, 2.0]]
