@@ -814,3 +814,14 @@ def test_convert_to_fp8_storage_quantizes_block_linears_after_applying_the_scale
     assert q_scale.item() == pytest.approx(8.0 / 448.0)
     small, s = _convert("img_in.weight", t, scale, "fp8_e4m3fn", {LINEAR, "img_in.weight"})  # outside blocks
     assert s is None and small.dtype == torch.bfloat16 and small.tolist() == [[1.0, -4.0], [0.5, 2.0]]
+
+
+def test_flux_config_other_than_the_defaults_is_read_off_the_shapes():
+    from comfyui_krea.model_loader.flux import config_from_checkpoint
+
+    config = FluxConfig(in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=24, hidden_size=32,
+                        mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6),
+                        qkv_bias=False, guidance_embed=False)
+    with torch.device("meta"):
+        state = FluxTransformer(config).state_dict()
+    assert config_from_checkpoint(dict(state)) == config
