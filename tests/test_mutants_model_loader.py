@@ -825,3 +825,28 @@ def test_flux_config_other_than_the_defaults_is_read_off_the_shapes():
     with torch.device("meta"):
         state = FluxTransformer(config).state_dict()
     assert config_from_checkpoint(dict(state)) == config
+
+
+def test_clip_end_positions_per_row_with_and_without_an_end_token():
+    from comfyui_krea.model_loader.text_encoders import CLIPTextConfig
+    from comfyui_krea.model_loader.text_encoders.clip import build_clip
+
+    config = CLIPTextConfig(width=64, layers=1, intermediate=64)
+    with torch.device("meta"):
+        model = build_clip(config)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    eos = config.eos_token_id
+    ids = torch.tensor([[49406, 320, eos, eos], [5, 900, 12, 7], [49406, eos, 1, 1]])
+    # row 0: first end token; row 1: none, so the highest id (900); row 2: first end token again
+    assert model.end_positions(ids).tolist() == [2, 1, 1]
+
+
+def test_clip_config_other_than_the_defaults_is_read_off_the_shapes(tmp_path):
+    from comfyui_krea.model_loader.checkpoints import Checkpoint
+    from comfyui_krea.model_loader.text_encoders import CLIPTextConfig
+    from comfyui_krea.model_loader.text_encoders.clip import config_from_checkpoint
+    from comfyui_krea.model_loader.text_encoders.random_weights import write_random_clip_checkpoint
+
+    config = CLIPTextConfig(vocab_size=1000, width=64, layers=2, intermediate=96, positions=40, eos_token_id=999)
+    path = write_random_clip_checkpoint(tmp_path / "clip.safetensors", config)
+    assert config_from_checkpoint(Checkpoint(path)) == config
