@@ -4,7 +4,7 @@ Not part of the default test run: it runs the tests once per mutant and takes lo
 the model_loader math: about an hour on two cores).
 
     .venv/bin/python bench/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
-                                       [--time-limit SECONDS] [--report]
+                                       [--time-limit SECONDS] [--survivors] [--report]
 
 For each package it builds a work folder (default: .mutation/<package>/ in the checkout, git-ignored) holding
 `src/comfyui_krea/`, a copy of the working tree, so that the mutated copy under `mutants/src/comfyui_krea/` is
@@ -37,22 +37,25 @@ from pathlib import Path
 # suite), "!tests/..." deselects one. Edit this table when the tree moves.
 PACKAGES: dict[str, list[str]] = {
     "sampling": ["sampling/schedule.py", "sampling/latents.py", "sampling/denoise.py", "sampling/step_cache.py",
-                 "sampling/gpu_acceleration.py",
+                 "sampling/gpu_acceleration.py", "sampling/parameters.py",
                  "tests/test_schedule.py", "tests/test_pipeline_parity.py", "tests/test_step_cache.py",
-                 "tests/test_sampler_node.py", "tests/test_mutants_sampling.py",
+                 "tests/test_sampler_node.py", "tests/test_node_contract.py", "tests/test_mutants_sampling.py",
                  "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
                  "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "model_loader math": [
-        "model_loader/flux.py", "model_loader/clip.py", "model_loader/t5.py", "model_loader/autoencoder.py",
-        "model_loader/autoencoder_tiling.py", "model_loader/operations.py",
-        ("model_loader/flux_loading.py::_linear,diffusers_renames,swap_halves,_plan_bfl,_plan_diffusers,_read_fused,"
-         "rope_axes_for_head_dim,_config_from_shapes,_dequantize,quantize_fp8,_convert"),
-        "model_loader/autoencoder_loading.py::diffusers_key_names,_read_config",
-        "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_autoencoder.py",
-        "tests/test_text_encoders.py", "tests/test_operations.py", "tests/test_mutants_model_loader.py"],
-    "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/safety.py", "nodes/sampler.py",
-              "nodes/text.py"],
-    "workflow_runner": ["workflow_runner.py"],
+        "model_loader/flux/math.py", "model_loader/flux/model.py", "model_loader/flux/layouts.py",
+        "model_loader/flux/loading.py::_convert,_dequantize,_storage",
+        "model_loader/text_encoders/clip.py", "model_loader/text_encoders/t5.py",
+        "model_loader/autoencoder/model.py", "model_loader/autoencoder/tiling.py",
+        "model_loader/autoencoder/config.py",
+        "model_loader/autoencoder/layouts.py::diffusers_key_names,config_from_checkpoint",
+        "model_loader/operations.py", "model_loader/compute_dtypes.py",
+        "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_transformer_contract.py",
+        "tests/test_autoencoder.py", "tests/test_text_encoders.py", "tests/test_operations.py",
+        "tests/test_mutants_model_loader.py"],
+    "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/model_files.py", "nodes/safety.py",
+              "nodes/sampler.py", "nodes/text.py"],
+    "runner": ["standalone/runner.py"],
 }
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +170,7 @@ json.dump(out, sys.stdout)
 
 
 def run_package(label: str, entries: list[str], workroot: Path, max_children: int, keep: bool,
-                time_limit: float | None, report_only: bool = False) -> dict:
+                time_limit: float | None, report_only: bool = False, survivors_only: bool = False) -> dict:
     files, globs, tests = split_entries(entries)
     work = workroot / re.sub(r"\W+", "_", label)
     build_workdir(work, files, tests, keep or report_only)
@@ -179,7 +182,8 @@ def run_package(label: str, entries: list[str], workroot: Path, max_children: in
     targets = globs
     previous = work / "results.json"
     if keep and previous.exists():  # retest only what survived last time (mutmut reruns every mutant named)
-        targets = [k for k, m in json.loads(previous.read_text()).items() if m["status"] not in DETECTED]
+        targets = [k for k, m in json.loads(previous.read_text()).items() if m["status"] not in DETECTED
+                   and not (survivors_only and m["status"] == "not checked")]
     if report_only:
         targets = []
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *targets]
@@ -255,6 +259,9 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop each package's run after this many seconds (unchecked mutants count as "
                              "'other'; --keep resumes)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="with --keep: retest only the mutants that survived last time (after adding tests), "
+                             "not those a stopped run left unchecked")
     parser.add_argument("--report", action="store_true", help="only print the results of the earlier runs")
     args = parser.parse_args()
     equivalents = read_equivalents()
@@ -263,7 +270,7 @@ def main() -> int:
         if args.report and not (args.workdir / re.sub(r"\W+", "_", label) / "results.json").exists():
             continue
         result = run_package(label, PACKAGES[label], args.workdir, args.max_children, args.keep, args.time_limit,
-                             args.report)
+                             args.report, args.survivors)
         rows.append((label, result["seconds"], summarize(result, equivalents)))
 
     print()
