@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from comfyui_krea.model_loader import ModelFileError
 from comfyui_krea.model_loader.checkpoints import Checkpoint, StateDictSource
@@ -359,3 +359,16 @@ def test_random_source_builds_the_model_the_random_file_holds(tmp_path):
         a, b = from_file.state_dict(), from_source.state_dict()
         assert a.keys() == b.keys()
         assert all(a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_default_keeps_each_tensors_own_dtype(tmp_path):
+    # Outside ComfyUI "default" keeps a mixed file as it is stored (bf16 weights, float32 norm scales here);
+    # only a host's choice (default_dtype, inside ComfyUI) converts it.
+    path = write_random_flux_checkpoint(tmp_path / "bf16.safetensors", TINY_FLUX, dtype=torch.bfloat16)
+    state = {k: (v.float() if k.endswith(".scale") else v) for k, v in load_file(str(path)).items()}
+    save_file(state, str(tmp_path / "mixed.safetensors"))
+    model = load_flux(tmp_path / "mixed.safetensors")
+    assert model.double_blocks[0].img_attn.norm.query_norm.scale.dtype == torch.float32
+    assert model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+    chosen = load_flux(tmp_path / "mixed.safetensors", default_dtype=lambda stored: torch.float32)
+    assert chosen.double_blocks[0].img_attn.qkv.weight.dtype == torch.float32

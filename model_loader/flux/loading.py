@@ -100,7 +100,9 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     layout = plan_flux_layout(source, name)
     config = config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
     storage = _storage(layout, weight_dtype, compute_device, default_dtype)
-    target = storage.dtype if weight_dtype == "default" and storage.dtype not in FP8_DTYPES else None
+    # "default" keeps each tensor's own dtype unless the host chose one (ComfyUI: its own choice for the device).
+    chosen = weight_dtype == "default" and default_dtype is not None and storage.dtype not in FP8_DTYPES
+    target = storage.dtype if chosen else None
     try:
         model = FluxTransformer(config, device="meta", operations=operations(storage))
     except ValueError as err:
