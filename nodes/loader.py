@@ -4,7 +4,6 @@ from __future__ import annotations
 from ..model_loader import WEIGHT_DTYPES, ModelFileError
 from . import host, model_files
 from .handles import TextEncoderHandle, VaeHandle
-from .model_files import model_file_problems
 
 
 def _choices(folder: str) -> list[str]:
@@ -43,7 +42,7 @@ class KreaModelLoader:
         # Replaces ComfyUI's "value not in list" for these inputs with a message that names the folders
         # searched and what to put there, refuses names that leave the model folders, and reads each file's
         # header to refuse a damaged file or one of another model: all before any weights are read.
-        problems = model_file_problems([
+        problems = model_files.model_file_problems([
             ("diffusion_models", model_name, model_files.TRANSFORMER, "model_name"),
             ("text_encoders", clip_name, model_files.CLIP, "clip_name"),
             ("text_encoders", t5_name, model_files.T5, "t5_name"),

@@ -17,15 +17,13 @@ It is compared with what the machine has free: on a GPU, torch.cuda.mem_get_info
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ..model_loader import ModelFileError, open_checkpoint
+from ..model_loader import ModelFileError, memory, open_checkpoint
 from ..nodes import host
 from ..sampling.parameters import IMAGE_SIZES, SIZE_MULTIPLE
 from .runner import is_link
@@ -53,16 +51,8 @@ class MemoryEstimate:
 
 def available_memory(device: torch.device) -> tuple[int, str]:
     """(free bytes, where) on the device the models run on."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"the GPU ({torch.cuda.get_device_name(device)})"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "this machine's RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's RAM"
+    where = f"the GPU ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "this machine's RAM"
+    return memory.available_memory(device), where
 
 
 def _file_bytes(folder: str, name: object, weight_dtype: str | None = None) -> tuple[int, int]:
