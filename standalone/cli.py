@@ -102,7 +102,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="run even when the estimated memory of the run exceeds what the machine has free")
     p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_serve_commands(sub)
     return parser.parse_args(argv)
+
+
+def add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve fal's API (fal-ai/flux/krea, .../image-to-image) for the fal clients",
+                       description="Serves fal's protocol over the in-process runner, one request at a time. "
+                                   "Set KREA_FAL_API_KEY to require 'Authorization: Key <it>'.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8443, help="port (default: 8443)")
+    s.add_argument("--models", type=Path, default=None, help="models folder with ComfyUI's layout (as for run)")
+    s.add_argument("--output", type=Path, default=Path("output"),
+                   help="where result images (fal/) and uploads (fal-uploads/) go (default: ./output)")
+    s.add_argument("--tokenizers", type=Path, default=None, help="tokenizer folder (as for run)")
+    s.add_argument("--demo", action="store_true", help="small random-weight models (noise images), as run --demo")
+    s.add_argument("--tls-cert", type=Path, help="server certificate (PEM), e.g. from make-cert: https")
+    s.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    s.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch image_url from other hosts (never from loopback, private or link-local addresses)")
+    s.add_argument("--max-queue", type=int, default=32,
+                   help="requests waiting or running at most; more are answered 503 (default: 32)")
+    s.add_argument("--retention-hours", type=float, default=24.0,
+                   help="how long results, uploads and request records stay available (default: 24)")
+    s.add_argument("-v", "--verbose", action="store_true")
+    c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
+    c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
+                                            "existing files)")
+    c.add_argument("--name", action="append", default=None, metavar="HOST",
+                   help="a host name or IP the certificate is for (repeatable; default: localhost, 127.0.0.1, ::1)")
+    c.add_argument("--port", type=int, default=8443, help="the port shown in the settings printed (default: 8443)")
+    c.add_argument("--prefix", default="", help="'/fal' for ComfyUI's routes (in the settings printed)")
 
 
 def _sampler_nodes(prompt: dict) -> list[dict]:
@@ -248,27 +278,31 @@ BAD_INPUT = (WorkflowError, ModelFileError, ValueError, OSError)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     progress = TextProgress()
 
     def fail(message: str, code: int) -> int:
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         sys.stderr.write(("\n" if progress.line_open else "") + f"error: {message}\n")
         return code
 
     try:
         with sigterm_raises():
+            if args.command == "serve":
+                return serve_command(args)
+            if args.command == "make-cert":
+                return make_cert_command(args)
             return run_command(args, progress)
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C); the run stopped and nothing more was written.", 130)
     except Terminated:
         return fail("terminated (SIGTERM); the run stopped and nothing more was written.", 143)
-    except BAD_INPUT as err:
+    except (*BAD_INPUT, FileExistsError) as err:
         return fail(str(err), 2)
     except Exception as err:
-        return fail(f"the run failed: {type(err).__name__}: {err}" + ("" if args.debug else
+        return fail(f"the run failed: {type(err).__name__}: {err}" + ("" if getattr(args, "debug", False) else
                     " (run again with --debug for the traceback)"), 1)
 
 
@@ -323,4 +357,30 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
     for path in saved:
         print(f"saved {path}")
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from ..fal_api.server import ServeOptions, api_key_from_env, serve, tls_context
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise WorkflowError("--tls-cert and --tls-key go together")
+    if args.max_queue < 1 or args.retention_hours <= 0:
+        raise WorkflowError("--max-queue must be at least 1 and --retention-hours above 0")
+    if args.demo and (args.models is not None or args.tokenizers is not None):
+        raise WorkflowError("--demo builds its own models and tokenizers: leave out --models and --tokenizers")
+    tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers,
+                           retention_hours=args.retention_hours, max_queue=args.max_queue,
+                           allow_remote_images=args.allow_remote_images, api_key=api_key_from_env())
+    serve(options, args.host, args.port, tls, args.demo)
+    return 0
+
+
+def make_cert_command(args: argparse.Namespace) -> int:
+    from ..fal_api.certificates import client_settings, make_certificates
+
+    certs = make_certificates(args.folder, hosts=tuple(args.name)) if args.name else make_certificates(args.folder)
+    host_name = args.name[0] if args.name else "127.0.0.1"
+    print(client_settings(certs, host=host_name, port=args.port, prefix=args.prefix))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +155,10 @@ def _order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]
     return order
 
 
-def run(prompt: Mapping[str, dict], classes: Mapping[str, type],
-        extra_pnginfo: dict | None = None) -> dict[str, dict]:
-    """Validate, then run; returns the `ui` dicts of the nodes that gave one, by node id."""
+def run(prompt: Mapping[str, dict], classes: Mapping[str, type], extra_pnginfo: dict | None = None,
+        on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
+    """Validate, then run; returns the `ui` dicts of the nodes that gave one, by node id. `on_node(id, class)`
+    is told as each node starts."""
     errors = validate(prompt, classes)
     if errors:
         raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(errors))
@@ -175,6 +176,8 @@ def run(prompt: Mapping[str, dict], classes: Mapping[str, type],
             kwargs[name] = {"PROMPT": dict(prompt), "EXTRA_PNGINFO": extra_pnginfo,
                             "UNIQUE_ID": node_id}.get(kind)
         log.info("running node %s (%s)", node_id, node["class_type"])
+        if on_node is not None:
+            on_node(node_id, node["class_type"])
         out = getattr(cls(), cls.FUNCTION)(**kwargs)
         if isinstance(out, dict):
             if "ui" in out:

@@ -50,3 +50,29 @@ def host_state() -> Iterator[ModuleType]:
     yield host
     host.restore_standalone(saved)
     forget_loaded()
+
+
+@pytest.fixture(scope="session")
+def fal_server(tmp_path_factory):
+    """fal_server("serve" | "comfyui"): that server of fal's protocol (tests/fal_protocol/servers.py), started
+    once per session and shared by the Python and JS client tests; "comfyui" skips without COMFYUI_DIR."""
+    import contextlib
+    import os
+
+    from fal_protocol.servers import comfyui, serve_demo
+
+    started: dict = {}
+    with contextlib.ExitStack() as stack:
+        def get(name: str):
+            if name not in started:
+                work = tmp_path_factory.mktemp(f"fal-{name}")
+                if name == "comfyui":
+                    if not os.environ.get("COMFYUI_DIR"):
+                        pytest.skip("the ComfyUI routes need ComfyUI: run `../shared/comfyui/setup.sh DIR` and set "
+                                    "COMFYUI_DIR (CI does)")
+                    started[name] = stack.enter_context(comfyui(work, os.environ["COMFYUI_DIR"]))
+                else:
+                    started[name] = stack.enter_context(serve_demo(work))
+            return started[name]
+
+        yield get

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("model_loader", "sampling", "nodes", "standalone", "image_io")
+PACKAGES = ("model_loader", "sampling", "nodes", "standalone", "image_io", "fal_api")
 
 
 def _modules() -> dict[str, Path]:
@@ -83,3 +83,15 @@ def test_no_private_names_across_packages():
             if private and not (target == package or target.startswith(package + ".")
                                 or target_package == package):
                 raise AssertionError(f"{module} imports private {private} from {target}")
+
+
+def test_the_protocol_never_imports_comfyui():
+    """fal_api serves both `serve` and ComfyUI: only nodes/host/fal_queue.py knows ComfyUI's queue."""
+    for module, path in _modules().items():
+        if not module.startswith("fal_api"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] in ("comfy", "folder_paths", "server", "nodes", "execution",
+                                               "comfy_execution") for n in names), module

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,8 @@ KIND_FOLDERS: dict[FileKind, str] = {
 }
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# Inside ComfyUI: told of every sampler step as (prompt id, step, total), e.g. the fal routes' request logs.
+_step_listeners: list[Callable[[str, int, int], None]] = []
 
 _standalone: dict = {"progress": None, "tokenizer_dir": None,
                "models_dir": Path(os.environ.get("KREA_MODELS_DIR", "models")),
@@ -70,11 +73,19 @@ if IN_COMFYUI:
         [*_paths, _default] if _default not in _paths else _paths, set(MODEL_EXTENSIONS))
 
 
+class Interrupted(Exception):
+    """Outside ComfyUI: the run was stopped through the `interrupt` event (the fal server's cancel)."""
+
+
 def configure_standalone(models_dir: str | os.PathLike[str] | None = None,
                          output_dir: str | os.PathLike[str] | None = None,
                          progress: StepCallback | None = None,
-                         tokenizer_dir: str | os.PathLike[str] | None = None) -> None:
-    """Set the folders (and a per-step progress reporter) used outside ComfyUI (CLI, tests)."""
+                         tokenizer_dir: str | os.PathLike[str] | None = None,
+                         interrupt: threading.Event | None = None) -> None:
+    """Set the folders (and a per-step progress reporter) used outside ComfyUI (CLI, tests, the fal server);
+    setting `interrupt` stops the running workflow before the next transformer block (Interrupted)."""
+    if interrupt is not None:
+        _standalone["interrupt"] = interrupt
     if tokenizer_dir is not None:
         _standalone["tokenizer_dir"] = Path(tokenizer_dir)
     if models_dir is not None:
@@ -206,12 +217,20 @@ def intermediate_device() -> torch.device:
 def throw_if_interrupted() -> None:
     if IN_COMFYUI:
         model_management.throw_exception_if_processing_interrupted()
+        return
+    event = _standalone.get("interrupt")
+    if event is not None and event.is_set():
+        event.clear()
+        raise Interrupted("the run was cancelled")
 
 
 def block_interrupt_check() -> Callable[[], None] | None:
     """What the sampler calls between transformer blocks to stop on Cancel: ComfyUI's interrupt check inside
-    it; None outside, where Ctrl-C raises KeyboardInterrupt between any two operations anyway."""
-    return model_management.throw_exception_if_processing_interrupted if IN_COMFYUI else None
+    it, or the `interrupt` event's outside; None when neither is there (Ctrl-C raises KeyboardInterrupt between
+    any two operations anyway)."""
+    if IN_COMFYUI:
+        return model_management.throw_exception_if_processing_interrupted
+    return throw_if_interrupted if _standalone.get("interrupt") is not None else None
 
 
 def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
@@ -219,7 +238,13 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
     interrupt check, once per step. x0 is the model-space (B, 16, H/8, W/8) prediction of the clean latent."""
     if not IN_COMFYUI:
         reporter = _standalone.get("progress")
-        return reporter if reporter is not None else (lambda step, total_, x0: None)
+
+        def report(step: int, total_: int, x0: torch.Tensor) -> None:
+            throw_if_interrupted()
+            if reporter is not None:
+                reporter(step, total_, x0)
+
+        return report
     import latent_preview  # type: ignore[import-not-found]
     from comfy import latent_formats  # type: ignore[import-not-found]
 
@@ -230,14 +255,26 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
         throw_if_interrupted()
         preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
         bar.update_absolute(step, total_, preview)
+        if _step_listeners:
+            from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
+
+            prompt_id = get_progress_state().prompt_id
+            for listener in _step_listeners:
+                listener(prompt_id, step, total_)
 
     return on_step
+
+
+def add_step_listener(listener: Callable[[str, int, int], None]) -> None:
+    """Inside ComfyUI: `listener(prompt_id, step, total)` after every sampler step of the pack."""
+    if listener not in _step_listeners:
+        _step_listeners.append(listener)
 
 
 def work_progress(total: int, node_id: str | None = None) -> Callable[[int, int], None]:
     """update(done, total) for work without latents (VAE tiles): a progress bar and the interrupt check."""
     if not IN_COMFYUI:
-        return lambda done, total_: None
+        return lambda done, total_: throw_if_interrupted()
     bar = comfy_utils.ProgressBar(total, node_id=node_id)
 
     def update(done: int, total_: int) -> None:

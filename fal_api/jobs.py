@@ -1,0 +1,136 @@
+"""A request taken -> its record (queued, running, completed), its logs, and the status JSON the clients parse.
+
+Records are kept until the retention limit after they finish; the backends (runner_backend, ComfyUI's queue) move
+them along from their own thread, so every change goes through the record's lock. Status shapes follow
+reference/fal-client-protocol.md §5: IN_QUEUE needs queue_position, IN_PROGRESS and COMPLETED need `logs` (null
+unless asked for), a failed request is COMPLETED with `error` and `error_type` (the clients know no other status).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
+CANCELLED = "request_cancelled"  # error_type of a request stopped by a cancel
+
+
+@dataclass
+class ResultFile:
+    """An image served at <base>/results/<request id>/<index><suffix> until the record expires."""
+    path: Path
+    content_type: str
+    suffix: str
+
+
+@dataclass
+class Job:
+    endpoint: str
+    arguments: Any  # the validated input (fal_api.schema)
+    seed: int
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    base_url: str = ""  # where the client reached this server (scheme://host[:port]/prefix): result URLs use it
+    created: float = field(default_factory=time.time)
+    status: str = IN_QUEUE
+    started: float | None = None
+    finished: float | None = None
+    logs: list[dict] = field(default_factory=list)
+    output: dict | None = None
+    error: str | None = None
+    error_type: str | None = None
+    cancel_requested: bool = False
+    files: list[ResultFile] = field(default_factory=list)
+    input_files: list[Path] = field(default_factory=list)  # decoded image_url files, removed when it ends
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        with self.lock:
+            self.logs.append({"message": message, "level": level, "source": "USER", "timestamp": stamp,
+                              "labels": {}})
+
+    def start(self) -> bool:
+        """IN_QUEUE -> IN_PROGRESS; True for the one call that made the change (it logs "started")."""
+        with self.lock:
+            if self.status != IN_QUEUE:
+                return False
+            self.status, self.started = IN_PROGRESS, time.time()
+        self.log("started")
+        return True
+
+    def complete(self, output: dict | None = None, error: str | None = None, error_type: str | None = None) -> None:
+        """The end, once: the output, or the error (the record keeps the first ending)."""
+        with self.lock:
+            if self.status == COMPLETED:
+                return
+            self.status, self.finished = COMPLETED, time.time()
+            self.output, self.error, self.error_type = output, error, error_type
+        for path in self.input_files:
+            path.unlink(missing_ok=True)
+
+    @property
+    def done(self) -> bool:
+        return self.status == COMPLETED
+
+    def inference_time(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return round(self.finished - self.started, 3)
+
+    def status_json(self, urls: dict[str, str], logs: bool, position: int | None,
+                    since_log: int = 0) -> dict:
+        """The status body; `logs` only when asked for (from entry `since_log`: the stream sends each once)."""
+        with self.lock:
+            body: dict[str, Any] = {"status": self.status, "request_id": self.id, **urls}
+            body["logs"] = list(self.logs[since_log:]) if logs else None
+            if self.status == IN_QUEUE:
+                body["queue_position"] = position if position is not None else 0
+            elif self.status == COMPLETED:
+                body["metrics"] = {"inference_time": self.inference_time()} if self.inference_time() else {}
+                if self.error is not None:
+                    body["error"], body["error_type"] = self.error, self.error_type
+            return body
+
+    async def wait(self, poll_s: float = 0.05) -> None:
+        """Until the job has ended (from the event loop; the backends end it from their threads)."""
+        while not self.done:
+            await asyncio.sleep(poll_s)
+
+
+class JobStore:
+    """The records by id, dropped `retention_s` after they end (with their served files' URLs)."""
+
+    def __init__(self, retention_s: float, max_active: int) -> None:
+        self.retention_s = retention_s
+        self.max_active = max_active
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+
+    def get(self, request_id: str) -> Job | None:
+        self.expire()
+        with self._lock:
+            return self._jobs.get(request_id)
+
+    def active(self) -> int:
+        with self._lock:
+            return sum(1 for job in self._jobs.values() if not job.done)
+
+    def expire(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            old = [i for i, job in self._jobs.items() if job.done and now - (job.finished or now) > self.retention_s]
+            for request_id in old:
+                del self._jobs[request_id]
+
+    def all(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())

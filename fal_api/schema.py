@@ -1,0 +1,109 @@
+"""A request body -> a validated fal input, or the 422 body fal's FastAPI service answers with.
+
+The two endpoints' inputs as fal publishes them (fal-ai/flux/krea and fal-ai/flux/krea/image-to-image), with the
+ranges and defaults of the pack's one parameter table (sampling.parameters). Unknown fields are ignored, as by fal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..sampling.parameters import (
+    ACCELERATION,
+    GUIDANCE_SCALE,
+    IMAGE_SIZE,
+    IMAGE_SIZES,
+    IMAGE_TO_IMAGE_STEPS,
+    MAX_SIDE,
+    NUM_IMAGES,
+    NUM_INFERENCE_STEPS,
+    OUTPUT_FORMAT,
+    SEED,
+    STRENGTH,
+)
+
+TEXT_TO_IMAGE = "fal-ai/flux/krea"
+IMAGE_TO_IMAGE = "fal-ai/flux/krea/image-to-image"
+MAX_PROMPT_CHARS = 20_000  # T5 reads 512 tokens (about 2,000 characters); longer text is refused, not tokenized
+MAX_IMAGE_URL_CHARS = 64 * 1024 * 1024  # a data URI of the largest accepted upload, base64-encoded
+
+Preset = Literal[tuple(IMAGE_SIZES)]  # type: ignore[valid-type]
+Acceleration = Literal[ACCELERATION.choices]  # type: ignore[valid-type]
+OutputFormat = Literal[OUTPUT_FORMAT.choices]  # type: ignore[valid-type]
+
+
+class ImageSize(BaseModel):
+    """A custom size; sides are rounded down to a multiple of 16 (as diffusers' FLUX pipeline does), and the
+    response gives the size made."""
+    model_config = ConfigDict(extra="ignore")
+    width: int = Field(512, gt=0, le=MAX_SIDE, strict=True)
+    height: int = Field(512, gt=0, le=MAX_SIDE, strict=True)
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, strict=True)
+    guidance_scale: float = Field(GUIDANCE_SCALE.default, ge=GUIDANCE_SCALE.min, le=GUIDANCE_SCALE.max,
+                                  allow_inf_nan=False)
+    seed: int | None = Field(None, ge=SEED.min, le=SEED.max, strict=True)
+    sync_mode: bool = Field(False, strict=True)
+    num_images: int = Field(NUM_IMAGES.default, ge=NUM_IMAGES.min, le=NUM_IMAGES.max, strict=True)
+    enable_safety_checker: bool = Field(True, strict=True)
+    output_format: OutputFormat = OUTPUT_FORMAT.default
+    acceleration: Acceleration = ACCELERATION.default
+
+
+class TextToImageInput(_Common):
+    image_size: Preset | ImageSize = IMAGE_SIZE.default
+    num_inference_steps: int = Field(NUM_INFERENCE_STEPS.default, ge=NUM_INFERENCE_STEPS.min,
+                                     le=NUM_INFERENCE_STEPS.max, strict=True)
+
+
+class ImageToImageInput(_Common):
+    image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, strict=True)
+    strength: float = Field(STRENGTH.default, ge=STRENGTH.min, le=STRENGTH.max, allow_inf_nan=False)
+    num_inference_steps: int = Field(IMAGE_TO_IMAGE_STEPS, ge=NUM_INFERENCE_STEPS.min, le=NUM_INFERENCE_STEPS.max,
+                                     strict=True)
+
+
+FalInput = TextToImageInput | ImageToImageInput
+ENDPOINTS: dict[str, type[_Common]] = {TEXT_TO_IMAGE: TextToImageInput, IMAGE_TO_IMAGE: ImageToImageInput}
+
+
+class InputError(ValueError):
+    """A request fal would answer with 422: `detail` is FastAPI's list of {loc, msg, type}."""
+
+    def __init__(self, detail: list[dict]) -> None:
+        super().__init__("; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail))
+        self.detail = detail
+
+
+def field_error(field: str, message: str, kind: str = "value_error", value: object = None) -> InputError:
+    """One FastAPI-shaped error for a body field (checks that need more than the schema: the image)."""
+    return InputError([{"type": kind, "loc": ["body", field], "msg": message, "input": value}])
+
+
+def parse_input(endpoint: str, body: object) -> FalInput:
+    """The validated input of `endpoint`, or InputError with every problem, located as FastAPI does."""
+    if not isinstance(body, dict):
+        raise InputError([{"type": "model_attributes_type", "loc": ["body"],
+                           "msg": "Input should be a valid dictionary or object to extract fields from",
+                           "input": _short(body)}])
+    try:
+        return ENDPOINTS[endpoint].model_validate(body)
+    except ValidationError as err:
+        raise InputError([{"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"],
+                           "input": _short(e.get("input"))} for e in err.errors(include_url=False)]) from None
+
+
+def _short(value: object) -> object:
+    """The offending value echoed back, cut short (a 60 MB data URI is not sent back)."""
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + "..."
+    if isinstance(value, (dict, list)):
+        return None if len(repr(value)) > 1000 else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN is not JSON
+    return value

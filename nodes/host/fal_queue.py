@@ -1,0 +1,168 @@
+"""fal requests inside ComfyUI -> prompts on ComfyUI's own queue, served under /fal of ComfyUI's server.
+
+A request becomes the shipped API workflow, validated by ComfyUI's validate_prompt and put on its PromptQueue as
+POST /prompt does: the request id IS the prompt id, so fal jobs show in ComfyUI's queue and history. The queue
+position comes from that queue, the end from its history; cancel removes a waiting prompt or interrupts the
+running one. Sampler steps reach the logs as they happen (a listener of the host's progress callback); node starts
+are read off ComfyUI's progress registry every WATCH_S. ComfyUI's --tls-keyfile/--tls-certfile give https.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from ...fal_api.jobs import CANCELLED, Job, JobStore
+from ...fal_api.routes import API_KEY_ENV, FalService, WorkflowRefused, add_fal_routes
+from ...fal_api.storage import Uploads
+from ...fal_api.workflow import finish
+from . import add_step_listener
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/fal"
+RETENTION_ENV, MAX_QUEUE_ENV, REMOTE_ENV = "KREA_FAL_RETENTION_HOURS", "KREA_FAL_MAX_QUEUE", "KREA_FAL_REMOTE_IMAGES"
+WATCH_S = 0.1
+
+
+def problems_text(valid: tuple) -> str:
+    """ComfyUI's validation answer as one line per problem."""
+    error, node_errors = valid[1], valid[3]
+    lines = [f"{error.get('message', '')}: {error.get('details', '')}".strip(": ")] if error else []
+    for node_id, entry in (node_errors or {}).items():
+        for problem in entry.get("errors", []):
+            text = problem.get("details") or problem.get("message")
+            lines.append(f"node {node_id} ({entry.get('class_type')}): {text}")
+    return "; ".join(lines) or "ComfyUI refused the workflow"
+
+
+class ComfyQueueBackend:
+    """Puts fal workflows on ComfyUI's PromptQueue and follows them there."""
+
+    def __init__(self, server) -> None:
+        import folder_paths  # type: ignore[import-not-found]
+
+        self.server = server
+        self.output_dir = Path(folder_paths.get_output_directory())
+        self.input_dir = Path(folder_paths.get_input_directory())
+        self._jobs: dict[str, tuple[Job, dict]] = {}
+        self._seen: dict[str, set[str]] = {}  # request id -> the nodes whose start was logged
+        self._watcher: asyncio.Task | None = None
+
+    def image_reference(self, path: Path) -> str:
+        return path.resolve().relative_to(self.input_dir.resolve()).as_posix()  # LoadImage reads input/<this>
+
+    async def submit(self, job: Job, prompt: dict) -> None:
+        import execution  # type: ignore[import-not-found]
+
+        valid = await execution.validate_prompt(job.id, prompt, None)
+        if not valid[0]:
+            raise WorkflowRefused(problems_text(valid))
+        number = self.server.number
+        self.server.number += 1
+        self._jobs[job.id] = (job, prompt)
+        self.server.prompt_queue.put((number, job.id, prompt, {}, valid[2]))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def position(self, job: Job) -> int | None:
+        running, queued = self.server.prompt_queue.get_current_queue_volatile()
+        waiting = [item[1] for item in sorted(queued, key=lambda item: item[0])]
+        return waiting.index(job.id) if job.id in waiting else None
+
+    def cancel(self, job: Job) -> None:
+        queue = self.server.prompt_queue
+        if queue.delete_queue_item(lambda item: item[1] == job.id):
+            job.complete(error="the request was cancelled while it waited", error_type=CANCELLED)
+            self._jobs.pop(job.id, None)
+            return
+        running, _ = queue.get_current_queue_volatile()
+        if any(item[1] == job.id for item in running):
+            import nodes  # type: ignore[import-not-found]
+
+            nodes.interrupt_processing()
+
+    async def _watch(self) -> None:
+        """Until no fal job is left: their progress into logs, their end from ComfyUI's history."""
+        while self._jobs:
+            for request_id, (job, prompt) in list(self._jobs.items()):
+                try:
+                    await self._follow(job, prompt)
+                except Exception as err:  # one bad record must not stop the others being followed
+                    log.exception("fal request %s", request_id)
+                    job.complete(error=f"{type(err).__name__}: {err}", error_type="internal_error")
+                if job.done:
+                    self._jobs.pop(request_id, None)
+                    self._seen.pop(request_id, None)
+            await asyncio.sleep(WATCH_S)
+
+    async def _follow(self, job: Job, prompt: dict) -> None:
+        history = self.server.prompt_queue.get_history(prompt_id=job.id).get(job.id)
+        if history is not None:
+            job.start()
+            await asyncio.get_running_loop().run_in_executor(None, self._end, job, prompt, history)
+            return
+        running, _ = self.server.prompt_queue.get_current_queue_volatile()
+        if not any(item[1] == job.id for item in running):
+            return
+        job.start()
+        from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
+
+        registry = get_progress_state()
+        if registry.prompt_id != job.id:
+            return
+        seen = self._seen.setdefault(job.id, set())
+        for node_id in list(registry.nodes):  # nodes seen started (a node quicker than WATCH_S may be missed)
+            if node_id not in seen:
+                seen.add(node_id)
+                job.log(f"running {prompt.get(node_id, {}).get('class_type', 'node')} (node {node_id})")
+
+    def on_step(self, prompt_id: str, step: int, total: int) -> None:
+        """Every sampler step of a fal request, from ComfyUI's worker thread (host.add_step_listener)."""
+        entry = self._jobs.get(prompt_id)
+        if entry is not None:
+            entry[0].start()
+            entry[0].log(f"step {step}/{total}")
+
+    def _end(self, job: Job, prompt: dict, history: dict) -> None:
+        status = history.get("status") or {}
+        messages = dict((event, data) for event, data in status.get("messages", []))
+        start = messages.get("execution_start", {}).get("timestamp")
+        end_event = next((e for e in ("execution_success", "execution_error", "execution_interrupted")
+                          if e in messages), None)
+        end = messages.get(end_event, {}).get("timestamp") if end_event else None
+        inference_s = (end - start) / 1000 if start and end else 0.0
+        if status.get("status_str") == "success":
+            finish(job, prompt, history.get("outputs", {}), self.output_dir, inference_s)
+            job.log("done")
+        elif end_event == "execution_interrupted":
+            job.complete(error="the request was cancelled while it ran", error_type=CANCELLED)
+        else:
+            error = messages.get("execution_error", {})
+            job.complete(error=f"{error.get('node_type', 'a node')}: {error.get('exception_message', 'failed')}",
+                         error_type=error.get("exception_type", "execution_error"))
+
+
+def register_fal_routes() -> FalService | None:
+    """The protocol under /fal of the running ComfyUI server (None when there is no server: tests, scripts)."""
+    try:
+        from server import PromptServer  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return None
+    import folder_paths  # type: ignore[import-not-found]
+
+    retention_s = float(os.environ.get(RETENTION_ENV, "24")) * 3600
+    uploads = Uploads(Path(folder_paths.get_input_directory()) / "fal-uploads", retention_s)
+    uploads.prepare()
+    service = FalService(backend=ComfyQueueBackend(server), uploads=uploads,
+                         jobs=JobStore(retention_s, int(os.environ.get(MAX_QUEUE_ENV, "32"))), prefix=PREFIX,
+                         api_key=os.environ.get(API_KEY_ENV) or None,
+                         allow_remote_images=os.environ.get(REMOTE_ENV, "") in ("1", "true", "yes"))
+    add_fal_routes(server.routes, service)
+    add_step_listener(service.backend.on_step)
+    log.info("fal protocol at %s (FAL_RUN_HOST=HOST:PORT%s)", PREFIX, PREFIX)
+    return service
