@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -129,9 +130,10 @@ class KreaSafetyCheck:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images must be an IMAGE batch (B, H, W, 3); got {shape}.")
 
+        started = time.perf_counter()
         if not enable_safety_checker:
             flags = [False] * images.shape[0]
-            return self._result(images, flags)
+            return self._result(images, flags, enabled=False, seconds=0.0)
 
         handle = SafetyCheckerHandle(_classifier_path(checker_name), host.model_devices("safety_checker")[0])
         checker = handle.load()
@@ -147,12 +149,13 @@ class KreaSafetyCheck:
         if any(flags):
             images = images.clone()
             images[torch.tensor(flags, device=images.device)] = 0.0
-        return self._result(images, flags)
+        return self._result(images, flags, enabled=True, seconds=time.perf_counter() - started)
 
     @staticmethod
-    def _result(images: torch.Tensor, flags: list[bool]) -> dict:
+    def _result(images: torch.Tensor, flags: list[bool], enabled: bool, seconds: float) -> dict:
         has_nsfw_concepts = _flags_json(flags)
-        return {"ui": {"text": [has_nsfw_concepts]}, "result": (images, has_nsfw_concepts)}
+        fields = {"has_nsfw_concepts": flags, "enabled": enabled, "seconds": round(seconds, 3)}  # web/krea.js
+        return {"ui": {"text": [has_nsfw_concepts], "krea_report": [fields]}, "result": (images, has_nsfw_concepts)}
 
 
 NODE_CLASS_MAPPINGS = {"KreaSafetyCheck": KreaSafetyCheck}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 
 import torch
 
@@ -164,6 +165,7 @@ class KreaSampler:
         if threshold > 0 and not flux.is_pack_model:
             notes.append("step caching needs the Krea transformer (Krea Model Loader); this model ran every step")
             threshold = 0.0
+        started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             if threshold > 0:
                 notes += stack.enter_context(
@@ -179,7 +181,13 @@ class KreaSampler:
         if notes:
             report += f"; {', '.join(notes)}"
         log.info(report)
-        return {"ui": {"text": [report]}, "result": ({"samples": result.latents.to(host.intermediate_device())},)}
+        computed = result.steps if result.cache is None else result.cache.full_steps
+        # The same report as fields, for the browser's badges (web/krea.js): ui values are lists.
+        fields = {"acceleration": acceleration, "steps": result.steps, "computed": computed,
+                  "reused": result.steps - computed, "seconds": round(time.perf_counter() - started, 3),
+                  "width": width, "height": height, "images": num_images}
+        return {"ui": {"text": [report], "krea_report": [fields]},
+                "result": ({"samples": result.latents.to(host.intermediate_device())},)}
 
 
 NODE_CLASS_MAPPINGS = {"KreaSampler": KreaSampler}

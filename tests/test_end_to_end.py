@@ -115,9 +115,17 @@ def test_command_line_demo(tmp_path, capsys, host_state):
     assert prompt["2"]["inputs"]["prompt"] == "a red fox" and prompt["3"]["inputs"]["seed"] == 7
 
 
-def test_command_line_refuses_a_ui_workflow(capsys):
-    assert main(["run", str(ROOT / "workflows/krea_text_to_image.json"), "--demo"]) == 2
-    assert "not an API-format workflow" in capsys.readouterr().err
+def test_command_line_runs_the_ui_workflow_as_its_api_form(capsys, tmp_path):
+    """The shipped UI-format file, converted as the frontend would, makes the very image of the API-format file."""
+    pixels = []
+    for name in ("workflows/krea_text_to_image.json", "workflows/api/krea_text_to_image.json"):
+        out = tmp_path / name.replace("/", "_")
+        assert main(["run", str(ROOT / name), "--demo", "--output", str(out), "--steps", "2", "--seed", "7",
+                     "--format", "png"]) == 0, capsys.readouterr().err
+        (line,) = [text for text in capsys.readouterr().out.splitlines() if text.startswith("saved ")]
+        with Image.open(line.removeprefix("saved ")) as img:
+            pixels.append(np.asarray(img).copy())
+    assert np.array_equal(*pixels)
 
 
 def test_command_line_choices_are_the_parameter_table(capsys):

@@ -153,3 +153,26 @@ def test_cancel_twice_and_the_server_still_serves(server):
     assert status == 200 and output["prompt"] == "still here" and output["images"][0]["width"] == 32
     outside = [k for k in tree(work) if not k.startswith(("output/", "certs/", "serve.log"))]
     assert outside == []
+
+
+def test_a_full_queue_answers_503_with_a_clear_body_and_recovers(server):
+    """The server was started with --max-queue 8: the ninth request waiting or running is refused with 503 (a
+    code the Python client does not retry without "nginx" in the body: no retry storm), then room comes back."""
+    long = {"prompt": "x", "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50}
+    ids = []
+    for _ in range(8):
+        status, submitted = call(server, "POST", "/queue" + T2I, long)
+        assert status == 200, submitted
+        ids.append(submitted["request_id"])
+    status, answer = call(server, "POST", "/queue" + T2I, long)
+    assert status == 503 and "queue is full (8 requests" in answer["detail"] and "nginx" not in json.dumps(answer)
+    for request_id in reversed(ids):
+        assert call(server, "PUT", f"/queue/fal-ai/flux/requests/{request_id}/cancel")[0] == 202
+    for request_id in ids:
+        for _ in range(600):
+            status, state = call(server, "GET", f"/queue/fal-ai/flux/requests/{request_id}/status")
+            if state["status"] == "COMPLETED":
+                break
+        assert "cancelled" in state["error"]
+    status, output = call(server, "POST", T2I, {"prompt": "room again", "sync_mode": True, **SMALL})
+    assert status == 200 and output["prompt"] == "room again"

@@ -223,6 +223,16 @@ def test_acceleration_reuses_steps_on_a_slowly_changing_model(slow_transformer):
     assert rel_err(regular, reference) < rel_err(high, reference) < 0.05
 
 
+def test_the_report_fields_the_browser_badge_shows(slow_transformer):
+    out = KreaSampler().sample(slow_transformer, COND, **{**BASE, "width": 64, "height": 64,
+                                                           "num_inference_steps": 20, "acceleration": "high"})
+    (fields,) = out["ui"]["krea_report"]
+    (text,) = out["ui"]["text"]
+    assert text == f"acceleration high: {fields['computed']} of 20 steps computed fully, {fields['reused']} reused"
+    assert fields["steps"] == 20 and fields["reused"] > 0 and fields["seconds"] > 0
+    assert (fields["width"], fields["height"], fields["images"], fields["acceleration"]) == (64, 64, 1, "high")
+
+
 # ---------------------------------------------------------------- the latent convention, against diffusers' VAE
 
 def test_encoded_latent_is_the_raw_diffusers_latent(vae, diffusers_vae):

@@ -19,8 +19,9 @@ from PIL import Image
 
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, host
 from comfyui_krea.nodes.handles import forget_loaded
-from comfyui_krea.standalone.cli import apply_overrides, main, parse_args
+from comfyui_krea.standalone.cli import main, parse_args
 from comfyui_krea.standalone.demo import write_demo_models
+from comfyui_krea.standalone.overrides import apply_overrides
 from comfyui_krea.standalone.runner import LoadImage, WorkflowError, run, validate
 
 ROOT = Path(__file__).resolve().parent.parent

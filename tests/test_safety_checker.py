@@ -310,7 +310,9 @@ def _run(images, enabled=True, threshold=0.5, checker_name="model.safetensors"):
                                   checker_name=checker_name)
     assert set(out) == {"ui", "result"}
     result_images, flags_json = out["result"]
-    assert out["ui"] == {"text": [flags_json]}
+    assert out["ui"]["text"] == [flags_json]
+    (fields,) = out["ui"]["krea_report"]  # what the browser's badge shows
+    assert fields["has_nsfw_concepts"] == json.loads(flags_json) and fields["enabled"] == enabled
     return result_images, json.loads(flags_json)
 
 

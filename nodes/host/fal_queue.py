@@ -17,6 +17,7 @@ from ...fal_api.jobs import CANCELLED, Job, JobStore
 from ...fal_api.routes import API_KEY_ENV, FalService, WorkflowRefused, add_fal_routes
 from ...fal_api.storage import Uploads
 from ...fal_api.workflow import finish
+from ...standalone.remote import problem_text
 from . import add_step_listener
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ def problems_text(valid: tuple) -> str:
     lines = [f"{error.get('message', '')}: {error.get('details', '')}".strip(": ")] if error else []
     for node_id, entry in (node_errors or {}).items():
         for problem in entry.get("errors", []):
-            text = problem.get("details") or problem.get("message")
-            lines.append(f"node {node_id} ({entry.get('class_type')}): {text}")
+            lines.append(f"node {node_id} ({entry.get('class_type')}): {problem_text(problem)}")
     return "; ".join(lines) or "ComfyUI refused the workflow"
 
 

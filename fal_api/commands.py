@@ -1,0 +1,65 @@
+"""`serve` and `make-cert` on the command line: their options, and the calls into the server (imported only when
+one of them runs, so that `run` needs neither aiohttp nor cryptography)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class OptionError(ValueError):
+    """Options that do not go together (exit code 2)."""
+
+
+def add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve fal's API (fal-ai/flux/krea, .../image-to-image) for the fal clients",
+                       description="Serves fal's protocol over the in-process runner, one request at a time. "
+                                   "Set KREA_FAL_API_KEY to require 'Authorization: Key <it>'.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8443, help="port (default: 8443)")
+    s.add_argument("--models", type=Path, default=None, help="models folder with ComfyUI's layout (as for run)")
+    s.add_argument("--output", type=Path, default=Path("output"),
+                   help="where result images (fal/) and uploads (fal-uploads/) go (default: ./output)")
+    s.add_argument("--tokenizers", type=Path, default=None, help="tokenizer folder (as for run)")
+    s.add_argument("--demo", action="store_true", help="small random-weight models (noise images), as run --demo")
+    s.add_argument("--tls-cert", type=Path, help="server certificate (PEM), e.g. from make-cert: https")
+    s.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    s.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch image_url from other hosts (never from loopback, private or link-local addresses)")
+    s.add_argument("--max-queue", type=int, default=32,
+                   help="requests waiting or running at most; more are answered 503 (default: 32)")
+    s.add_argument("--retention-hours", type=float, default=24.0,
+                   help="how long results, uploads and request records stay available (default: 24)")
+    s.add_argument("-v", "--verbose", action="store_true")
+    c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
+    c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
+                                            "existing files)")
+    c.add_argument("--name", action="append", default=None, metavar="HOST",
+                   help="a host name or IP the certificate is for (repeatable; default: localhost, 127.0.0.1, ::1)")
+    c.add_argument("--port", type=int, default=8443, help="the port shown in the settings printed (default: 8443)")
+    c.add_argument("--prefix", default="", help="'/fal' for ComfyUI's routes (in the settings printed)")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from ..fal_api.server import ServeOptions, api_key_from_env, serve, tls_context
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise OptionError("--tls-cert and --tls-key go together")
+    if args.max_queue < 1 or args.retention_hours <= 0:
+        raise OptionError("--max-queue must be at least 1 and --retention-hours above 0")
+    if args.demo and (args.models is not None or args.tokenizers is not None):
+        raise OptionError("--demo builds its own models and tokenizers: leave out --models and --tokenizers")
+    tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers,
+                           retention_hours=args.retention_hours, max_queue=args.max_queue,
+                           allow_remote_images=args.allow_remote_images, api_key=api_key_from_env())
+    serve(options, args.host, args.port, tls, args.demo)
+    return 0
+
+
+def make_cert_command(args: argparse.Namespace) -> int:
+    from ..fal_api.certificates import client_settings, make_certificates
+
+    certs = make_certificates(args.folder, hosts=tuple(args.name)) if args.name else make_certificates(args.folder)
+    host_name = args.name[0] if args.name else "127.0.0.1"
+    print(client_settings(certs, host=host_name, port=args.port, prefix=args.prefix))
+    return 0

@@ -1,0 +1,136 @@
+"""Command-line options -> the inputs of a workflow's nodes: which options a workflow can take, writing them in,
+and reading workflow files (API format, or UI format converted with ui_workflow)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..image_io.load import image_file_problem
+from ..nodes import NODE_CLASS_MAPPINGS
+from ..sampling.parameters import GUIDANCE_SCALE, NUM_IMAGES, NUM_INFERENCE_STEPS, SEED, STRENGTH, check_side
+from .runner import LoadImage, WorkflowError, is_link
+from .ui_workflow import is_ui_workflow, to_api
+
+
+def sampler_nodes(prompt: dict) -> list[dict]:
+    return [n for n in prompt.values() if isinstance(n, dict) and n.get("class_type") == "KreaSampler"]
+
+
+def is_image_to_image(prompt: dict) -> bool:
+    return any(is_link(n.get("inputs", {}).get("latent")) for n in sampler_nodes(prompt))
+
+
+def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
+    """The options given that the workflow has nowhere to put, each with why."""
+    classes = {n.get("class_type") for n in prompt.values() if isinstance(n, dict)}
+    samplers, image_to_image = sampler_nodes(prompt), is_image_to_image(prompt)
+    wants = {  # option -> (given, the workflow uses it, what it needs)
+        "--prompt": (args.prompt, "KreaTextEncode" in classes, "a Krea Text Encode node"),
+        "--image": (args.image, "LoadImage" in classes, "a LoadImage node (an image-to-image workflow)"),
+        "--strength": (args.strength, image_to_image, "an image-to-image sampler (a latent connected)"),
+        "--width": (args.width, samplers and not image_to_image,
+                    "a text-to-image sampler (image-to-image keeps the input image's size)"),
+        "--height": (args.height, samplers and not image_to_image,
+                     "a text-to-image sampler (image-to-image keeps the input image's size)"),
+        "--image-size": (args.image_size, samplers and not image_to_image,
+                         "a text-to-image sampler (image-to-image keeps the input image's size)"),
+        "--format": (args.output_format, "KreaSaveImage" in classes, "a Krea Save Image node"),
+        "--no-safety-checker": (args.no_safety_checker or None, "KreaSafetyCheck" in classes,
+                                "a Krea Safety Check node"),
+    }
+    for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
+                         ("--num-images", "num_images"), ("--acceleration", "acceleration")):
+        wants[option] = (getattr(args, name), bool(samplers), "a Krea Sampler node")
+    if getattr(args, "server", None):
+        for option, name in (("--models", "models"), ("--tokenizers", "tokenizers"), ("--demo", "demo"),
+                             ("--no-memory-check", "no_memory_check")):
+            wants[option] = (getattr(args, name) or None, False, "no --server (the server has its own)")
+    elif args.token or args.header:
+        wants["--token/--header"] = (True, False, "--server")
+    if args.demo:
+        wants["--models"] = (args.models, False, "no --demo (the demo builds its own models)")
+        wants["--tokenizers"] = (args.tokenizers, False, "no --demo (the demo builds its own tokenizers)")
+    return [f"{option} is not used by this workflow: it needs {needs}" for option, (given, used, needs)
+            in wants.items() if given is not None and not used]
+
+
+def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, type] | None = None) -> None:
+    """Write the command-line options into the inputs of the nodes they belong to; refuse options the
+    workflow does not use and --set inputs its nodes do not have."""
+    classes = classes if classes is not None else {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+    unused = unused_options(prompt, args)
+    if unused:
+        raise WorkflowError("; ".join(unused) + ".")
+    by_class: dict[str, dict[str, object]] = {
+        "KreaTextEncode": {"prompt": args.prompt},
+        "KreaSampler": {"seed": args.seed, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+                        "num_images": args.num_images, "acceleration": args.acceleration,
+                        "strength": args.strength, "image_size": args.image_size},
+        "KreaSaveImage": {"output_format": args.output_format},
+        "LoadImage": {"image": str(args.image) if args.image else None},
+        "KreaSafetyCheck": {"enable_safety_checker": False if args.no_safety_checker else None},
+    }
+    if args.width is not None or args.height is not None:
+        by_class["KreaSampler"].update(image_size="custom", width=args.width, height=args.height)
+    for node in prompt.values():
+        for name, value in by_class.get(node.get("class_type"), {}).items():
+            if value is not None:
+                node["inputs"][name] = value
+    for item in args.set:
+        target, _, raw = item.partition("=")
+        node_id, _, name = target.partition(".")
+        if node_id not in prompt or not name:
+            raise WorkflowError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE with a node id of the workflow "
+                                f"({', '.join(prompt)})")
+        cls = classes.get(prompt[node_id].get("class_type"))
+        if cls is not None:
+            spec = cls.INPUT_TYPES()
+            declared = [*spec.get("required", {}), *spec.get("optional", {})]
+            if name not in declared:
+                raise WorkflowError(f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input "
+                                    f"{name!r}; its inputs are {', '.join(declared)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        prompt[node_id]["inputs"][name] = value
+
+
+def read_workflow(path: Path) -> dict:
+    """The workflow file's JSON: an API prompt or a UI-format workflow (see ui_workflow)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise WorkflowError(f"cannot read the workflow {path}: {err.strerror or err}") from None
+    try:
+        workflow = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise WorkflowError(f"the workflow {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 JSON "
+                            "from ComfyUI") from None
+    except json.JSONDecodeError as err:
+        raise WorkflowError(f"the workflow {path} is not valid JSON ({err}); use the files in workflows/ or save "
+                            "it from ComfyUI") from None
+    if not isinstance(workflow, dict):
+        raise WorkflowError(f"{path} is not a ComfyUI workflow (a JSON object of nodes)")
+    return workflow
+
+
+def api_prompt(workflow: dict, definitions: dict[str, dict]) -> dict:
+    """The API prompt of a workflow file: as it is, or converted from the UI format."""
+    return to_api(workflow, definitions) if is_ui_workflow(workflow) else workflow
+
+
+def option_problems(args: argparse.Namespace) -> None:
+    """The options' values, checked here before the server is asked (it would refuse them too, later)."""
+    for parameter, value in ((SEED, args.seed), (NUM_INFERENCE_STEPS, args.steps), (GUIDANCE_SCALE, args.guidance),
+                             (NUM_IMAGES, args.num_images), (STRENGTH, args.strength)):
+        if value is not None:
+            parameter.check(value)
+    for name, value in (("width", args.width), ("height", args.height)):
+        if value is not None:
+            check_side(name, value)
+    if args.image is not None:
+        problem = image_file_problem(args.image)
+        if problem:
+            raise WorkflowError(problem)

@@ -1,0 +1,205 @@
+"""An API prompt -> a run on a running ComfyUI server (`run --server URL`): queued over HTTP, followed on its
+websocket, its images downloaded through /view.
+
+Input images are uploaded first (POST /upload/image). A 400 answer's node_errors become one line per problem
+(WorkflowError: exit code 2, as a bad value locally). While it runs, stderr shows each node as it starts, the
+cached ones, and a progress bar per node and step. Ctrl-C interrupts the server's job (POST /interrupt with the
+prompt id) and takes it off the queue (POST /queue delete) before the KeyboardInterrupt goes on (exit 130).
+Downloads never replace a file: a taken name gets the next free counter.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runner import WorkflowError
+
+
+class RunFailed(RuntimeError):
+    """The server ran the prompt and a node failed (exit code 1)."""
+
+
+@dataclass
+class ServerRun:
+    url: str  # http(s)://host:port[/path]
+    headers: dict[str, str] = field(default_factory=dict)
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_id: str | None = None
+
+    @property
+    def ws_url(self) -> str:
+        scheme = "wss" if self.url.startswith("https") else "ws"
+        return f"{scheme}{self.url[self.url.index(':'):]}/ws?clientId={self.client_id}"
+
+
+def problem_text(problem: dict) -> str:
+    """One of ComfyUI's validation errors: {"message": "Value 99 bigger than max of 50", "details":
+    "num_inference_steps"} -> "num_inference_steps: Value 99 bigger than max of 50"."""
+    message, details = problem.get("message", ""), problem.get("details", "")
+    return f"{details}: {message}" if details and message and details not in message else (details or message)
+
+
+def node_error_lines(answer: dict, prompt: Mapping[str, dict]) -> list[str]:
+    """A 400 answer of POST /prompt as one readable line per problem."""
+    lines = []
+    error = answer.get("error") or {}
+    for node_id, entry in (answer.get("node_errors") or {}).items():
+        title = prompt.get(node_id, {}).get("_meta", {}).get("title") or entry.get("class_type", "")
+        for problem in entry.get("errors", []):
+            lines.append(f"node {node_id} ({title}): {problem_text(problem)}")
+    if not lines and error:
+        message = error.get("message", "the server refused the workflow")
+        lines.append(f"{message}: {error.get('details', '')}".rstrip(": "))
+    return lines or ["the server refused the workflow"]
+
+
+class Progress:
+    """Lines on stderr: node starts, cached nodes, one bar per node that reports steps."""
+
+    def __init__(self, prompt: Mapping[str, dict]) -> None:
+        self.titles = {k: v.get("_meta", {}).get("title") or v.get("class_type", k) for k, v in prompt.items()}
+        self.bar_open = False
+
+    def _line(self, text: str) -> None:
+        sys.stderr.write(("\n" if self.bar_open else "") + text + "\n")
+        sys.stderr.flush()
+        self.bar_open = False
+
+    def message(self, kind: str, data: dict) -> None:
+        if kind == "execution_cached" and data.get("nodes"):
+            self._line("  cached: " + ", ".join(self.titles.get(n, n) for n in data["nodes"]))
+        elif kind == "executing" and data.get("node") is not None:
+            self._line(f"  {self.titles.get(data['node'], data['node'])}")
+        elif kind == "progress":
+            value, total = int(data.get("value", 0)), max(1, int(data.get("max", 1)))
+            done = int(30 * value / total)
+            sys.stderr.write(f"\r    [{'#' * done}{'.' * (30 - done)}] {value}/{total}")
+            sys.stderr.flush()
+            self.bar_open = value < total
+            if not self.bar_open:
+                sys.stderr.write("\n")
+
+
+def free_name(folder: Path, name: str) -> Path:
+    stem, dot, suffix = Path(name).name.rpartition(".")
+    stem, suffix = (stem, "." + suffix) if dot else (suffix, "")
+    candidate, counter = folder / f"{stem}{suffix}", 1
+    while candidate.exists():
+        candidate, counter = folder / f"{stem}_{counter}{suffix}", counter + 1
+    return candidate
+
+
+def write_new(folder: Path, name: str, data: bytes) -> Path:
+    """The bytes under `name` in `folder`, or under the next free variant: written to a temporary file and
+    linked into place, so no existing file is replaced and no half-written file is left."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{uuid.uuid4().hex}.part"
+    partial.write_bytes(data)
+    try:
+        while True:
+            target = free_name(folder, name)
+            try:
+                os.link(partial, target)
+                return target
+            except FileExistsError:
+                continue
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapping[str, Path]) -> tuple[list[Path],
+                                                                                                      dict]:
+    """Queue `prompt` (uploading `images`: LoadImage node id -> local file), follow it, download its images.
+    Returns the files written and the history outputs (node id -> ui)."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(headers=run.headers, timeout=timeout) as session:
+        for node_id, path in images.items():
+            form = aiohttp.FormData()
+            form.add_field("image", path.read_bytes(), filename=path.name)
+            form.add_field("subfolder", "krea-cli")
+            form.add_field("type", "input")
+            async with session.post(f"{run.url}/upload/image", data=form) as answer:
+                if answer.status != 200:
+                    raise WorkflowError(f"uploading {path} to the server failed: HTTP {answer.status} "
+                                        f"{(await answer.text())[:300]}")
+                uploaded = await answer.json()
+            name = uploaded["name"]
+            prompt[node_id]["inputs"]["image"] = f"{uploaded['subfolder']}/{name}" if uploaded.get("subfolder") \
+                else name
+        async with session.ws_connect(run.ws_url, heartbeat=30) as socket:
+            async with session.post(f"{run.url}/prompt", json={"prompt": prompt, "client_id": run.client_id}) as answer:
+                body = await answer.json(content_type=None)
+                if answer.status == 400:
+                    raise WorkflowError("the server refused the workflow:\n  " +
+                                        "\n  ".join(node_error_lines(body, prompt)))
+                if answer.status != 200:
+                    raise WorkflowError(f"POST /prompt: HTTP {answer.status} {json.dumps(body)[:300]}")
+                run.prompt_id = body["prompt_id"]
+            try:
+                await follow(socket, run, Progress(prompt))
+            except asyncio.CancelledError:  # Ctrl-C: stop the server's job, then let the interrupt go on
+                await stop_on_server(session, run)
+                raise
+        history: dict = {}
+        for _ in range(100):  # written by the time the end is sent; a proxy may reorder, so look again a while
+            async with session.get(f"{run.url}/history/{run.prompt_id}") as answer:
+                history = (await answer.json()).get(run.prompt_id, {})
+            if history:
+                break
+            await asyncio.sleep(0.1)
+        outputs = history.get("outputs", {})
+        written = []
+        for ui in outputs.values():
+            for image in ui.get("images", []):
+                if image.get("type") != "output":
+                    continue
+                query = {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": "output"}
+                async with session.get(f"{run.url}/view", params=query) as answer:
+                    if answer.status != 200:
+                        raise RunFailed(f"downloading {image['filename']} failed: HTTP {answer.status}")
+                    data = await answer.read()
+                written.append(write_new(output, image["filename"], data))
+        return written, outputs
+
+
+async def follow(socket, run: ServerRun, progress: Progress) -> None:
+    """Websocket messages of our prompt until it ends; a failure raises RunFailed."""
+    import aiohttp
+
+    async for message in socket:
+        if message.type != aiohttp.WSMsgType.TEXT:
+            continue  # previews (binary frames)
+        event = json.loads(message.data)
+        kind, data = event.get("type"), event.get("data") or {}
+        if data.get("prompt_id") not in (None, run.prompt_id):
+            continue
+        progress.message(kind, data)
+        if kind == "execution_error":
+            raise RunFailed(f"{data.get('node_type', 'a node')} (node {data.get('node_id')}) failed on the "
+                            f"server: {data.get('exception_type', '')}: {data.get('exception_message', '')}".rstrip())
+        if kind == "execution_interrupted":
+            raise RunFailed("the run was interrupted on the server")
+        # The end: ComfyUI sends this after it wrote the history (execution_success comes before that).
+        if kind == "executing" and data.get("node") is None and data.get("prompt_id") == run.prompt_id:
+            return
+    raise RunFailed("the server closed the connection before the run ended")
+
+
+async def stop_on_server(session, run: ServerRun) -> None:
+    """Interrupt our prompt if it runs, remove it if it waits (ComfyUI's own endpoints)."""
+    if run.prompt_id is None:
+        return
+    for path, body in (("/interrupt", {"prompt_id": run.prompt_id}), ("/queue", {"delete": [run.prompt_id]})):
+        try:
+            async with session.post(f"{run.url}{path}", json=body) as answer:
+                await answer.read()
+        except OSError:
+            pass  # the server is gone: nothing left to stop

@@ -1,0 +1,129 @@
+"""UI-format workflows -> API prompts as the frontend's graphToPrompt makes them: the shipped files equal their API
+forms, and links, widget values, control_after_generate, upload buttons, bypassed and muted nodes, reroutes,
+primitive nodes and groups each resolve as the frontend resolves them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfyui_krea.standalone.runner import LoadImage
+from comfyui_krea.standalone.ui_workflow import ConversionError, local_definitions, to_api, widget_values
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFINITIONS = local_definitions({**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}, NODE_DISPLAY_NAME_MAPPINGS)
+# The parts of ComfyUI's /object_info these tests use (shapes as the server sends them).
+DEFINITIONS["LoadImage"] = {"input": {"required": {"image": [["example.png", "other.png"], {"image_upload": True}]}},
+                            "input_order": {"required": ["image"]}, "display_name": "Load Image"}
+DEFINITIONS["ImageInvert"] = {"input": {"required": {"image": ["IMAGE", {}]}}, "input_order": {"required": ["image"]},
+                              "display_name": "Invert Image"}
+
+
+@pytest.mark.parametrize("name", ["krea_text_to_image", "krea_image_to_image"])
+def test_the_shipped_ui_files_equal_their_api_forms(name):
+    ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    assert to_api(ui, DEFINITIONS) == api
+
+
+def node(node_id, kind, widgets=None, inputs=(), mode=0, title=None):
+    out = {"id": node_id, "type": kind, "mode": mode, "inputs": [dict(i) for i in inputs],
+           "widgets_values": widgets if widgets is not None else []}
+    if title:
+        out["title"] = title
+    return out
+
+
+def text_to_image(extra_nodes=(), extra_links=(), decode_image_link=7, **changes):
+    """The shipped text-to-image graph, as nodes and links the tests can rewire."""
+    nodes = [
+        node(1, "KreaModelLoader", ["m.safetensors", "default", "c.safetensors", "t.safetensors", "v.safetensors"]),
+        node(2, "KreaTextEncode", ["a fox"], [{"name": "text_encoder", "type": "KREA_TEXT_ENCODER", "link": 1}]),
+        node(3, "KreaSampler", ["custom", 64, 48, 2, 4.5, 42, "randomize", 1, "none", 0.95],
+             [{"name": "model", "type": "MODEL", "link": 2}, {"name": "conditioning", "type": "CONDITIONING",
+                                                             "link": 3}]),
+        node(4, "KreaDecode", [], [{"name": "vae", "type": "KREA_VAE", "link": 5},
+                                   {"name": "samples", "type": "LATENT", "link": 6}]),
+        node(6, "KreaSaveImage", ["krea/krea", "png", 95], [{"name": "images", "type": "IMAGE",
+                                                              "link": decode_image_link}]),
+        *extra_nodes]
+    links = [[1, 1, 1, 2, 0, "KREA_TEXT_ENCODER"], [2, 1, 0, 3, 0, "MODEL"], [3, 2, 0, 3, 1, "CONDITIONING"],
+             [5, 1, 2, 4, 0, "KREA_VAE"], [6, 3, 0, 4, 1, "LATENT"], [7, 4, 0, 6, 0, "IMAGE"], *extra_links]
+    for node_id, fields in changes.items():
+        next(n for n in nodes if n["id"] == int(node_id[1:])).update(fields)
+    return {"nodes": nodes, "links": links, "groups": [{"title": "a group", "bounding": [0, 0, 10, 10]}],
+            "version": 0.4}
+
+
+def test_widget_values_skip_the_seed_control_and_keep_their_order():
+    prompt = to_api(text_to_image(), DEFINITIONS)
+    assert prompt["3"]["inputs"] == {"image_size": "custom", "width": 64, "height": 48, "num_inference_steps": 2,
+                                     "guidance_scale": 4.5, "seed": 42, "num_images": 1, "acceleration": "none",
+                                     "strength": 0.95, "model": ["1", 0], "conditioning": ["2", 0]}
+    assert prompt["3"]["_meta"] == {"title": "Krea Sampler"} and set(prompt) == {"1", "2", "3", "4", "6"}
+
+
+def test_a_file_saved_without_the_control_value_still_lines_up():
+    values = widget_values(node(3, "KreaSampler", ["custom", 64, 48, 2, 4.5, 42, 1, "high", 0.5]),
+                           DEFINITIONS["KreaSampler"])
+    assert values["seed"] == 42 and values["num_images"] == 1 and values["acceleration"] == "high"
+
+
+def test_the_upload_button_value_is_skipped():
+    prompt = to_api({"nodes": [node(7, "LoadImage", ["other.png", "image"])], "links": []}, DEFINITIONS)
+    assert prompt["7"]["inputs"] == {"image": "other.png"}
+
+
+def test_a_bypassed_node_passes_its_input_of_the_same_type_through():
+    graph = text_to_image(extra_nodes=[node(9, "ImageInvert", [], [{"name": "image", "type": "IMAGE", "link": 7}],
+                                            mode=4)],
+                          extra_links=[[8, 9, 0, 6, 0, "IMAGE"]], decode_image_link=8)
+    prompt = to_api(graph, DEFINITIONS)
+    assert "9" not in prompt and prompt["6"]["inputs"]["images"] == ["4", 0]
+
+
+def test_a_muted_node_is_left_out_with_the_inputs_it_fed():
+    graph = text_to_image(extra_nodes=[node(9, "ImageInvert", [], [{"name": "image", "type": "IMAGE", "link": 7}],
+                                            mode=2)],
+                          extra_links=[[8, 9, 0, 6, 0, "IMAGE"]], decode_image_link=8)
+    prompt = to_api(graph, DEFINITIONS)
+    assert "9" not in prompt and "images" not in prompt["6"]["inputs"]
+
+
+def test_reroutes_pass_through_and_a_primitive_writes_its_value():
+    graph = text_to_image(
+        extra_nodes=[node(10, "Reroute", None, [{"name": "", "type": "*", "link": 20}]),
+                     node(11, "PrimitiveNode", [1234, "fixed"])],
+        extra_links=[[20, 4, 0, 10, 0, "IMAGE"], [21, 10, 0, 6, 0, "IMAGE"], [22, 11, 0, 3, 2, "INT"]],
+        decode_image_link=21)
+    sampler = next(n for n in graph["nodes"] if n["id"] == 3)
+    sampler["inputs"].append({"name": "seed", "type": "INT", "link": 22, "widget": {"name": "seed"}})
+    prompt = to_api(graph, DEFINITIONS)
+    assert "10" not in prompt and "11" not in prompt
+    assert prompt["6"]["inputs"]["images"] == ["4", 0] and prompt["3"]["inputs"]["seed"] == 1234
+
+
+def test_a_widget_turned_into_an_input_takes_its_link():
+    graph = text_to_image(extra_nodes=[node(12, "KreaTextEncode", ["other"], [
+        {"name": "text_encoder", "type": "KREA_TEXT_ENCODER", "link": 30}])],
+        extra_links=[[30, 1, 1, 12, 0, "KREA_TEXT_ENCODER"]])
+    prompt = to_api(graph, DEFINITIONS)
+    assert prompt["12"]["inputs"] == {"prompt": "other", "text_encoder": ["1", 1]}
+
+
+def test_titles_and_links_as_objects():
+    graph = text_to_image(n3={"title": "My sampler"})
+    graph["links"] = [{"id": k[0], "origin_id": k[1], "origin_slot": k[2], "target_id": k[3], "target_slot": k[4],
+                       "type": k[5]} for k in graph["links"]]
+    prompt = to_api(graph, DEFINITIONS)
+    assert prompt["3"]["_meta"]["title"] == "My sampler" and prompt["4"]["inputs"]["samples"] == ["3", 0]
+
+
+def test_unknown_node_types_and_subgraphs_are_refused():
+    with pytest.raises(ConversionError, match="'SomePackNode', which this server does not have"):
+        to_api({"nodes": [node(1, "SomePackNode")], "links": []}, DEFINITIONS)
+    with pytest.raises(ConversionError, match="subgraphs"):
+        to_api({"nodes": [], "links": [], "definitions": {"subgraphs": [{"id": "x"}]}}, DEFINITIONS)
+    assert to_api({"nodes": [node(1, "Note", ["hello"])], "links": []}, DEFINITIONS) == {}
