@@ -174,6 +174,9 @@ class FalService:
         except WorkflowRefused as err:
             job.complete(error=str(err), error_type="workflow_refused")
             return json_error(500, f"this server cannot run the workflow: {err}", error_type="workflow_refused")
+        except Exception as err:  # the record must not wait forever for a run that never started
+            job.complete(error=f"{type(err).__name__}: {err}", error_type="internal_error")
+            raise
         log.info("fal request %s (%s) queued", job.id, endpoint)
         return job
 

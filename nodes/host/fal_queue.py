@@ -17,7 +17,6 @@ from ...fal_api.jobs import CANCELLED, Job, JobStore
 from ...fal_api.routes import API_KEY_ENV, FalService, WorkflowRefused, add_fal_routes
 from ...fal_api.storage import Uploads
 from ...fal_api.workflow import finish
-from ...standalone.remote import problem_text
 from . import add_step_listener
 
 log = logging.getLogger(__name__)
@@ -32,8 +31,9 @@ def problems_text(valid: tuple) -> str:
     error, node_errors = valid[1], valid[3]
     lines = [f"{error.get('message', '')}: {error.get('details', '')}".strip(": ")] if error else []
     for node_id, entry in (node_errors or {}).items():
-        for problem in entry.get("errors", []):
-            lines.append(f"node {node_id} ({entry.get('class_type')}): {problem_text(problem)}")
+        for problem in entry.get("errors", []):  # {"message": "Value 99 bigger than max of 50", "details": input}
+            text = ": ".join(p for p in (problem.get("details"), problem.get("message")) if p)
+            lines.append(f"node {node_id} ({entry.get('class_type')}): {text}")
     return "; ".join(lines) or "ComfyUI refused the workflow"
 
 
