@@ -40,7 +40,10 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from ..fal_api.server import ServeOptions, api_key_from_env, serve, tls_context
+    try:
+        from ..fal_api.server import ServeOptions, api_key_from_env, serve, tls_context
+    except ImportError as err:
+        raise OptionError(f"serve needs aiohttp and pydantic ({err}): pip install -e '.[serve]'") from None
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise OptionError("--tls-cert and --tls-key go together")

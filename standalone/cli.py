@@ -270,6 +270,11 @@ def run_remote_command(args: argparse.Namespace) -> int:
 
     from .remote import ServerRun, run_on_server
 
+    try:
+        import aiohttp  # noqa: F401  (the websocket client)
+    except ImportError:
+        raise WorkflowError("--server needs aiohttp: pip install -e '.[serve]'") from None
+
     url = args.server.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise WorkflowError(f"--server {args.server!r}: expected http://HOST:PORT or https://HOST:PORT")
