@@ -278,8 +278,14 @@ def run_remote_command(args: argparse.Namespace) -> int:
     url = args.server.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise WorkflowError(f"--server {args.server!r}: expected http://HOST:PORT or https://HOST:PORT")
+    local_only = [option for option, given in (("--demo", args.demo), ("--models", args.models),
+                                               ("--tokenizers", args.tokenizers),
+                                               ("--no-memory-check", args.no_memory_check)) if given]
+    if local_only:
+        raise WorkflowError(f"{', '.join(local_only)} cannot be used with --server: the server runs its own models")
     workflow = read_workflow(args.workflow)
     headers = server_headers(args)
+    option_problems(args)  # before the server is asked anything
     definitions = object_info(url, headers)
     prompt = api_prompt(workflow, definitions)
     missing = sorted({n.get("class_type") for n in prompt.values()} - set(definitions))
@@ -288,7 +294,6 @@ def run_remote_command(args: argparse.Namespace) -> int:
                             "pack?)")
     for node in prompt.values():
         node.setdefault("inputs", {})
-    option_problems(args)
     apply_overrides(prompt, args)
     images = {k: args.image for k, n in prompt.items() if n.get("class_type") == "LoadImage" and args.image}
     output = args.output if args.output is not None else Path("output")

@@ -42,11 +42,7 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
     for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
                          ("--num-images", "num_images"), ("--acceleration", "acceleration")):
         wants[option] = (getattr(args, name), bool(samplers), "a Krea Sampler node")
-    if getattr(args, "server", None):
-        for option, name in (("--models", "models"), ("--tokenizers", "tokenizers"), ("--demo", "demo"),
-                             ("--no-memory-check", "no_memory_check")):
-            wants[option] = (getattr(args, name) or None, False, "no --server (the server has its own)")
-    elif args.token or args.header:
+    if not getattr(args, "server", None) and (args.token or args.header):
         wants["--token/--header"] = (True, False, "--server")
     if args.demo:
         wants["--models"] = (args.models, False, "no --demo (the demo builds its own models)")

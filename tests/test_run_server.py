@@ -127,3 +127,26 @@ def test_two_clients_at_once_each_get_their_own_images(comfy, tmp_path):
     assert {f.parent.name for f in files_a} == {"a"} and {f.parent.name for f in files_b} == {"b"}
     with Image.open(files_a[0]) as a, Image.open(files_b[0]) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))  # seed 11 and seed 12
+
+
+def test_token_and_headers_for_a_comfyui_behind_a_proxy():
+    from comfyui_krea.standalone.cli import parse_args, server_headers
+    from comfyui_krea.standalone.runner import WorkflowError
+
+    args = parse_args(["run", "w.json", "--server", "https://comfy.example", "--token", "s3cret",
+                       "--header", "X-Team: krea", "--header", "Cookie:a=b"])
+    assert server_headers(args) == {"Authorization": "Bearer s3cret", "X-Team": "krea", "Cookie": "a=b"}
+    with pytest.raises(WorkflowError, match="expected NAME:VALUE"):
+        server_headers(parse_args(["run", "w.json", "--server", "http://x", "--header", "no colon"]))
+
+
+def test_server_options_are_refused_without_a_server_and_local_ones_with_it(tmp_path, capsys):
+    from comfyui_krea.standalone.cli import main
+
+    assert main(["run", str(ROOT / "workflows/api/krea_text_to_image.json"), "--demo", "--token", "x"]) == 2
+    assert "--token/--header is not used by this workflow: it needs --server" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "workflows/api/krea_text_to_image.json"), "--server", "http://127.0.0.1:9",
+                 "--demo"]) == 2
+    assert "--demo cannot be used with --server" in capsys.readouterr().err
+    assert main(["run", str(ROOT / "workflows/api/krea_text_to_image.json"), "--server", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach ComfyUI at http://127.0.0.1:9" in capsys.readouterr().err
