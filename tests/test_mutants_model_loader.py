@@ -851,3 +851,127 @@ def test_clip_config_other_than_the_defaults_is_read_off_the_shapes(tmp_path):
     config = CLIPTextConfig(vocab_size=1000, width=64, layers=2, intermediate=96, positions=40, eos_token_id=999)
     path = write_random_clip_checkpoint(tmp_path / "clip.safetensors", config)
     assert config_from_checkpoint(Checkpoint(path)) == config
+
+
+# ------------------------------------------------- the weight storage a load decides (what picks the layer classes)
+
+def _flux_state(dtype: torch.dtype, others: torch.dtype | None = None, block_bias: torch.dtype | None = None) -> dict:
+    """A tiny FLUX state dict: blocks' weights in `dtype`; the other tensors in `others`, listed first (as a
+    file may order them), and the blocks' biases in `block_bias`, ahead of the block weights."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in FluxTransformer(TINY_FLUX).state_dict().items()}
+    state = {}
+    for k in sorted(shapes, key=lambda k: (k.startswith(("double_blocks.", "single_blocks.")), k.endswith("weight"))):
+        in_blocks = k.startswith(("double_blocks.", "single_blocks."))
+        kind = dtype if in_blocks and k.endswith("weight") else \
+            (block_bias or dtype) if in_blocks else (others or dtype)
+        state[k] = (torch.randn(shapes[k], generator=torch.Generator().manual_seed(len(state))) * 0.02).to(kind)
+    return state
+
+
+def _storage_seen(state: dict, weight_dtype: str, **load) -> tuple:
+    seen = []
+
+    def record(storage):
+        seen.append(storage)
+        return operations.CastOps
+
+    model = load_flux_from_source(StateDictSource(state), weight_dtype, operations=record, **load)
+    (storage,) = seen
+    assert (model.storage_dtype, model.compute_dtype) == (storage.dtype, storage.compute_dtype)
+    return storage.dtype, storage.compute_dtype, storage.scaled, storage.fast_fp8
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("file_dtype, weight_dtype, expected", [
+    (torch.bfloat16, "default", (torch.bfloat16, torch.bfloat16, False, False)),
+    (torch.float16, "default", (torch.float16, torch.float16, False, False)),
+    (torch.float32, "default", (torch.float32, torch.bfloat16, False, False)),
+    (torch.bfloat16, "fp16", (torch.float16, torch.float16, False, False)),
+    (torch.float16, "bf16", (torch.bfloat16, torch.bfloat16, False, False)),
+    (torch.bfloat16, "fp8_e4m3fn", (FP8, torch.bfloat16, True, False)),
+    (torch.bfloat16, "fp8_e4m3fn_fast", (FP8, torch.bfloat16, True, True)),
+    (FP8, "default", (FP8, torch.bfloat16, False, False)),  # plain fp8 weights: no scales in the file
+])
+def test_the_storage_a_load_decides(fake_cuda, file_dtype, weight_dtype, expected):
+    # Built on the CPU for a (pretend) GPU: the compute dtype is the GPU's (on the CPU it is always float32).
+    fake_cuda(capability=(9, 0))
+    others = torch.float32 if file_dtype == FP8 else None  # fp8 files keep their small tensors wider
+    got = _storage_seen(_flux_state(file_dtype, others=others), weight_dtype, compute_device=torch.device("cuda"))
+    assert got == expected
+
+
+def test_the_blocks_weights_decide_not_the_tensors_before_them(fake_cuda):
+    """Other tensors and the blocks' biases in float32 come first in the file; the blocks' bf16 weights decide."""
+    fake_cuda(capability=(9, 0))
+    state = _flux_state(torch.bfloat16, others=torch.float32, block_bias=torch.float32)
+    assert _storage_seen(state, "default", compute_device=torch.device("cuda"))[:2] == (torch.bfloat16,
+                                                                                         torch.bfloat16)
+
+
+def test_the_hosts_default_dtype_applies_to_default_only(fake_cuda):
+    fake_cuda(capability=(9, 0))
+    asked = []
+
+    def host_choice(stored):  # ComfyUI: its unet dtype for the device (here: fp16 for anything)
+        asked.append(stored)
+        return torch.float16
+
+    state = _flux_state(torch.bfloat16)
+    assert _storage_seen(state, "default", compute_device=torch.device("cuda"), default_dtype=host_choice) == \
+        (torch.float16, torch.float16, False, False)
+    assert asked == [torch.bfloat16]
+    assert _storage_seen(state, "bf16", compute_device=torch.device("cuda"), default_dtype=host_choice)[0] == \
+        torch.bfloat16
+    fp8_state = _flux_state(FP8, others=torch.float32)
+    assert _storage_seen(fp8_state, "default", compute_device=torch.device("cuda"), default_dtype=host_choice)[0] \
+        == FP8  # fp8 files stay fp8: the host's choice is for wide weights
+    assert asked == [torch.bfloat16]
+
+
+def test_a_scaled_fp8_file_is_stored_scaled(fake_cuda, tmp_path):
+    from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
+
+    fake_cuda(capability=(9, 0))
+    path = write_random_flux_checkpoint(tmp_path / "scaled.safetensors", TINY_FLUX, dtype=torch.bfloat16,
+                                        layout="comfy_fp8_scaled")
+    seen = []
+    load_flux(path, "default", compute_device=torch.device("cuda"),
+              operations=lambda storage: seen.append(storage) or operations.CastOps)
+    assert [(s.dtype, s.compute_dtype, s.scaled, s.fast_fp8) for s in seen] == [(FP8, torch.bfloat16, True, False)]
+
+
+def _shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in FluxTransformer(config).state_dict().items()}
+
+
+def test_a_transformer_of_single_blocks_only_is_read_off_its_shapes():
+    config = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+                        mlp_ratio=3.0, num_heads=4, depth=0, depth_single_blocks=2, axes_dim=(4, 6, 6))
+    got = layouts.config_from_shapes(_shapes(config), "single.safetensors")
+    assert (got.hidden_size, got.num_heads, got.mlp_ratio, got.depth, got.depth_single_blocks) == (64, 4, 3.0, 0, 2)
+
+
+@pytest.mark.parametrize("head_dim", [0, 24])  # none at all; not a divisor of the hidden size 64
+def test_an_impossible_head_dim_is_a_model_file_error(head_dim):
+    shapes = _shapes(TINY_FLUX)
+    shapes["double_blocks.0.img_attn.norm.query_norm.scale"] = (head_dim,)
+    with pytest.raises(ModelFileError, match=f"not a multiple of the head dim {head_dim}"):
+        layouts.config_from_shapes(shapes, "odd.safetensors")
+
+
+def test_an_fp8_scale_without_its_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_krea.model_loader.checkpoints import open_checkpoint
+    from comfyui_krea.model_loader.flux import write_random_flux_checkpoint
+
+    path = write_random_flux_checkpoint(tmp_path / "scaled.safetensors", TINY_FLUX, layout="comfy_fp8_scaled")
+    state = load_file(path)
+    state["model.diffusion_model.double_blocks.0.img_mod.extra.scale_weight"] = torch.tensor(1.0)
+    save_file(state, tmp_path / "orphan.safetensors")
+    with pytest.raises(ModelFileError, match="fp8 scales without weights"):
+        layouts.plan_flux_layout(open_checkpoint(tmp_path / "orphan.safetensors"), "orphan.safetensors")
