@@ -975,3 +975,25 @@ def test_an_fp8_scale_without_its_weight_is_refused(tmp_path):
     save_file(state, tmp_path / "orphan.safetensors")
     with pytest.raises(ModelFileError, match="fp8 scales without weights"):
         layouts.plan_flux_layout(open_checkpoint(tmp_path / "orphan.safetensors"), "orphan.safetensors")
+
+
+def test_every_layer_is_built_where_and_as_asked():
+    """Loading builds the model on the meta device (no memory until the weights are assigned): every parameter
+    must land there, in the dtype asked for; and the norms are FLUX's (no affine, eps 1e-6, not torch's 1e-5)."""
+    model = FluxTransformer(TINY_FLUX, dtype=torch.float16, device="meta")
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float16)}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(n.eps == 1e-6 and n.weight is None for n in norms)
+    assert all(layer.bias is not None for block in model.single_blocks for layer in (block.linear1, block.linear2))
+
+
+def test_t5_clamps_fp16_activations_only():
+    from comfyui_krea.model_loader.text_encoders import t5
+
+    big = torch.finfo(torch.float16).max
+    half = torch.tensor([-float("inf"), -big, 1.5, big, float("inf")], dtype=torch.float16)
+    guarded = t5._fp16_guard(half)
+    assert guarded.dtype == torch.float16 and torch.isfinite(guarded).all()
+    assert guarded[2] == 1.5 and guarded[3] == -guarded[1] == t5._FP16_SAFE_MAX < big
+    wide = torch.tensor([-1e30, 1e30], dtype=torch.float32)
+    assert torch.equal(t5._fp16_guard(wide), wide)  # float32 and bf16 activations are left alone
