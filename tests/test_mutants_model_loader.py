@@ -997,3 +997,15 @@ def test_t5_clamps_fp16_activations_only():
     assert guarded[2] == 1.5 and guarded[3] == -guarded[1] == t5._FP16_SAFE_MAX < big
     wide = torch.tensor([-1e30, 1e30], dtype=torch.float32)
     assert torch.equal(t5._fp16_guard(wide), wide)  # float32 and bf16 activations are left alone
+
+
+@pytest.mark.parametrize("dtype, compute", [(None, torch.float32), (torch.float16, torch.float16),
+                                            (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                            (torch.float8_e4m3fn, torch.bfloat16)])
+def test_the_transformer_says_what_it_computes_in_and_its_sizes(dtype, compute):
+    """compute_dtype (fp8 storage computes in bf16), and the sizes ComfyUI's FLUX exposes on its
+    diffusion_model (in/out channels, hidden size, heads), which code written for ComfyUI reads."""
+    model = FluxTransformer(TINY_FLUX, dtype=dtype, device="meta")
+    assert model.compute_dtype == compute
+    assert (model.in_channels, model.out_channels, model.hidden_size, model.num_heads) == \
+        (TINY_FLUX.in_channels, TINY_FLUX.out_channels, TINY_FLUX.hidden_size, TINY_FLUX.num_heads)
