@@ -1009,3 +1009,62 @@ def test_the_transformer_says_what_it_computes_in_and_its_sizes(dtype, compute):
     assert model.compute_dtype == compute
     assert (model.in_channels, model.out_channels, model.hidden_size, model.num_heads) == \
         (TINY_FLUX.in_channels, TINY_FLUX.out_channels, TINY_FLUX.hidden_size, TINY_FLUX.num_heads)
+
+
+# ---------------------------------------------------------------- text encoder and VAE configs read off the files
+
+def _rewritten(path, tmp_path, drop: str | None = None, name: str = "edited.safetensors"):
+    """The file again, without the tensors whose key contains `drop`."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(path).items() if drop is None or drop not in k}
+    save_file(state, tmp_path / name)
+    return tmp_path / name
+
+
+def test_t5_sizes_come_from_the_file_not_from_t5_xxl(tmp_path):
+    from comfyui_krea.model_loader.text_encoders import T5EncoderConfig, load_t5_model, write_random_t5_checkpoint
+
+    config = T5EncoderConfig(vocab_size=300, d_model=32, d_kv=8, heads=2, d_ff=48, layers=2, relative_buckets=16)
+    model = load_t5_model(write_random_t5_checkpoint(tmp_path / "t5.safetensors", config))
+    assert (model.config.vocab_size, model.config.relative_buckets, model.config.layers) == (300, 16, 2)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen, as every loaded model
+
+
+def test_a_gap_in_the_layers_is_a_model_file_error(tmp_path):
+    from comfyui_krea.model_loader.text_encoders import (
+        CLIPTextConfig,
+        T5EncoderConfig,
+        load_clip_model,
+        load_t5_model,
+        write_random_clip_checkpoint,
+        write_random_t5_checkpoint,
+    )
+
+    t5 = write_random_t5_checkpoint(tmp_path / "t5.safetensors", T5EncoderConfig(
+        vocab_size=300, d_model=32, d_kv=8, heads=2, d_ff=48, layers=3))
+    with pytest.raises(ModelFileError, match="T5 blocks or attention sizes are inconsistent"):
+        load_t5_model(_rewritten(t5, tmp_path, drop="encoder.block.1.", name="t5gap.safetensors"))
+    clip = write_random_clip_checkpoint(tmp_path / "clip.safetensors", CLIPTextConfig(
+        vocab_size=300, width=32, layers=3, intermediate=48, positions=77, eos_token_id=299))
+    with pytest.raises(ModelFileError, match="not numbered 0..N-1"):
+        load_clip_model(_rewritten(clip, tmp_path, drop="encoder.layers.1.", name="clipgap.safetensors"))
+
+
+def test_decode_refuses_latents_of_another_channel_count():
+    from comfyui_krea.model_loader.autoencoder import AutoEncoder
+
+    vae = AutoEncoder(TINY_AUTOENCODER)
+    with pytest.raises(ValueError, match="decode expects latents of shape"):
+        vae.decode(torch.zeros(1, TINY_AUTOENCODER.z_channels + 1, 4, 4))
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_a_transformer_without_double_blocks_is_not_taken_for_flux_1(tmp_path, layout):
+    from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
+
+    config = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+                        num_heads=4, depth=0, depth_single_blocks=2, axes_dim=(4, 6, 6))
+    path = write_random_flux_checkpoint(tmp_path / "single.safetensors", config, layout=layout)
+    with pytest.raises(ModelFileError, match="not a FLUX.1 transformer"):
+        load_flux(path)
