@@ -1,7 +1,10 @@
-"""Command line -> a workflow run without a ComfyUI server: `python -m comfyui_krea run WORKFLOW.json [options]`.
+"""Command line -> a workflow run: `python -m comfyui_krea run WORKFLOW.json [options] [--server URL]`, and the
+fal server's `serve` and `make-cert` (fal_api/commands.py).
 
-The options write into the inputs of the workflow's nodes; their choices and ranges come from the fal parameter
-table (sampling.parameters), and the run goes through the in-process runner with the same nodes as ComfyUI.
+The workflow is API or UI format (converted as ComfyUI's frontend would). The options write into the inputs of the
+workflow's nodes (overrides.py); their choices and ranges come from the fal parameter table (sampling.parameters).
+The run goes through the in-process runner with the same nodes as ComfyUI, or, with --server, to a running ComfyUI
+(remote.py).
 Everything that can be checked without the weights is checked first (the nodes' validation: values, model files
 and their kinds, the input image, the output folder; then the memory the run needs). Every error is one
 `error: ...` paragraph, exit code 2 for bad input, 130 for Ctrl-C (143 for SIGTERM); --debug adds the traceback.
@@ -67,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m comfyui_krea", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run an API-format workflow of the pack's nodes")
+    p = sub.add_parser("run", help="run a workflow (API or UI format) here or on a running ComfyUI (--server)")
     p.add_argument("workflow", type=Path, help="workflow JSON, API format (workflows/api/...) or as saved from the UI "
                                                "(workflows/...)")
     p.add_argument("--models", type=Path, default=None,
@@ -114,7 +117,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true")
     add_serve_commands(sub)
     return parser.parse_args(argv)
-
 
 
 class TextProgress:
