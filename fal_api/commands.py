@@ -60,9 +60,10 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def make_cert_command(args: argparse.Namespace) -> int:
-    from ..fal_api.certificates import client_settings, make_certificates
+    from ..fal_api.certificates import DEFAULT_HOSTS, client_settings, make_certificates
 
-    certs = make_certificates(args.folder, hosts=tuple(args.name)) if args.name else make_certificates(args.folder)
+    hosts = tuple(args.name) if args.name else DEFAULT_HOSTS
+    certs = make_certificates(args.folder, hosts=hosts)
     host_name = args.name[0] if args.name else "127.0.0.1"
     print(client_settings(certs, host=host_name, port=args.port, prefix=args.prefix))
     return 0

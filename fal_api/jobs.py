@@ -18,6 +18,7 @@ from typing import Any
 
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
 CANCELLED = "request_cancelled"  # error_type of a request stopped by a cancel
+EXPIRY_INTERVAL_S = 60.0  # how often lookups scan for expired records and uploads
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Job:
             if self.status == IN_QUEUE:
                 body["queue_position"] = position if position is not None else 0
             elif self.status == COMPLETED:
-                body["metrics"] = {"inference_time": self.inference_time()} if self.inference_time() else {}
+                seconds = self.inference_time()
+                body["metrics"] = {"inference_time": seconds} if seconds else {}
                 if self.error is not None:
                     body["error"], body["error_type"] = self.error, self.error_type
             return body
@@ -110,6 +112,7 @@ class JobStore:
         self.max_active = max_active
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._next_expiry = 0.0
 
     def add(self, job: Job) -> None:
         with self._lock:
@@ -125,7 +128,12 @@ class JobStore:
             return sum(1 for job in self._jobs.values() if not job.done)
 
     def expire(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        """Drop the records past retention (a scan of all: called on every lookup, so done once a minute)."""
+        if now is None:
+            now = time.time()
+            if now < self._next_expiry:
+                return
+            self._next_expiry = now + EXPIRY_INTERVAL_S
         with self._lock:
             old = [i for i, job in self._jobs.items() if job.done and now - (job.finished or now) > self.retention_s]
             for request_id in old:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import ssl
@@ -79,7 +80,7 @@ def serve(options: ServeOptions, host_name: str, port: int, tls: ssl.SSLContext 
     """Serve until Ctrl-C or SIGTERM."""
     with demo_models() if demo else contextlib.nullcontext(None) as made:
         if made is not None:
-            options = ServeOptions(**{**options.__dict__, "models": made[0], "tokenizers": made[1]})
+            options = dataclasses.replace(options, models=made[0], tokenizers=made[1])
         app, _ = make_app(options)
         scheme = "https" if tls else "http"
         shown = f"[{host_name}]" if ":" in host_name else host_name

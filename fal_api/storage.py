@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jobs import EXPIRY_INTERVAL_S
+
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 _ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
@@ -58,6 +60,7 @@ class Uploads:
         self._slots: dict[str, tuple[str, str, float]] = {}  # slot token -> (content type, name, created)
         self._tokens: dict[str, float] = {}  # CDN bearer token -> expiry time
         self._lock = threading.Lock()
+        self._next_expiry = 0.0
 
     def prepare(self) -> None:
         """Create the folder; files left from an earlier run have no record and are removed."""
@@ -116,7 +119,12 @@ class Uploads:
             return self._files.get(file_id) if is_token(file_id) else None
 
     def expire(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        """Forget (and delete) what is past retention; called on every lookup, so it scans once a minute."""
+        if now is None:
+            now = time.time()
+            if now < self._next_expiry:
+                return
+            self._next_expiry = now + EXPIRY_INTERVAL_S
         with self._lock:
             old = [i for i, f in self._files.items() if now - f.created > self.retention_s]
             dropped = [self._files.pop(i) for i in old]

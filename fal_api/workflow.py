@@ -7,6 +7,8 @@ nothing but those workflows with other widget values. Inputs are found by node t
 from __future__ import annotations
 
 import base64
+import copy
+import functools
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,12 +31,17 @@ def round_side(value: int) -> int:
     return max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
 
 
+@functools.cache
+def shipped_workflow(path: Path) -> dict:
+    """A shipped API workflow, read once per process (each request works on a copy)."""
+    return json.loads(path.read_text())
+
+
 def workflow_for(arguments: TextToImageInput | ImageToImageInput, seed: int, request_id: str,
                  image: str | None = None) -> dict:
     """The API workflow of the request; `image` is what the LoadImage node reads (image-to-image)."""
     image_to_image = isinstance(arguments, ImageToImageInput)
-    source = IMAGE_TO_IMAGE_WORKFLOW if image_to_image else TEXT_TO_IMAGE_WORKFLOW
-    prompt = json.loads(source.read_text())
+    prompt = copy.deepcopy(shipped_workflow(IMAGE_TO_IMAGE_WORKFLOW if image_to_image else TEXT_TO_IMAGE_WORKFLOW))
     sampler = {"num_inference_steps": arguments.num_inference_steps, "guidance_scale": arguments.guidance_scale,
                "seed": seed, "num_images": arguments.num_images, "acceleration": arguments.acceleration}
     if image_to_image:

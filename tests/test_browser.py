@@ -21,8 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,7 +95,7 @@ def get_json(url: str) -> object:
 def comfyui_http(work: Path, comfyui_dir: str) -> Iterator[tuple[str, Path, Path]]:
     """The real ComfyUI on plain http, --cpu, the pack in custom_nodes, the shipped workflows' model files (small
     ones) and input image; yields (base URL, base directory, log file)."""
-    from fal_protocol.servers import free_port, write_comfyui_models
+    from fal_protocol.servers import free_port, running, write_comfyui_models
 
     base = work / "base"
     (base / "custom_nodes").mkdir(parents=True)
@@ -114,28 +112,9 @@ def comfyui_http(work: Path, comfyui_dir: str) -> Iterator[tuple[str, Path, Path
                str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch"]
     log_path = work / "comfyui.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=comfyui_dir, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-        try:
-            deadline = time.time() + 180
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"ComfyUI exited ({process.returncode}):\n{log_path.read_text()[-4000:]}")
-                try:
-                    get_json(f"{url}/system_stats")
-                    break
-                except (OSError, urllib.error.URLError):
-                    if time.time() > deadline:
-                        raise RuntimeError(f"ComfyUI did not answer:\n{log_path.read_text()[-4000:]}") from None
-                    time.sleep(0.3)
-            yield url, base, log_path
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    with running(command, env, Path(comfyui_dir), f"{url}/system_stats", None, log_path):
+        yield url, base, log_path
 
 
 @pytest.fixture(scope="module")

@@ -855,11 +855,15 @@ def test_clip_config_other_than_the_defaults_is_read_off_the_shapes(tmp_path):
 
 # ------------------------------------------------- the weight storage a load decides (what picks the layer classes)
 
+def _shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in FluxTransformer(config).state_dict().items()}
+
+
 def _flux_state(dtype: torch.dtype, others: torch.dtype | None = None, block_bias: torch.dtype | None = None) -> dict:
     """A tiny FLUX state dict: blocks' weights in `dtype`; the other tensors in `others`, listed first (as a
     file may order them), and the blocks' biases in `block_bias`, ahead of the block weights."""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in FluxTransformer(TINY_FLUX).state_dict().items()}
+    shapes = _shapes(TINY_FLUX)
     state = {}
     for k in sorted(shapes, key=lambda k: (k.startswith(("double_blocks.", "single_blocks.")), k.endswith("weight"))):
         in_blocks = k.startswith(("double_blocks.", "single_blocks."))
@@ -941,11 +945,6 @@ def test_a_scaled_fp8_file_is_stored_scaled(fake_cuda, tmp_path):
     load_flux(path, "default", compute_device=torch.device("cuda"),
               operations=lambda storage: seen.append(storage) or operations.CastOps)
     assert [(s.dtype, s.compute_dtype, s.scaled, s.fast_fp8) for s in seen] == [(FP8, torch.bfloat16, True, False)]
-
-
-def _shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in FluxTransformer(config).state_dict().items()}
 
 
 def test_a_transformer_of_single_blocks_only_is_read_off_its_shapes():
@@ -1051,12 +1050,9 @@ def test_a_gap_in_the_layers_is_a_model_file_error(tmp_path):
         load_clip_model(_rewritten(clip, tmp_path, drop="encoder.layers.1.", name="clipgap.safetensors"))
 
 
-def test_decode_refuses_latents_of_another_channel_count():
-    from comfyui_krea.model_loader.autoencoder import AutoEncoder
-
-    vae = AutoEncoder(TINY_AUTOENCODER)
+def test_decode_refuses_latents_of_another_channel_count(tiny_vae):
     with pytest.raises(ValueError, match="decode expects latents of shape"):
-        vae.decode(torch.zeros(1, TINY_AUTOENCODER.z_channels + 1, 4, 4))
+        tiny_vae.decode(torch.zeros(1, TINY_AUTOENCODER.z_channels + 1, 4, 4))
 
 
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])

@@ -247,6 +247,7 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
         return report
     import latent_preview  # type: ignore[import-not-found]
     from comfy import latent_formats  # type: ignore[import-not-found]
+    from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
 
     bar = comfy_utils.ProgressBar(total, node_id=node_id)
     previewer = latent_preview.get_previewer(torch_device(), latent_formats.Flux())
@@ -256,8 +257,6 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
         preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
         bar.update_absolute(step, total_, preview)
         if _step_listeners:
-            from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
-
             prompt_id = get_progress_state().prompt_id
             for listener in _step_listeners:
                 listener(prompt_id, step, total_)

@@ -41,8 +41,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_ready(url: str, ca: Path, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
+def wait_ready(url: str, ca: Path | None, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if process.poll() is not None:
@@ -58,12 +58,13 @@ def wait_ready(url: str, ca: Path, process: subprocess.Popen, log: Path, timeout
 
 
 @contextlib.contextmanager
-def running(command: list[str], env: dict, cwd: Path | None, probe: str, certs: Certificates,
+def running(command: list[str], env: dict, cwd: Path | None, probe: str, certs: Certificates | None,
             log_path: Path) -> Iterator[subprocess.Popen]:
+    """The server process until the block ends, once `probe` answers (https with `certs`' CA, else http)."""
     with log_path.open("w") as log:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_ready(probe, certs.ca_cert, process, log_path)
+            wait_ready(probe, certs.ca_cert if certs is not None else None, process, log_path)
             yield process
         finally:
             process.terminate()
