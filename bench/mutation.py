@@ -13,9 +13,14 @@ finder, which Python consults only after sys.path). The tests run from that copy
 relative to the package (workflows/, ...) resolve inside it. The tracked sources are never touched.
 
 Log and exception message arguments are not mutated (the work folder's mutmut configuration skips their lines):
-mutants that only change what an error or log line says are counted as equivalent as a class. The other
+mutants that only change what an error or log line says are counted as equivalent as a class. So are mutants
+that only rewrite a tooltip's text (what the frontend shows on hover), told from each mutant's diff. The other
 equivalent mutants are listed, with the reason, in bench/mutation_equivalent.md; the score "excl. equivalent"
-leaves them out. A listed mutant that no longer survives, or no longer exists, is reported as stale.
+leaves them out. Mutants listed there under a heading that says "second device" or "inside ComfyUI" are not
+equivalent: they change device moves, which only a machine with a GPU can tell apart, or code that runs only
+inside ComfyUI, whose host tests run the pack in processes of their own that mutmut's mutants do not reach.
+They stay in that score and are left out only of the last column, "testable here". A listed mutant that no
+longer survives, or no longer exists, is reported as stale.
 """
 from __future__ import annotations
 
@@ -54,7 +59,14 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_autoencoder.py", "tests/test_text_encoders.py", "tests/test_operations.py",
         "tests/test_mutants_model_loader.py"],
     "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/model_files.py", "nodes/safety.py",
-              "nodes/sampler.py", "nodes/text.py"],
+              "nodes/sampler.py", "nodes/text.py",
+              # the node-level tests (tests/test_comfyui_host.py runs the pack in processes of its own, which
+              # mutmut's mutants do not reach)
+              "tests/test_node_contract.py", "tests/test_sampler_node.py", "tests/test_image_nodes.py",
+              "tests/test_safety_checker.py", "tests/test_end_to_end.py", "tests/test_hostile_input.py",
+              "tests/test_workflow_files.py", "tests/test_runner_and_cli.py", "tests/test_pipeline_parity.py",
+              "tests/test_mutants_sampling.py", "tests/test_pack_import.py", "tests/test_wrong_files.py",
+              "tests/test_checkpoints.py", "tests/test_mutants_nodes.py"],
     "runner": ["standalone/runner.py"],
 }
 
@@ -100,15 +112,63 @@ def message_lines(source: str) -> list[str]:
     return sorted(line for line in picked if line.strip())
 
 
+TOOLTIP_TEXT = re.compile(r'("tooltip":\s*|tooltip=)"(?:[^"\\]|\\.)*"')
+
+
+def tooltip_continuation_lines(source: str) -> set[str]:
+    """The stripped source lines that hold only the continuation of a tooltip's text (its second line on)."""
+    lines = source.splitlines()
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        values = []
+        if isinstance(node, ast.Dict):
+            values = [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "tooltip"]
+        elif isinstance(node, ast.keyword) and node.arg == "tooltip":
+            values = [node.value]
+        for value in values:
+            found |= {lines[i - 1].strip() for i in range(value.lineno + 1, value.end_lineno + 1)}
+    return found
+
+
+def ui_text_only(key: str, diff: str) -> bool:
+    """True when a mutant only rewrites the text of a tooltip (what the frontend shows on hover)."""
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+")]
+    if not removed or len(removed) != len(added):
+        return False
+    path = ROOT / (key.split(".x", 1)[0].removeprefix("comfyui_krea.").replace(".", "/") + ".py")
+    continuation = tooltip_continuation_lines(path.read_text()) if path.exists() else set()
+    for old, new in zip(removed, added):
+        if old.strip() in continuation and old.strip().startswith('"'):
+            continue
+        if TOOLTIP_TEXT.search(old) is None or TOOLTIP_TEXT.sub(r'\1""', old) != TOOLTIP_TEXT.sub(r'\1""', new):
+            return False
+    return True
+
+
 def toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def _refresh_changed_files(pkg: Path) -> None:
+    """Copy the checkout's changed sources into the work folder's copy (with their times, so that mutmut
+    regenerates the mutants of those files; it keeps the results of the functions that did not change)."""
+    for source in ROOT.rglob("*.py"):
+        relative = source.relative_to(ROOT)
+        if relative.parts[0] in {"tests", ".git", ".venv", ".mutation", "models", "output"}:
+            continue
+        copy = pkg / relative
+        if not copy.exists() or copy.read_bytes() != source.read_bytes():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy)
 
 
 def build_workdir(work: Path, files: list[str], tests: list[str], keep: bool) -> None:
     pkg = work / "src" / "comfyui_krea"
     if work.exists() and not keep:
         shutil.rmtree(work)
-    if keep and pkg.exists():  # keep mutants/ (mutmut's results); refresh the tests only
+    if keep and pkg.exists():  # keep mutants/ (mutmut's results); refresh the sources that changed and the tests
+        _refresh_changed_files(pkg)
         shutil.rmtree(pkg / "tests")
         shutil.copytree(ROOT / "tests", pkg / "tests", ignore=IGNORE)
         mutated_tests = work / "mutants" / "src" / "comfyui_krea" / "tests"
@@ -137,13 +197,18 @@ def build_workdir(work: Path, files: list[str], tests: list[str], keep: bool) ->
 
 
 def read_equivalents() -> dict[str, str]:
-    """mutant id -> reason, from the table rows of bench/mutation_equivalent.md that start with a `mutant id`."""
+    """mutant id -> "equivalent" or "elsewhere", from the table rows of bench/mutation_equivalent.md that start
+    with a `mutant id` ("elsewhere": under a heading that says "second device" or "inside ComfyUI")."""
     found = {}
+    kind = "equivalent"
     if EQUIVALENT_LIST.exists():
         for line in EQUIVALENT_LIST.read_text().splitlines():
+            if line.startswith("#"):
+                elsewhere = "second device" in line.lower() or "inside comfyui" in line.lower()
+                kind = "elsewhere" if elsewhere else "equivalent"
             m = re.match(r"\|\s*`([^`]+__mutmut_\d+)`\s*\|(.*)\|", line)
             if m:
-                found[m.group(1)] = m.group(2).strip()
+                found[m.group(1)] = kind
     return found
 
 
@@ -224,20 +289,26 @@ def summarize(result: dict, equivalents: dict[str, str]) -> dict:
         counts[m["status"]] = counts.get(m["status"], 0) + 1
     detected = sum(n for s, n in counts.items() if s in DETECTED)
     undetected = {k: m for k, m in mutants.items() if m["status"] not in DETECTED}
-    equivalent = [k for k, m in undetected.items() if k in equivalents and m["status"] in ("survived", "no tests")]
+    listed = {k for k, m in undetected.items() if k in equivalents and m["status"] in ("survived", "no tests")}
+    ui_text = {k for k, m in undetected.items() if m["status"] == "survived" and ui_text_only(k, m["diff"])}
+    listed |= ui_text
+    equivalent = [k for k in listed if equivalents.get(k, "equivalent") == "equivalent"]
+    elsewhere = [k for k in listed if equivalents.get(k) == "elsewhere"]
     stale = [k for k in equivalents if k.startswith(tuple(_modules(result))) and k not in undetected]
     total = len(mutants)
     return {
         "total": total, "killed": counts.get("killed", 0), "survived": counts.get("survived", 0),
         "timeout": counts.get("timeout", 0), "no tests": counts.get("no tests", 0),
         "other": total - sum(counts.get(s, 0) for s in ("killed", "survived", "timeout", "no tests")),
-        "equivalent": len(equivalent),
+        "equivalent": len(equivalent), "elsewhere": len(elsewhere), "ui_text": len(ui_text),
         "score": 100.0 * detected / total if total else float("nan"),
         "score_excl": 100.0 * detected / (total - len(equivalent)) if total > len(equivalent) else float("nan"),
+        "score_here": (100.0 * detected / (total - len(equivalent) - len(elsewhere))
+                       if total > len(equivalent) + len(elsewhere) else float("nan")),
         "not_checked": counts.get("not checked", 0),
         "score_checked": (100.0 * detected / (total - len(equivalent) - counts.get("not checked", 0))
                           if total - len(equivalent) - counts.get("not checked", 0) > 0 else float("nan")),
-        "remaining": {k: m for k, m in undetected.items() if k not in equivalent},
+        "remaining": {k: m for k, m in undetected.items() if k not in listed},
         "stale": stale,
     }
 
@@ -255,7 +326,9 @@ def main() -> int:
                         help="where the work folders go (default: .mutation/ in the checkout, git-ignored)")
     parser.add_argument("--keep", action="store_true",
                         help="reuse the work folder's earlier results: only the mutants not detected last time "
-                             "are tested again, against a fresh copy of the tests")
+                             "are tested again, against fresh copies of the tests and of the sources that "
+                             "changed; the mutants of changed functions show as not checked until the next "
+                             "--keep run")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop each package's run after this many seconds (unchecked mutants count as "
                              "'other'; --keep resumes)")
@@ -275,10 +348,15 @@ def main() -> int:
 
     print()
     print(f"{'package':<20}{'total':>7}{'killed':>8}{'surv.':>7}{'timeout':>8}{'no test':>8}{'other':>7}"
-          f"{'equiv.':>7}{'score':>8}{'excl.eq':>9}{'time':>8}")
+          f"{'equiv.':>7}{'elsewh.':>8}{'score':>8}{'excl.eq':>9}{'testable here':>14}{'time':>8}")
     for label, seconds, s in rows:
         print(f"{label:<20}{s['total']:>7}{s['killed']:>8}{s['survived']:>7}{s['timeout']:>8}{s['no tests']:>8}"
-              f"{s['other']:>7}{s['equivalent']:>7}{s['score']:>7.1f}%{s['score_excl']:>8.1f}%{seconds:>7.0f}s")
+              f"{s['other']:>7}{s['equivalent']:>7}{s['elsewhere']:>8}{s['score']:>7.1f}%{s['score_excl']:>8.1f}%"
+              f"{s['score_here']:>13.1f}%{seconds:>7.0f}s")
+    for label, _, s in rows:
+        if s["ui_text"]:
+            print(f"{label}: {s['ui_text']} of the equivalent mutants only rewrite a tooltip's text (a class, as "
+                  f"message texts)")
     for label, _, s in rows:
         if s["not_checked"]:
             print(f"{label}: {s['not_checked']} mutants not checked yet (run stopped; --keep continues); of the "

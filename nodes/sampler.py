@@ -83,11 +83,16 @@ class KreaSampler:
                     "default": IMAGE_SIZE.default, "tooltip": "fal's sizes; 'custom' uses width and height."}),
                 "width": ("INT", number_options(WIDTH, tooltip="Used when image_size is custom (multiple of 16).")),
                 "height": ("INT", number_options(HEIGHT, tooltip="Used when image_size is custom (multiple of 16).")),
-                "num_inference_steps": ("INT", number_options(NUM_INFERENCE_STEPS)),
+                "num_inference_steps": ("INT", number_options(
+                    NUM_INFERENCE_STEPS, tooltip="Denoising steps, one model call each (fal's default: 28).")),
                 "guidance_scale": ("FLOAT", number_options(
                     GUIDANCE_SCALE, tooltip="Distilled guidance (one model call per step).")),
-                "seed": ("INT", number_options(SEED, control_after_generate=True)),
-                "num_images": ("INT", number_options(NUM_IMAGES)),
+                "seed": ("INT", number_options(
+                    SEED, control_after_generate=True,
+                    tooltip="The noise the image starts from: the same seed and inputs give the same image.")),
+                "num_images": ("INT", number_options(
+                    NUM_IMAGES, tooltip="How many images to make at once, as one batch; the first is the "
+                                        "image that 1 would give.")),
                 "acceleration": (list(ACCELERATION.choices), {
                     "default": ACCELERATION.default,
                     "tooltip": "none: the reference computation. regular / high: reuse the transformer's work on "

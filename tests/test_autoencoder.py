@@ -1,14 +1,18 @@
 """The FLUX autoencoder: parity with diffusers' AutoencoderKL, both key layouts, tiling, file errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from activation_memory import module_peaks
 from comfyui_krea.model_loader import ModelFileError
 from comfyui_krea.model_loader.autoencoder import (
     FLUX_AUTOENCODER,
+    AutoEncoder,
     AutoEncoderConfig,
     load_autoencoder,
     tiling,
@@ -199,6 +203,41 @@ def test_tiles_are_chosen_when_memory_is_short(model, monkeypatch):
     out = model.decode(torch.randn(2, 16, 40, 40), callback=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (8, 8)  # 2 images x 2x2 tiles
     assert out.shape == (2, 3, 320, 320)
+
+
+# Shapes whose every stage differs: widths that rise and fall (a shortcut conv in each level's first block),
+# unequal channel counts in and out, one or two blocks per level, with and without the mid attention.
+MEMORY_SHAPES = [
+    AutoEncoderConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, norm_groups=8),
+    AutoEncoderConfig(in_channels=4, out_channels=5, ch=16, ch_mult=(1, 3, 2), num_res_blocks=1, z_channels=8,
+                      mid_attention=False, norm_groups=8),
+]
+
+
+@pytest.mark.parametrize("config", MEMORY_SHAPES, ids=["attention", "no-attention"])
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_memory_estimate_matches_the_measured_activations_stage_by_stage(config, kind):
+    # The planner's estimate against an independent measure: the bytes of every tensor the real modules
+    # create, alive from creation to last reference (tests/activation_memory.py), at the peak of each stage.
+    torch.manual_seed(0)
+    net = AutoEncoder(config).eval()
+    h, w = 12, 16  # latent pixels; not square, so rows and columns are not interchangeable
+    f = config.downscale_factor
+    if kind == "decode":
+        measured, total = module_peaks(net.decoder, torch.randn(1, config.z_channels, h, w))
+    else:
+        measured, total = module_peaks(net.encoder, torch.randn(1, config.in_channels, h * f, w * f))
+    elements = tiling.stage_elements(config, kind, h, w)
+    assert all(type(n) is int for n in elements.values())
+    estimated = {name: 4 * n for name, n in elements.items()}  # float32
+    # Every stage that ran is estimated: the blocks, resamplers, mid blocks and the convs and norms around them.
+    stage = re.compile(r"(conv_in|norm_out|conv_out|mid\.(block_1|attn_1|block_2)|(up|down)\.\d+\.block\.\d+"
+                       r"|up\.\d+\.upsample|down\.\d+\.downsample)")
+    assert set(estimated) == {name for name in measured if stage.fullmatch(name)}
+    for name, estimate in estimated.items():
+        # Off only by tensors of a few elements (the group norms' statistics).
+        assert estimate == pytest.approx(measured[name], rel=0.003), name
+    assert 4 * tiling.activation_elements(config, kind, h, w) == pytest.approx(total, rel=0.003)
 
 
 def test_memory_estimate_scales_with_pixels_and_fits_2048_on_24gb():

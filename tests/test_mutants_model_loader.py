@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from comfyui_krea.model_loader import ModelFileError, operations
+from comfyui_krea.model_loader.autoencoder import AutoEncoder, AutoEncoderConfig, tiling
 from comfyui_krea.model_loader.checkpoints import FileKind, StateDictSource
 from comfyui_krea.model_loader.flux import FluxConfig, FluxTransformer, layouts, load_flux_from_source
 from comfyui_krea.model_loader.flux import math as flux_math
@@ -614,7 +616,7 @@ def test_text_encoder_compute_dtype(monkeypatch, available, bf16, device, stored
     assert text_encoder_compute_dtype(torch.device(device), stored) is expected
 
 
-def test_vae_group_norms_use_diffusers_epsilon(tiny_vae):
+def test_vae_group_norms_use_diffusers_epsilon():
     from diffusers import AutoencoderKL
 
     reference = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -622,7 +624,9 @@ def test_vae_group_norms_use_diffusers_epsilon(tiny_vae):
                               layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
                               use_post_quant_conv=False)
     theirs = [(m.num_groups, m.eps, m.affine) for m in reference.modules() if isinstance(m, torch.nn.GroupNorm)]
-    ours = [(m.num_groups, m.eps, m.affine) for m in tiny_vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    with torch.device("meta"):  # built here, not taken from a shared fixture: mutmut maps tests by what they call
+        ours = [(m.num_groups, m.eps, m.affine) for m in AutoEncoder(TINY_AUTOENCODER).modules()
+                if isinstance(m, torch.nn.GroupNorm)]
     assert sorted(ours) == sorted(theirs) and {eps for _, eps, _ in ours} == {1e-6}
 
 
@@ -725,8 +729,8 @@ def test_comfy_file_with_unknown_tensors_outside_the_transformer_is_refused(bfl_
 
     state = {COMFY_PREFIX + k: v for k, v in bfl_state.items()}
     state["model.some_adapter.weight"] = torch.zeros(2)
-    with pytest.raises(ModelFileError, match="outside the FLUX transformer"):
-        layouts.plan_flux_layout(StateDictSource(state), "f")
+    with pytest.raises(ModelFileError, match=r"^my_flux\.safetensors holds tensors outside the FLUX transformer"):
+        layouts.plan_flux_layout(StateDictSource(state), "my_flux.safetensors")  # the message names the file
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20), (4, 6), (6, 9), (6, 2)])
@@ -1064,3 +1068,273 @@ def test_a_transformer_without_double_blocks_is_not_taken_for_flux_1(tmp_path, l
     path = write_random_flux_checkpoint(tmp_path / "single.safetensors", config, layout=layout)
     with pytest.raises(ModelFileError, match="not a FLUX.1 transformer"):
         load_flux(path)
+
+
+# ------------------------------------------------------------------------------ VAE memory plan and tiles
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_the_estimate_adds_each_devices_measured_overhead_to_the_activations():
+    elements = tiling.activation_elements(TINY_AUTOENCODER, "decode", 12, 16)
+    assert tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 12, 16, torch.float32, CPU) == int(
+        elements * 4 * tiling._CPU_OVERHEAD)
+    assert tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 12, 16, torch.bfloat16, CUDA) == int(
+        elements * 2 * tiling._CUDA_OVERHEAD)
+    assert tiling._CUDA_OVERHEAD != tiling._CPU_OVERHEAD
+
+
+def _plan(*args, config=TINY_AUTOENCODER, **kwargs):
+    plan = tiling.plan(config, "decode", *args, **kwargs)
+    assert all(type(v) is int for v in (plan.batch_chunk, plan.overlap)), plan  # never float pixels
+    assert plan.tile is None or type(plan.tile) is int, plan
+    return (plan.batch_chunk, plan.tile, plan.overlap)
+
+
+def test_explicit_tiles_in_image_pixels_become_latent_pixels():
+    assert _plan(2, 40, 40, torch.float32, CPU, tile_size=256) == (2, 32, 8)  # overlap: a quarter of the tile
+    assert _plan(2, 40, 40, torch.float32, CPU, tile_size=256, tile_overlap=32) == (2, 32, 4)
+    assert _plan(2, 40, 40, torch.float32, CPU, tile_size=256, tile_overlap=0) == (2, 32, 0)
+    assert _plan(2, 40, 40, torch.float32, CPU, tile_size=256, tile_overlap=248) == (2, 32, 31)
+    one_level = AutoEncoderConfig(ch=32, ch_mult=(1,), z_channels=16)  # downscale factor 1: any side works
+    assert _plan(1, 4, 4, torch.float32, CPU, tile_size=1, tile_overlap=0, config=one_level) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("tile_size,tile_overlap,message", [
+    (0, None, "tile_size must"), (-8, 0, "tile_size must"), (12, 0, "tile_size must"),
+    (256, -8, "tile_overlap must"), (256, 12, "tile_overlap must"), (256, 256, "tile_overlap must"),
+    (256, 264, "tile_overlap must")])
+def test_explicit_tiles_off_the_grid_are_refused(tile_size, tile_overlap, message):
+    with pytest.raises(ValueError, match=message):
+        _plan(1, 40, 40, torch.float32, CPU, tile_size=tile_size, tile_overlap=tile_overlap)
+
+
+def test_a_budget_that_holds_the_estimate_exactly_is_enough():
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 40, 40, dtype, CPU)
+        assert _plan(3, 40, 40, dtype, CPU, budget_bytes=3 * whole) == (3, None, 0)
+        assert _plan(3, 40, 40, dtype, CPU, budget_bytes=3 * whole - 1) == (2, None, 0)
+        assert _plan(3, 40, 40, dtype, CPU, budget_bytes=whole) == (1, None, 0)
+        # The largest automatic tile that fits: 512 px (64 latent pixels) when its estimate is the budget.
+        fits = tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 64, 64, dtype, CPU)
+        assert _plan(1, 160, 160, dtype, CPU, budget_bytes=fits) == (1, 64, 8)
+        assert _plan(1, 160, 160, dtype, CPU, budget_bytes=fits - 1) == (1, 48, 6)  # then 384 px
+
+
+@pytest.mark.parametrize("levels,tile,overlap", [(4, 32, 4), (6, 8, 1), (7, 4, 1)])
+def test_when_nothing_fits_the_smallest_tile_is_tried_with_an_eighth_of_it_shared(levels, tile, overlap):
+    config = AutoEncoderConfig(ch=8, ch_mult=(1,) * levels, z_channels=16)  # downscale factor 2**(levels-1)
+    assert _plan(1, 400, 400, torch.float32, CPU, budget_bytes=1, config=config) == (1, tile, overlap)
+
+
+def test_the_budget_is_a_share_of_the_free_memory_per_device_type(monkeypatch):
+    for device, share, other in ((CPU, tiling._CPU_BUDGET_SHARE, tiling._CUDA_BUDGET_SHARE),
+                                 (CUDA, tiling._CUDA_BUDGET_SHARE, tiling._CPU_BUDGET_SHARE)):
+        whole = tiling.estimate_bytes(TINY_AUTOENCODER, "decode", 40, 40, torch.float32, device)
+        free = int(whole / ((share + other) / 2))  # between the two shares
+        monkeypatch.setattr(tiling, "available_memory", lambda d, free=free: free)
+        expected = (1, None, 0) if share > other else (1, 32, 4)
+        assert _plan(1, 40, 40, torch.float32, device) == expected, device
+
+
+def test_tiles_and_batch_chunks_run_on_the_inputs_device_in_float32():
+    x = torch.empty(2, 4, 20, 24, device="meta")  # another device than the CPU that builds the blend weights
+    out = tiling.run(tiling.TilePlan(1, 8, 2), x, lambda t: F.interpolate(t, scale_factor=2.0), in_scale=1,
+                     out_scale=2, out_channels=4)
+    assert (out.device.type, out.dtype, out.shape) == ("meta", torch.float32, (2, 4, 40, 48))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = tiling.run(tiling.TilePlan(1, 8, 2), torch.randn(1, 4, 20, 24, dtype=torch.float32),
+                         lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2), in_scale=1, out_scale=2,
+                         out_channels=4)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("batch,chunk", [(4, 2), (5, 2), (3, 3)])
+def test_batch_chunks_are_all_run_in_order_and_reported(batch, chunk):
+    x = torch.randn(batch, 2, 6, 6)
+    calls = []
+    out = tiling.run(tiling.TilePlan(chunk, None, 0), x, lambda t: t * 2 + t.shape[0], in_scale=1, out_scale=1,
+                     out_channels=2, callback=lambda done, total: calls.append((done, total)))
+    parts = [x[i:i + chunk] * 2 + len(x[i:i + chunk]) for i in range(0, batch, chunk)]
+    torch.testing.assert_close(out, torch.cat(parts), rtol=0, atol=0)
+    count = len(parts)
+    assert calls == [(i, count) for i in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("length,max_tile,overlap,scale", [(9, 4, 1, 1), (40, 12, 3, 1), (40, 12, 3, 8),
+                                                           (23, 8, 1, 2), (16, 8, 0, 2)])
+def test_the_blend_weights_of_neighbouring_tiles_add_up_to_one(length, max_tile, overlap, scale):
+    tile, starts = tiling.axis_tiles(length, max_tile, overlap)
+    assert len(starts) >= 3 or overlap == 0
+    total = torch.zeros(length * scale)
+    for i, start in enumerate(starts):
+        ramp = tiling._ramp(starts, i, tile, scale)
+        assert ramp.dtype == torch.float32 and float(ramp.min()) > 0
+        total[start * scale:(start + tile) * scale] += ramp
+    torch.testing.assert_close(total, torch.ones_like(total))
+
+
+def test_untiled_decode_of_a_bf16_vae_returns_float32(tiny_vae):
+    import copy
+
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+    out = copy.deepcopy(tiny_vae).to(torch.bfloat16).decode(latents)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
+    assert rel_err(out, tiny_vae.decode(latents)) < 0.05
+
+
+def test_a_bf16_vae_plans_with_its_own_element_size(tiny_vae, monkeypatch):
+    import copy
+
+    half = copy.deepcopy(tiny_vae).to(torch.bfloat16)
+    # 40 latent pixels a side: more than the smallest automatic tile (32), so a wrong estimate means tiles.
+    for kind, size in (("decode", (1, 16, 40, 40)), ("encode", (1, 3, 320, 320))):
+        latent_side = 40
+        need = tiling.estimate_bytes(TINY_AUTOENCODER, kind, latent_side, latent_side, torch.bfloat16, CPU)
+        monkeypatch.setattr(tiling, "available_memory", lambda d, need=need: int(need / tiling._CPU_BUDGET_SHARE) + 8)
+        calls: list[tuple[int, int]] = []
+        run = half.decode if kind == "decode" else half.encode
+        run(torch.zeros(size), callback=lambda *a, calls=calls: calls.append(a))
+        assert calls == [(1, 1)], kind  # one untiled pass: the bf16 estimate (half the float32 one) fits
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_an_explicit_tile_overlap_is_used(tiny_vae, kind):
+    # 15 latent pixels in tiles of 8: an overlap of 1 needs 2 tiles a side, the default (2) would need 3.
+    calls = []
+    if kind == "decode":
+        tiny_vae.decode(torch.zeros(1, 16, 15, 15), tile_size=64, tile_overlap=8, callback=lambda *a: calls.append(a))
+    else:
+        tiny_vae.encode(torch.zeros(1, 3, 120, 120), tile_size=64, tile_overlap=8, callback=lambda *a: calls.append(a))
+    assert calls[-1] == (4, 4)
+
+
+@pytest.mark.parametrize("bias_dtype,scale_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+def test_fast_fp8_takes_a_bias_and_a_scale_stored_in_other_dtypes(monkeypatch, bias_dtype, scale_dtype):
+    monkeypatch.setattr(operations, "_fast_fp8_broken", False)
+    layer = fast_fp8_layer(scaled=True, bias=True)
+    layer.bias = torch.nn.Parameter(layer.bias.to(bias_dtype), requires_grad=False)
+    layer.set_scale(torch.tensor(0.004, dtype=scale_dtype))
+    x = (0.02 * torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(4))).bfloat16()
+    want = x.double() @ (layer.weight.double() * 0.004).T + layer.bias.double()
+    got = layer(x)
+    assert not operations._fast_fp8_broken  # the fp8 kernel took them, no fallback
+    # Activations quantized to fp8 (3 mantissa bits): measured 3% of the largest output.
+    assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() < 0.06 * want.abs().max()
+
+
+def test_a_scaled_weight_computes_in_the_inputs_dtype():
+    layer = fast_fp8_layer(scaled=True, bias=True)
+    layer.fast_fp8 = False
+    x = (0.02 * torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(4))).bfloat16()
+    got = layer(x)
+    want = x.double() @ (layer.weight.double() * 0.004).T + layer.bias.double()
+    assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_comfys_weight_and_bias_patches_apply_in_order():
+    # ModelPatcher appends LoRA patches as functions of the cast weight (comfy.ops' weight_function contract).
+    layer = operations.CastLinear(4, 3)
+    x = torch.randn(2, 4)
+    plain = layer(x)
+    layer.weight_function = [lambda w: w * 2, lambda w: w + 1]
+    layer.bias_function = [lambda b: b - 1, lambda b: b * 3]
+    want = F.linear(x, layer.weight * 2 + 1, (layer.bias - 1) * 3)
+    torch.testing.assert_close(layer(x), want)
+    assert not torch.allclose(layer(x), plain)
+
+
+@pytest.fixture(scope="module")
+def small_text_encoders(tmp_path_factory):
+    from comfyui_krea.model_loader.text_encoders import (
+        CLIPTextConfig,
+        T5EncoderConfig,
+        load_clip_model,
+        write_random_clip_checkpoint,
+        write_random_t5_checkpoint,
+    )
+
+    folder = tmp_path_factory.mktemp("text")
+    clip = load_clip_model(write_random_clip_checkpoint(folder / "clip.safetensors", CLIPTextConfig(
+        vocab_size=300, width=32, layers=2, intermediate=48, positions=77, eos_token_id=299), seed=4))
+    t5 = write_random_t5_checkpoint(folder / "t5.safetensors", T5EncoderConfig(
+        vocab_size=300, d_model=32, d_kv=8, heads=2, d_ff=48, layers=2), seed=4)
+    return clip, t5
+
+
+def test_clip_computes_in_the_dtype_asked_from_float32_tables(small_text_encoders):
+    clip, _ = small_text_encoders
+    ids = torch.tensor([[298, 5, 17, 299, 0], [298, 40, 299, 0, 0]])
+    with torch.no_grad():
+        full, full_pooled = clip(ids)
+        half, half_pooled = clip(ids, torch.bfloat16)
+    assert half.dtype == half_pooled.dtype == torch.bfloat16
+    assert rel_err(half, full) < 0.05 and rel_err(half_pooled, full_pooled) < 0.05
+
+
+def test_t5_linears_compute_in_the_dtype_asked_and_fp16_attention_outputs_in_float32(small_text_encoders):
+    from comfyui_krea.model_loader.text_encoders import load_t5_model
+
+    model = load_t5_model(small_text_encoders[1])
+    seen: dict[str, list] = {}
+    block = model.encoder.block[1]
+    for name, module in (("wi_0", block.layer[1].DenseReluDense.wi_0), ("o", block.layer[0].SelfAttention.o)):
+        module.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].dtype))
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            model(ids, dtype)
+    assert seen["wi_0"] == [torch.float32, torch.bfloat16, torch.float16]
+    assert seen["o"] == [torch.float32, torch.bfloat16, torch.float32]  # fp16 attention outputs overflow in o
+
+
+def test_an_unscaled_fp8_t5_file_runs_like_its_values_in_float32(small_text_encoders, tmp_path):
+    # t5xxl_fp8_e4m3fn.safetensors: every tensor in fp8, the token table included, no scales.
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_krea.model_loader.text_encoders import load_t5_model
+
+    state = load_file(small_text_encoders[1])
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in state.items()}
+    save_file(fp8, tmp_path / "t5_fp8.safetensors")
+    save_file({k: v.float() for k, v in fp8.items()}, tmp_path / "t5_fp8_values.safetensors")
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = load_t5_model(tmp_path / "t5_fp8.safetensors")(ids)
+        want = load_t5_model(tmp_path / "t5_fp8_values.safetensors")(ids)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_diffusers_transformer_with_one_double_block_and_no_qkv_bias_loads(tmp_path):
+    import dataclasses
+
+    from comfyui_krea.model_loader.flux import load_flux
+    from comfyui_krea.model_loader.flux.random_weights import write_random_flux_checkpoint
+
+    config = dataclasses.replace(TINY_FLUX, depth=1, qkv_bias=False)
+    model = load_flux(write_random_flux_checkpoint(tmp_path / "t.safetensors", config, layout="diffusers"))
+    assert model.config.depth == 1 and model.config.qkv_bias is False
+
+
+def test_a_t5_file_without_its_token_table_is_called_incomplete(small_text_encoders, tmp_path):
+    from comfyui_krea.model_loader.checkpoints import open_checkpoint
+    from comfyui_krea.model_loader.text_encoders import t5
+
+    path = _rewritten(small_text_encoders[1], tmp_path, drop="shared.weight", name="no_table.safetensors")
+    with pytest.raises(ModelFileError, match="token embedding"):
+        t5.config_from_checkpoint(open_checkpoint(path))
+
+
+def test_a_diffusers_layout_error_names_the_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from comfyui_krea.model_loader.flux.random_weights import write_random_flux_checkpoint
+
+    diffusers = load_file(write_random_flux_checkpoint(tmp_path / "d.safetensors", TINY_FLUX, layout="diffusers"))
+    diffusers.pop(sorted(diffusers)[0])
+    with pytest.raises(ModelFileError, match=r"^my_diffusers\.safetensors \(diffusers layout\) is missing"):
+        layouts.plan_flux_layout(StateDictSource(diffusers), "my_diffusers.safetensors")

@@ -45,48 +45,62 @@ def _resnet_peak(c_in: int, c_out: int) -> int:
     return max(2 * c_in + c_out, c_in + 2 * c_out)
 
 
-def activation_elements(config: AutoEncoderConfig, kind: str, h: int, w: int) -> int:
-    """Peak number of activation elements of one sample's pass; (h, w) in latent pixels."""
+def _mid_stages(held: int, channels: int, attention: bool, pixels: int) -> dict[str, int]:
+    # The caller keeps the mid block's input while it runs: from the second stage on it is one more tensor.
+    stages = {"mid.block_1": held + _resnet_peak(channels, channels) * pixels}
+    if attention:
+        stages["mid.attn_1"] = held + 7 * channels * pixels  # that input + x, normed, q, k, v, v's token copy
+    stages["mid.block_2"] = held + (channels + _resnet_peak(channels, channels)) * pixels
+    return stages
+
+
+def stage_elements(config: AutoEncoderConfig, kind: str, h: int, w: int) -> dict[str, int]:
+    """Activation elements alive at the peak of each stage of one sample's pass, by the name of the module
+    that runs it; (h, w) in latent pixels. Counts the tensors the stage makes and those its callers still
+    hold (the pass's input throughout); not the scratch buffers inside convolution kernels (the overhead)."""
     widths = config.level_channels
-    z, f = config.z_channels, config.downscale_factor
     levels = len(widths)
-    peak = 0
-
-    def at(channels: int, pixels: int) -> None:
-        nonlocal peak
-        peak = max(peak, channels * pixels)
-
+    stages: dict[str, int] = {}
     if kind == "decode":
+        held = config.z_channels * h * w  # the latents, referenced until the pass returns
         pixels = h * w
-        top = widths[-1]
-        at(z + top, pixels)
-        at(_resnet_peak(top, top), pixels)
-        if config.mid_attention:
-            at(6 * top, pixels)  # x, normed, q, k, v, attention output
-        block_in = top
+        block_in = widths[-1]
+        stages["conv_in"] = held + block_in * pixels
+        stages.update(_mid_stages(held, block_in, config.mid_attention, pixels))
         for i in reversed(range(levels)):
-            at(_resnet_peak(block_in, widths[i]), pixels)
-            block_in = widths[i]
-            if i != 0:
+            for j in range(config.num_res_blocks + 1):
+                stages[f"up.{i}.block.{j}"] = held + _resnet_peak(block_in, widths[i]) * pixels
+                block_in = widths[i]
+            if i != 0:  # input, then its nearest-upsampled copy and the conv output at four times the pixels
+                stages[f"up.{i}.upsample"] = held + (block_in + 8 * block_in) * pixels
                 pixels *= 4
-                at(block_in // 4 + 2 * block_in, pixels)  # input, nearest-upsampled copy, conv output
-        at(2 * block_in + config.out_channels, pixels)
+        stages["norm_out"] = held + 2 * block_in * pixels
+        stages["conv_out"] = held + (block_in + config.out_channels) * pixels
     elif kind == "encode":
-        pixels = h * w * f * f
-        at(config.in_channels + 2 * config.ch, pixels)
+        f = config.downscale_factor
+        rows, cols = h * f, w * f
+        held = config.in_channels * rows * cols  # the images, referenced until the pass returns
         block_in = config.ch
+        stages["conv_in"] = held + block_in * rows * cols
         for i, width in enumerate(widths):
-            at(_resnet_peak(block_in, width), pixels)
-            block_in = width
-            if i != levels - 1:
-                at(2 * block_in + block_in // 4, pixels)  # input, padded copy, strided conv output
-                pixels //= 4
-        if config.mid_attention:
-            at(6 * block_in, pixels)
-        at(2 * block_in + 2 * z, pixels)
+            for j in range(config.num_res_blocks):
+                stages[f"down.{i}.block.{j}"] = held + _resnet_peak(block_in, width) * rows * cols
+                block_in = width
+            if i != levels - 1:  # input, its copy padded right and bottom, the stride-2 conv output
+                padded = (rows + 1) * (cols + 1)
+                stages[f"down.{i}.downsample"] = held + block_in * (rows * cols + padded + rows // 2 * (cols // 2))
+                rows, cols = rows // 2, cols // 2
+        stages.update(_mid_stages(held, block_in, config.mid_attention, rows * cols))
+        stages["norm_out"] = held + 2 * block_in * rows * cols
+        stages["conv_out"] = held + (block_in + 2 * config.z_channels) * rows * cols
     else:
         raise ValueError(f"kind must be 'encode' or 'decode', not {kind!r}")
-    return peak
+    return stages
+
+
+def activation_elements(config: AutoEncoderConfig, kind: str, h: int, w: int) -> int:
+    """Peak number of activation elements of one sample's pass; (h, w) in latent pixels."""
+    return max(stage_elements(config, kind, h, w).values())
 
 
 def estimate_bytes(config: AutoEncoderConfig, kind: str, h: int, w: int, dtype: torch.dtype,
