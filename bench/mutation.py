@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -115,8 +116,13 @@ def message_lines(source: str) -> list[str]:
 TOOLTIP_TEXT = re.compile(r'("tooltip":\s*|tooltip=)"(?:[^"\\]|\\.)*"')
 
 
-def tooltip_continuation_lines(source: str) -> set[str]:
-    """The stripped source lines that hold only the continuation of a tooltip's text (its second line on)."""
+@functools.cache
+def tooltip_continuation_lines(path: Path) -> frozenset[str]:
+    """The stripped lines of a source file that hold only the continuation of a tooltip's text (its second line
+    on); read and parsed once per file, however many of its mutants are asked about."""
+    if not path.exists():
+        return frozenset()
+    source = path.read_text()
     lines = source.splitlines()
     found = set()
     for node in ast.walk(ast.parse(source)):
@@ -127,7 +133,7 @@ def tooltip_continuation_lines(source: str) -> set[str]:
             values = [node.value]
         for value in values:
             found |= {lines[i - 1].strip() for i in range(value.lineno + 1, value.end_lineno + 1)}
-    return found
+    return frozenset(found)
 
 
 def ui_text_only(key: str, diff: str) -> bool:
@@ -137,7 +143,7 @@ def ui_text_only(key: str, diff: str) -> bool:
     if not removed or len(removed) != len(added):
         return False
     path = ROOT / (key.split(".x", 1)[0].removeprefix("comfyui_krea.").replace(".", "/") + ".py")
-    continuation = tooltip_continuation_lines(path.read_text()) if path.exists() else set()
+    continuation = tooltip_continuation_lines(path)
     for old, new in zip(removed, added):
         if old.strip() in continuation and old.strip().startswith('"'):
             continue

@@ -523,7 +523,7 @@ def test_inside_comfyui_the_classifier_is_kept_for_every_safety_check(comfyui_si
     assert comfyui_side[-1] == ("load", patcher, 0)
 
 
-def test_outside_comfyui_ready_asks_nothing(tmp_path, host_state):
+def test_outside_comfyui_ready_asks_nothing(host_state):
     from comfyui_krea.nodes.handles import Held, held_ready
 
     held = Held()
