@@ -37,8 +37,6 @@ class T5EncoderConfig:
     layer_norm_eps: float = 1e-6
 
 
-T5_XXL = T5EncoderConfig()
-
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied: files keep one or both
 _BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 

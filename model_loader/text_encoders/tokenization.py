@@ -71,9 +71,6 @@ class FixedLengthTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def token_id(self, token: str) -> int | None:
-        return self._tokenizer.token_to_id(token)
-
     def __call__(self, prompts: Sequence[str]) -> TokenBatch:
         if isinstance(prompts, str):
             raise TypeError("pass a list of prompts, not a single string")
