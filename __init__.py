@@ -7,11 +7,8 @@ WEB_DIRECTORY = "./web"
 # so no relative imports and nothing to export then (tests import the pip-installed `comfyui_krea`).
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from .nodes.host import IN_COMFYUI
+    from .nodes.host import host
 
-    if IN_COMFYUI:  # fal's protocol under /fal of ComfyUI's server (aiohttp and pydantic come with ComfyUI)
-        from .nodes.host.fal_queue import register_fal_routes
-
-        register_fal_routes()
+    host.register_routes()  # inside ComfyUI: fal's protocol under /fal of its server; elsewhere nothing
 
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -30,7 +30,7 @@ import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
 
 from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint  # noqa: E402
-from comfyui_krea.nodes.host.models import transformer_model  # noqa: E402
+from comfyui_krea.nodes.host.comfyui_models import transformer_model  # noqa: E402
 from comfyui_krea.nodes.sampler import KreaSampler  # noqa: E402
 
 

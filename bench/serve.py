@@ -25,11 +25,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from comfyui_krea.fal_api.runner_backend import CLASSES
-from comfyui_krea.fal_api.schema import TEXT_TO_IMAGE, parse_input
-from comfyui_krea.fal_api.server import ServeOptions, make_app
+from comfyui_krea.fal_api.endpoints import ENDPOINTS, TEXT_TO_IMAGE
+from comfyui_krea.fal_api.settings import ServiceSettings
 from comfyui_krea.fal_api.workflow import workflow_for
 from comfyui_krea.standalone.demo import write_demo_models
+from comfyui_krea.standalone.fal_server import ServeOptions, make_app
+from comfyui_krea.standalone.node_classes import PACK_CLASSES
 from comfyui_krea.standalone.runner import run
 
 
@@ -86,13 +87,14 @@ def main() -> int:
         models, tokenizers = write_demo_models(Path(scratch))
         output = Path(scratch) / "output"
         url, service = start_server(ServeOptions(output=output, models=models, tokenizers=tokenizers,
-                                                 max_queue=args.queue + 8))
+                                                 service=ServiceSettings(max_queue=args.queue + 8)))
         body = {"prompt": "a red fox in the snow", "image_size": {"width": args.size, "height": args.size},
                 "num_inference_steps": args.steps, "seed": 1}
-        arguments = parse_input(TEXT_TO_IMAGE, body)
+        endpoint = ENDPOINTS[TEXT_TO_IMAGE]
+        arguments = endpoint.parse(body)
 
         def direct() -> None:
-            run(workflow_for(arguments, 1, f"direct-{time.perf_counter_ns()}"), CLASSES)
+            run(workflow_for(endpoint, arguments, 1, f"direct-{time.perf_counter_ns()}"), PACK_CLASSES)
 
         def protocol() -> None:
             out = post(f"{url}/{TEXT_TO_IMAGE}", body)

@@ -1,9 +1,11 @@
-"""fal's protocol served from the pack: the official fal clients, unchanged, run FLUX.1 Krea on this machine.
+"""fal's protocol, served from the pack: the official fal clients, unchanged, run FLUX.1 Krea on this machine.
 
-`schema` (request bodies, validated as fal's FastAPI service does), `workflow` (a request -> the shipped API workflow
-and its outputs -> fal's response), `jobs` (the request records and their status JSON), `storage` (uploads and
-served files), `image_input` (image_url -> an image file), `remote_fetch` (other hosts, never private addresses),
-`routes` (the HTTP endpoints, direct and behind the JS client's proxy), `runner_backend` (one job at a time on the
-in-process runner) and `server` (`python -m comfyui_krea serve`). Inside ComfyUI, nodes/host/fal_queue.py feeds
-ComfyUI's own queue with the same routes under /fal.
+A protocol library that knows no host: `endpoints` (the table of fal endpoints served: schema, workflow, image
+fields), `schema` (request bodies, validated as fal's FastAPI service does), `fields` (fal's fields <-> the node
+inputs of the workflows), `workflow` (a request -> its workflow; the workflow's outputs -> fal's response), `jobs`
+(request records and their status JSON), `storage` (uploads and served files), `image_input` (image_url -> a
+checked, decoded image), `address_guard` and `remote_fetch` (other hosts, never private addresses), `settings`
+(defaults both servers share), `backend` (the interface of what runs the workflows) and `routes` (the HTTP endpoints,
+direct and behind the JS client's proxy). The backends live with their hosts: standalone/runner_backend.py for
+`python -m comfyui_krea serve`, nodes/host/fal_queue.py for ComfyUI's own queue under /fal.
 """

@@ -1,9 +1,10 @@
-"""An image-to-image request's image_url -> a checked image file in the server's uploads folder.
+"""An image-to-image request's image_url -> its image, checked and decoded once, before the request is queued.
 
 Accepted: a data URI (what fal_client.encode_file and the JS client make), a URL of a file this server serves (an
 upload or an earlier result), and, only when the operator enabled it, an http(s) URL of another host fetched by
 remote_fetch (never from a private address). The bytes are checked as an image (format, size, a complete decode)
-before the request is queued; every refusal is a 422 on `image_url`.
+and the decoded image is handed on to the backend, which gives it to the workflow's LoadImage without decoding it
+again (or writes the bytes where a host's own LoadImage reads them). Every refusal is a 422 on `image_url`.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import binascii
 import io
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..image_io.load import image_file_problem
+from ..image_io.load import ImageFileError, decoded_image
 from .remote_fetch import RemoteImageError, fetch_image_bytes
 from .schema import field_error
 from .storage import MAX_UPLOAD_BYTES, new_token
@@ -28,6 +30,20 @@ FIELD = "image_url"
 # names nothing: an expired upload).
 LocalLookup = Callable[[str], Path | None]
 Fetch = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, eq=False)
+class InputImage:
+    """A request's input image: the bytes as sent, and the image decoded from them (in full, checked)."""
+    data: bytes
+    image: Image.Image
+
+    def write(self, folder: Path) -> Path:
+        """The bytes as a new file in `folder` (for a LoadImage that reads files); the caller removes it."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"input-{new_token()}"
+        path.write_bytes(self.data)
+        return path
 
 
 def decode_data_uri(url: str) -> bytes:
@@ -49,38 +65,25 @@ def decode_data_uri(url: str) -> bytes:
     return data
 
 
-def write_checked_image(data: bytes, folder: Path) -> Path:
-    """The bytes written as an input file once they prove to be an image within limits, else InputError."""
+def checked_image(data: bytes) -> InputImage:
+    """The bytes once they prove to be an image within limits (told from the header, then one complete decode),
+    else InputError."""
     try:
-        with Image.open(io.BytesIO(data)) as img:  # the header only: the size is known before decoding
-            width, height = img.size
-    except Image.DecompressionBombError as err:  # PIL's own guard, at twice its pixel limit
-        raise field_error(FIELD, f"the image has too many pixels ({err}); at most {MAX_INPUT_PIXELS} are taken") \
-            from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise field_error(FIELD, "the data is not an image PIL can read (png, jpeg, webp, ...)") from None
-    if width * height > MAX_INPUT_PIXELS:
-        raise field_error(FIELD, f"the image is {width}x{height}; at most {MAX_INPUT_PIXELS} pixels are taken")
-    path = folder / f"input-{new_token()}"
-    path.write_bytes(data)
-    problem = image_file_problem(path)  # a complete decode: damaged or truncated files stop here
-    if problem is not None:
-        path.unlink(missing_ok=True)
-        raise field_error(FIELD, problem.replace(str(path), "the image"))
-    return path
+        return InputImage(data, decoded_image(io.BytesIO(data), "image_url's data", max_pixels=MAX_INPUT_PIXELS))
+    except ImageFileError as err:
+        raise field_error(FIELD, str(err)) from None
 
 
-async def image_file_for(url: str, folder: Path, local: LocalLookup, allow_remote: bool,
-                         fetch: Fetch = fetch_image_bytes) -> Path:
-    """The image of `url` as a checked file in `folder` (the caller removes it when the request ends)."""
+async def image_for(url: str, local: LocalLookup, allow_remote: bool, fetch: Fetch = fetch_image_bytes) -> InputImage:
+    """The image of `url`, checked and decoded."""
     if url.startswith("data:"):
-        return write_checked_image(decode_data_uri(url), folder)
+        return checked_image(decode_data_uri(url))
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise field_error(FIELD, "image_url must be a data URI or an http(s) URL", value=url[:200])
     served = local(url)
     if served is not None:
-        return write_checked_image(served.read_bytes(), folder)
+        return checked_image(served.read_bytes())
     if not allow_remote:
         raise field_error(FIELD, "this server does not fetch images from other hosts: upload the image to it "
                                  "(fal_client.upload_file / fal.storage.upload) or send a data URI; the operator "
@@ -89,5 +92,4 @@ async def image_file_for(url: str, folder: Path, local: LocalLookup, allow_remot
         data = await fetch(url)
     except RemoteImageError as err:
         raise field_error(FIELD, str(err), value=url[:200]) from None
-    return write_checked_image(data, folder)
-
+    return checked_image(data)

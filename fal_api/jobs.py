@@ -1,9 +1,10 @@
 """A request taken -> its record (queued, running, completed), its logs, and the status JSON the clients parse.
 
-Records are kept until the retention limit after they finish; the backends (runner_backend, ComfyUI's queue) move
-them along from their own thread, so every change goes through the record's lock. Status shapes follow
-reference/fal-client-protocol.md §5: IN_QUEUE needs queue_position, IN_PROGRESS and COMPLETED need `logs` (null
-unless asked for), a failed request is COMPLETED with `error` and `error_type` (the clients know no other status).
+Records are kept until the retention limit after they finish; the backends (the standalone runner's, ComfyUI's
+queue) move them along from their own thread, so every change goes through the record's lock. Status shapes are
+what the official clients parse (docs/fal-protocol.md): IN_QUEUE needs queue_position, IN_PROGRESS and COMPLETED
+need `logs` (null unless asked for), a failed request is COMPLETED with `error` and `error_type` (the clients know
+no other status).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import datetime as dt
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,18 @@ class Job:
     output: dict | None = None
     error: str | None = None
     error_type: str | None = None
-    cancel_requested: bool = False
     files: list[ResultFile] = field(default_factory=list)
-    input_files: list[Path] = field(default_factory=list)  # decoded image_url files, removed when it ends
+    # What the backend gave the workflow for the request's input images, taken back once when it ends.
+    _on_end: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def on_end(self, action: Callable[[], None]) -> None:
+        """Run `action` once when the request ends (at once if it has ended)."""
+        with self.lock:
+            if self.status != COMPLETED:
+                self._on_end.append(action)
+                return
+        action()
 
     def log(self, message: str, level: str = "INFO") -> None:
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -71,8 +81,9 @@ class Job:
                 return
             self.status, self.finished = COMPLETED, time.time()
             self.output, self.error, self.error_type = output, error, error_type
-        for path in self.input_files:
-            path.unlink(missing_ok=True)
+            actions, self._on_end = self._on_end, []
+        for action in actions:
+            action()
 
     @property
     def done(self) -> bool:

@@ -1,4 +1,4 @@
-"""HTTP requests of the fal clients -> the endpoints of reference/fal-client-protocol.md §4 and §7, on aiohttp.
+"""HTTP requests of the fal clients -> the protocol's endpoints (docs/fal-protocol.md), on aiohttp.
 
 One catch-all route under a prefix ("" for `serve`, "/fal" inside ComfyUI), so that the same dispatcher serves the
 Python client's direct calls and the JS client's proxy calls (POST|GET|PUT <prefix>/proxy with x-fal-target-url):
@@ -12,8 +12,9 @@ Python client's direct calls and the JS client's proxy calls (POST|GET|PUT <pref
     POST <prefix>/storage/upload/initiate, PUT .../upload/slot/<t>    JS storage.upload, Python's fallback
     GET  <prefix>/storage/files/<id>/<name>, <prefix>/results/<id>/<n><ext>   uploaded files, result images
 
-With KREA_FAL_API_KEY set, every call but the file GETs (unguessable URLs, as fal's CDN) and the slot PUT
-(one-time token in its URL) needs `Authorization: Key <it>`.
+With an API key set (KREA_FAL_API_KEY), every call but the file GETs (unguessable URLs, as fal's CDN) and the slot
+PUT (one-time token in its URL) needs `Authorization: Key <it>`. The endpoints served are the rows of endpoints.py;
+what runs their workflows is a Backend (backend.py).
 """
 from __future__ import annotations
 
@@ -27,50 +28,28 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from aiohttp import web
 
-from .image_input import image_file_for
+from .backend import Backend, WorkflowRefused
+from .endpoints import APP, ENDPOINTS
+from .image_input import image_for
 from .jobs import CANCELLED, COMPLETED, Job, JobStore
 from .remote_fetch import fetch_image_bytes
-from .schema import ENDPOINTS, ImageToImageInput, InputError, field_error, parse_input
+from .schema import InputError, field_error
+from .settings import API_KEY_ENV, ServiceSettings, truthy
 from .storage import Uploads, UploadTooLarge, clean_name, read_limited
 from .workflow import workflow_for
 
 log = logging.getLogger(__name__)
 
-APP = "fal-ai/flux"  # owner/alias: by-id queue calls drop the endpoint's sub-path
-API_KEY_ENV = "KREA_FAL_API_KEY"
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request body: the largest image as a base64 data URI, and the rest
 PROXY_TARGETS = {"fal.run": "", "queue.fal.run": "queue/", "rest.fal.ai": "", "v3.fal.media": ""}
 STREAM_POLL_S, STREAM_PING_S = 0.1, 10.0
 
 
-class QueueFull(Exception):
-    pass
-
-
-class WorkflowRefused(Exception):
-    """The server cannot run the workflow (its models are missing, ...): the operator's problem, not the input's."""
-
-
-class Backend(Protocol):
-    """What runs the workflows: runner_backend (one at a time, in-process) or ComfyUI's own queue."""
-    output_dir: Path
-
-    def image_reference(self, path: Path) -> str: ...  # an input image file -> the LoadImage node's value
-    async def submit(self, job: Job, prompt: dict) -> None: ...  # raises WorkflowRefused
-    def position(self, job: Job) -> int | None: ...  # place among the waiting jobs (0: next)
-    def cancel(self, job: Job) -> None: ...  # queued: removed and ended now; running: stopped within a step
-
-
 def json_error(status: int, detail: object, **extra: object) -> web.Response:
     return web.json_response({"detail": detail, **extra}, status=status)
-
-
-def truthy(value: str | None) -> bool:
-    return (value or "").lower() in ("1", "true", "yes")
 
 
 @dataclass
@@ -83,6 +62,14 @@ class FalService:
     api_key: str | None = None
     allow_remote_images: bool = False
     fetch: Callable[[str], Awaitable[bytes]] = field(default=fetch_image_bytes)
+
+    @classmethod
+    def create(cls, backend: Backend, uploads_folder: Path, settings: ServiceSettings, prefix: str = "") -> FalService:
+        """The service over `backend` with `settings`; the uploads folder is made and emptied of earlier runs'."""
+        uploads = Uploads(uploads_folder, settings.retention_s)
+        uploads.prepare()
+        return cls(backend=backend, uploads=uploads, jobs=JobStore(settings.retention_s, settings.max_queue),
+                   prefix=prefix, api_key=settings.api_key, allow_remote_images=settings.allow_remote_images)
 
     # -- dispatch -------------------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -143,31 +130,36 @@ class FalService:
         url = f"{job.base_url}/queue/{APP}/requests/{job.id}"
         return {"response_url": url, "status_url": url + "/status", "cancel_url": url + "/cancel"}
 
-    async def accept(self, request: web.Request, endpoint: str) -> Job | web.Response:
-        """Checks from the cheapest on (body, fields, room in the queue, the image); then queues the workflow."""
-        if endpoint not in ENDPOINTS:
-            return json_error(404, f"no endpoint {endpoint!r}: this server runs {', '.join(ENDPOINTS)}")
+    async def accept(self, request: web.Request, endpoint_id: str) -> Job | web.Response:
+        """Checks from the cheapest on (body, fields, room in the queue, the images); then queues the workflow.
+        Each input image is decoded once, here, and handed to the backend as it is."""
+        endpoint = ENDPOINTS.get(endpoint_id)
+        if endpoint is None:
+            return json_error(404, f"no endpoint {endpoint_id!r}: this server runs {', '.join(ENDPOINTS)}")
         raw = await read_limited(request.content, MAX_BODY_BYTES)
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError([{"type": "json_invalid", "loc": ["body", getattr(err, "pos", 0)],
                                "msg": "JSON decode error", "input": {}, "ctx": {"error": str(err)[:200]}}]) from None
-        arguments = parse_input(endpoint, body)
+        arguments = endpoint.parse(body)
         self.jobs.expire()
         self.uploads.expire()
         if self.jobs.active() >= self.jobs.max_active:
             return json_error(503, f"the queue is full ({self.jobs.max_active} requests waiting or running); try "
                                    "again when some have finished", error_type="queue_full")
         seed = arguments.seed if arguments.seed is not None else secrets.randbelow(2**32)
-        job = Job(endpoint=endpoint, arguments=arguments, seed=seed, base_url=self.base_url(request))
-        image = None
-        if isinstance(arguments, ImageToImageInput):
-            path = await image_file_for(arguments.image_url, self.uploads.folder, self.local_file,
-                                        self.allow_remote_images, self.fetch)
-            job.input_files.append(path)
-            image = self.backend.image_reference(path)
-        prompt = workflow_for(arguments, seed, job.id, image)
+        job = Job(endpoint=endpoint.id, arguments=arguments, seed=seed, base_url=self.base_url(request))
+        images: dict[str, str] = {}
+        try:
+            for name in endpoint.image_fields:
+                image = await image_for(getattr(arguments, name), self.local_file, self.allow_remote_images,
+                                        self.fetch)
+                images[name] = self.backend.image_reference(job, image)
+        except BaseException:
+            job.complete(error="the request was refused", error_type="refused")  # gives back what was handed on
+            raise
+        prompt = workflow_for(endpoint, arguments, seed, job.id, images)
         self.jobs.add(job)
         try:
             await self.backend.submit(job, prompt)
@@ -233,7 +225,6 @@ class FalService:
         if request.method == "PUT" and action == ["cancel"]:
             if job.done:
                 return web.json_response({"status": "ALREADY_COMPLETED"}, status=400)
-            job.cancel_requested = True
             self.backend.cancel(job)
             return web.json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
         return json_error(404 if request.method in ("GET", "PUT") else 405,

@@ -1,7 +1,8 @@
 """A request body -> a validated fal input, or the 422 body fal's FastAPI service answers with.
 
-The two endpoints' inputs as fal publishes them (fal-ai/flux/krea and fal-ai/flux/krea/image-to-image), with the
-ranges and defaults of the pack's one parameter table (sampling.parameters). Unknown fields are ignored, as by fal.
+The endpoints' inputs as fal publishes them (fal-ai/flux/krea and fal-ai/flux/krea/image-to-image; endpoints.py
+says which endpoint takes which), with the ranges and defaults of the pack's one parameter table
+(sampling.parameters). Unknown fields are ignored, as by fal.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..sampling.parameters import (
     IMAGE_SIZE,
     IMAGE_SIZES,
     IMAGE_TO_IMAGE_STEPS,
+    MAX_PROMPT_CHARS,
     MAX_SIDE,
     NUM_IMAGES,
     NUM_INFERENCE_STEPS,
@@ -24,9 +26,6 @@ from ..sampling.parameters import (
     STRENGTH,
 )
 
-TEXT_TO_IMAGE = "fal-ai/flux/krea"
-IMAGE_TO_IMAGE = "fal-ai/flux/krea/image-to-image"
-MAX_PROMPT_CHARS = 20_000  # T5 reads 512 tokens (about 2,000 characters); longer text is refused, not tokenized
 MAX_IMAGE_URL_CHARS = 64 * 1024 * 1024  # a data URI of the largest accepted upload, base64-encoded
 
 Preset = Literal[tuple(IMAGE_SIZES)]  # type: ignore[valid-type]
@@ -69,7 +68,6 @@ class ImageToImageInput(_Common):
 
 
 FalInput = TextToImageInput | ImageToImageInput
-ENDPOINTS: dict[str, type[_Common]] = {TEXT_TO_IMAGE: TextToImageInput, IMAGE_TO_IMAGE: ImageToImageInput}
 
 
 class InputError(ValueError):
@@ -85,14 +83,14 @@ def field_error(field: str, message: str, kind: str = "value_error", value: obje
     return InputError([{"type": kind, "loc": ["body", field], "msg": message, "input": value}])
 
 
-def parse_input(endpoint: str, body: object) -> FalInput:
-    """The validated input of `endpoint`, or InputError with every problem, located as FastAPI does."""
+def parse_input(schema: type[FalInput], body: object) -> FalInput:
+    """`body` validated by `schema`, or InputError with every problem, located as FastAPI does."""
     if not isinstance(body, dict):
         raise InputError([{"type": "model_attributes_type", "loc": ["body"],
                            "msg": "Input should be a valid dictionary or object to extract fields from",
                            "input": _short(body)}])
     try:
-        return ENDPOINTS[endpoint].model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as err:
         raise InputError([{"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"],
                            "input": _short(e.get("input"))} for e in err.errors(include_url=False)]) from None

@@ -1,6 +1,6 @@
 """Uploaded bytes -> files in the server's uploads folder, served back under an unguessable id until they expire.
 
-What the clients' upload calls land on (reference/fal-client-protocol.md §7): a file is stored under a random id,
+What the clients' upload calls land on (docs/fal-protocol.md): a file is stored under a random id,
 never under a name the client chose; the client's file name appears only, cleaned, in the URL. A size limit is
 enforced while reading, and a file is written to a temporary name and renamed, so no half-written upload is
 ever served.

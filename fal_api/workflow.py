@@ -1,8 +1,8 @@
-"""A validated fal input -> the shipped API workflow with its values written in; the workflow's outputs -> fal's
-response (`images` [{url, width, height, content_type}], `timings`, `seed`, `has_nsfw_concepts`, `prompt`).
+"""A validated fal input -> the endpoint's shipped API workflow with its values written in; the workflow's outputs ->
+fal's response (`images` [{url, width, height, content_type}], `timings`, `seed`, `has_nsfw_concepts`, `prompt`).
 
 The workflows are the files in workflows/api/, the same ones users run in ComfyUI and with `run`: a request is
-nothing but those workflows with other widget values. Inputs are found by node type, not by node id.
+nothing but those workflows with other widget values, written by the one field table (fields.py).
 """
 from __future__ import annotations
 
@@ -15,20 +15,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..sampling.parameters import CUSTOM_SIZE, SIZE_MULTIPLE
+from ..sampling.parameters import CUSTOM_SIZE, round_down_side
+from .endpoints import Endpoint
+from .fields import FIELD_INPUTS, RESULT_PREFIX, write_input, write_inputs
 from .jobs import Job, ResultFile
-from .schema import ImageSize, ImageToImageInput, TextToImageInput
+from .schema import FalInput, ImageSize
 
-WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows" / "api"
-TEXT_TO_IMAGE_WORKFLOW = WORKFLOWS / "krea_text_to_image.json"
-IMAGE_TO_IMAGE_WORKFLOW = WORKFLOWS / "krea_image_to_image.json"
 CONTENT_TYPES = {".jpeg": "image/jpeg", ".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 RESULTS_SUBFOLDER = "fal"  # results are saved as <output folder>/fal/<request id>_00001_.jpeg
-
-
-def round_side(value: int) -> int:
-    """A custom side rounded down to the transformer's multiple of 16 (at least 16), as diffusers' pipeline does."""
-    return max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
 
 
 @functools.cache
@@ -37,32 +31,20 @@ def shipped_workflow(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def workflow_for(arguments: TextToImageInput | ImageToImageInput, seed: int, request_id: str,
-                 image: str | None = None) -> dict:
-    """The API workflow of the request; `image` is what the LoadImage node reads (image-to-image)."""
-    image_to_image = isinstance(arguments, ImageToImageInput)
-    prompt = copy.deepcopy(shipped_workflow(IMAGE_TO_IMAGE_WORKFLOW if image_to_image else TEXT_TO_IMAGE_WORKFLOW))
-    sampler = {"num_inference_steps": arguments.num_inference_steps, "guidance_scale": arguments.guidance_scale,
-               "seed": seed, "num_images": arguments.num_images, "acceleration": arguments.acceleration}
-    if image_to_image:
-        sampler["strength"] = arguments.strength
-    elif isinstance(arguments.image_size, ImageSize):
-        sampler.update(image_size=CUSTOM_SIZE, width=round_side(arguments.image_size.width),
-                       height=round_side(arguments.image_size.height))
-    else:
-        sampler["image_size"] = arguments.image_size
-    values = {
-        "KreaTextEncode": {"prompt": arguments.prompt},
-        "KreaSampler": sampler,
-        "KreaSafetyCheck": {"enable_safety_checker": arguments.enable_safety_checker},
-        "KreaSaveImage": {"output_format": arguments.output_format,
-                          "filename_prefix": f"{RESULTS_SUBFOLDER}/{request_id}"},
-        "LoadImage": {"image": image},
-    }
-    for node in prompt.values():
-        for name, value in values.get(node["class_type"], {}).items():
-            if value is not None:
-                node["inputs"][name] = value
+def workflow_for(endpoint: Endpoint, arguments: FalInput, seed: int, request_id: str,
+                 images: Mapping[str, str] | None = None) -> dict:
+    """The API workflow of the request; `images`: for each of the endpoint's image fields, what its LoadImage node
+    reads (the backend's image_reference)."""
+    prompt = copy.deepcopy(shipped_workflow(endpoint.workflow))
+    values: dict[str, object] = {name: getattr(arguments, name, None) for name in FIELD_INPUTS
+                                 if name not in endpoint.image_fields}
+    values["seed"] = seed  # the request's, or the one drawn for it
+    if isinstance(values.get("image_size"), ImageSize):  # custom sides, rounded down to what the model takes
+        size = values.pop("image_size")
+        values.update(image_size=CUSTOM_SIZE, width=round_down_side(size.width), height=round_down_side(size.height))
+    values.update(images or {})
+    write_inputs(prompt, values)
+    write_input(prompt, RESULT_PREFIX, f"{RESULTS_SUBFOLDER}/{request_id}")
     return prompt
 
 

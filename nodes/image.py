@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from ..image_io.save import EXTENSIONS, save_arguments, save_image_no_clobber, to_pil
 from ..sampling.latents import LATENT_CHANNELS
-from ..sampling.parameters import OUTPUT_FORMAT, SIZE_MULTIPLE
-from . import host
+from ..sampling.parameters import OUTPUT_FORMAT, SIZE_MULTIPLE, nearest_multiple
 from .handles import VaeHandle
+from .host import host
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ def as_image_batch(image: Any, name: str) -> torch.Tensor:
     if min(image.shape[:3]) == 0:
         raise ValueError(f"{name} is empty (shape {tuple(image.shape)}).")
     return image.float()
-
-
-def nearest_multiple(size: int, multiple: int = SIZE_MULTIPLE) -> int:
-    return max(multiple, (size + multiple // 2) // multiple * multiple)  # halves round up
 
 
 class KreaEncodeImage:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..model_loader import WEIGHT_DTYPES, ModelFileError
-from . import host, model_files
+from . import model_files
 from .handles import TextEncoderHandle, VaeHandle
+from .host import host, with_folders
 
 
 def _choices(folder: str) -> list[str]:
@@ -47,7 +48,7 @@ class KreaModelLoader:
             ("text_encoders", clip_name, model_files.CLIP, "clip_name"),
             ("text_encoders", t5_name, model_files.T5, "t5_name"),
             ("vae", vae_name, model_files.VAE, "vae_name")])
-        return " ".join(problems) if problems else True
+        return "\n".join(problems) if problems else True  # one problem a line, each naming its input
 
     def load(self, model_name: str, weight_dtype: str, clip_name: str, t5_name: str,
              vae_name: str) -> tuple[object, TextEncoderHandle, VaeHandle]:
@@ -58,11 +59,11 @@ class KreaModelLoader:
         text_encoder = TextEncoderHandle(host.model_path("text_encoders", clip_name),
                                          host.model_path("text_encoders", t5_name), host.tokenizer_dir(),
                                          host.model_devices("text_encoder")[0])
-        vae = VaeHandle(host.model_path("vae", vae_name), host.model_devices("vae")[0])
+        vae = VaeHandle(host.model_path("vae", vae_name), *host.model_devices("vae"))
         try:  # every file was found before the transformer is read
             transformer = host.transformer_model(transformer_path, weight_dtype, device)
         except ModelFileError as err:
-            raise host.with_folders(err) from None
+            raise with_folders(err) from None
         return transformer, text_encoder, vae
 
 

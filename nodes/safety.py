@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..model_loader import WHERE_TO_GET_IT, ModelFileError
-from . import host
 from .handles import SafetyCheckerHandle
+from .host import host, model_name_problem
 from .model_files import CLASSIFIER, model_file_problems
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,28 @@ def _classifier_path(checker_name: str) -> Path:
         raise _no_classifier_error(checker_name) from error
 
 
+def _checker_problem(checker_name: object, enable_safety_checker: object) -> str | None:
+    """Why `checker_name` cannot be used (None: it can, or it is linked, or the check is off and the name stays
+    inside the model folder)."""
+    if checker_name is None:
+        return None
+    if not isinstance(checker_name, str):
+        return f"checker_name must be a file name from models/{FOLDER}; got {checker_name!r}"
+    problem = model_name_problem(checker_name)
+    if problem is not None:
+        return f"checker_name: {problem}."
+    if enable_safety_checker is not True:  # disabled, or linked (known only at run time, checked then)
+        return None
+    if checker_name == NO_CLASSIFIER:
+        return f"checker_name: {_no_classifier_error(checker_name)}"
+    try:
+        host.model_path(FOLDER, checker_name)
+    except ModelFileError:
+        return f"checker_name: {_no_classifier_error(checker_name)}"
+    problems = model_file_problems([(FOLDER, checker_name, CLASSIFIER, "checker_name")])
+    return "\n".join(problems) if problems else None
+
+
 def _flags_json(flags: list[bool]) -> str:
     return json.dumps(flags)
 
@@ -97,29 +119,17 @@ class KreaSafetyCheck:
         # classifier was installed must still run with the check disabled. With the check enabled,
         # the classifier is looked for and its header read now, before any model loads; a name that leaves
         # the model folder is refused either way. Taking enable_safety_checker turns off ComfyUI's own
-        # boolean check, so it is done here.
+        # boolean check, so it is done here; threshold is taken because ComfyUI's own range check lets NaN
+        # through. One problem a line, each starting with its input (ComfyUI lists the text under every input
+        # taken).
+        problems = []
         if enable_safety_checker is not None and not isinstance(enable_safety_checker, bool):
-            return f"enable_safety_checker: {enable_safety_checker!r} is not a boolean"
-        # threshold is taken here because ComfyUI's own range check lets NaN through.
-        if threshold is not None and _threshold_problem(threshold) is not None:
-            return _threshold_problem(threshold)
-        if checker_name is None:
-            return True
-        if not isinstance(checker_name, str):
-            return f"checker_name must be a file name from models/{FOLDER}; got {checker_name!r}"
-        problem = host.model_name_problem(checker_name)
-        if problem is not None:
-            return f"checker_name: {problem}."
-        if enable_safety_checker is not True:  # disabled, or linked (known only at run time, checked then)
-            return True
-        if checker_name == NO_CLASSIFIER:
-            return str(_no_classifier_error(checker_name))
-        try:
-            host.model_path(FOLDER, checker_name)
-        except ModelFileError:
-            return str(_no_classifier_error(checker_name))
-        problems = model_file_problems([(FOLDER, checker_name, CLASSIFIER, "checker_name")])
-        return " ".join(problems) if problems else True
+            problems.append(f"enable_safety_checker: {enable_safety_checker!r} is not a boolean")
+        if threshold is not None:
+            problems.append(_threshold_problem(threshold))
+        problems.append(_checker_problem(checker_name, enable_safety_checker))
+        found = [problem for problem in problems if problem is not None]
+        return "\n".join(found) if found else True
 
     def check(self, images: torch.Tensor, enable_safety_checker: bool, threshold: float,
               checker_name: str) -> dict:

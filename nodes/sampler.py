@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 
 import torch
@@ -26,10 +25,11 @@ from ..sampling.parameters import (
     NumericParameter,
     check_ranges,
     check_side,
+    number_problem,
     resolve_size,
 )
-from ..sampling.step_cache import THRESHOLDS
-from . import host
+from ..sampling.step_cache import THRESHOLDS, cache_bytes
+from .host import host
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,20 @@ def unpack_conditioning(conditioning: list) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _step_cache_bytes(latent_shape: tuple[int, ...], hidden: int = 3072) -> int:
-    """The step cache's two residuals, (B, L, hidden) each in at most 4 bytes, on top of ComfyUI's estimate."""
+    """The step cache's residuals for (B, 16, H/8, W/8) latents, on top of ComfyUI's estimate."""
     batch, _, h, w = latent_shape
-    return 2 * batch * (h // 2) * (w // 2) * hidden * 4
+    return cache_bytes(batch, (h // 2) * (w // 2), hidden)
+
+
+def side_problem(name: str, value: object) -> str | None:
+    """Why `value` cannot be a custom width or height (None: it can)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be a whole number (a multiple of {SIZE_MULTIPLE}), got {value!r}"
+    try:
+        check_side(name, value)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 class KreaSampler:
@@ -113,28 +124,14 @@ class KreaSampler:
         # A linked input arrives as None: its value is checked when the node runs. guidance_scale and
         # strength are here because ComfyUI's own check lets NaN through (every comparison with NaN is
         # false), which would only be found when the sampler runs, after the text encoders loaded.
-        for parameter, value in ((GUIDANCE_SCALE, guidance_scale), (STRENGTH, strength)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return f"{parameter.name}: {value!r} is not a number"
-            if not math.isfinite(value):
-                return f"{parameter.name}: {value!r} is not a finite number"
-            # Worded as ComfyUI words its own range check, which this one replaces.
-            if value < parameter.min:
-                return f"{parameter.name}: {value} is smaller than the minimum {parameter.min}"
-            if value > parameter.max:
-                return f"{parameter.name}: {value} is bigger than the maximum {parameter.max}"
-        for name, value in ((WIDTH.name, width), (HEIGHT.name, height)):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                return f"{name} must be a whole number (a multiple of {SIZE_MULTIPLE}), got {value!r}"
-            try:
-                check_side(name, value)
-            except ValueError as err:
-                return str(err)
-        return True
+        # One problem a line, each starting with its input (ComfyUI lists the text under every input taken).
+        problems = [number_problem(parameter.name, value, parameter.min, parameter.max)
+                    for parameter, value in ((GUIDANCE_SCALE, guidance_scale), (STRENGTH, strength))
+                    if value is not None]
+        problems += [side_problem(name, value) for name, value in ((WIDTH.name, width), (HEIGHT.name, height))
+                     if value is not None]
+        found = [problem for problem in problems if problem is not None]
+        return "\n".join(found) if found else True
 
     def sample(self, model: object, conditioning: list, image_size: str, width: int, height: int,
                num_inference_steps: int, guidance_scale: float, seed: int, num_images: int, acceleration: str,

@@ -1,12 +1,9 @@
 """KreaTextEncode: a prompt -> FLUX conditioning (T5-XXL sequence + CLIP-L pooled vector)."""
 from __future__ import annotations
 
-from . import host
+from ..sampling.parameters import MAX_PROMPT_CHARS
 from .handles import TextEncoderHandle
-
-# T5 reads 512 tokens and CLIP 77; a token is rarely more than a few characters, so anything past this is cut
-# anyway. Longer texts are refused before tokenizing them costs gigabytes.
-MAX_PROMPT_CHARS = 100_000
+from .host import host
 
 
 def prompt_problem(prompt: object) -> str | None:

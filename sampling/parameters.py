@@ -7,6 +7,7 @@ parameter, the allowed range and the value given.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .step_cache import THRESHOLDS
@@ -54,6 +55,10 @@ IMAGE_SIZE = ChoiceParameter("image_size", (*IMAGE_SIZES, CUSTOM_SIZE), default=
 
 SIZE_MULTIPLE = 16  # the transformer packs 2x2 latent pixels, and a latent pixel is 8 image pixels
 MAX_SIDE = 14142  # the longest custom side (14142 x 14142 is about 200 megapixels)
+# T5 reads 512 tokens (about 2,000 characters of English, 512 of CJK) and CLIP 77: nothing past that changes the
+# image. Ten times as much still takes any prompt that could, and bounds what one request can make the tokenizers,
+# the logs and the request body carry; longer prompts are refused before they are tokenized.
+MAX_PROMPT_CHARS = 20_000
 # The custom-size widgets start at the default preset's size.
 WIDTH = NumericParameter("width", SIZE_MULTIPLE, MAX_SIDE, IMAGE_SIZES[IMAGE_SIZE.default][0], step=SIZE_MULTIPLE)
 HEIGHT = NumericParameter("height", SIZE_MULTIPLE, MAX_SIDE, IMAGE_SIZES[IMAGE_SIZE.default][1], step=SIZE_MULTIPLE)
@@ -67,6 +72,40 @@ STRENGTH = NumericParameter("strength", 0.01, 1.0, default=0.95, step=0.01)  # i
 ACCELERATION = ChoiceParameter("acceleration", tuple(THRESHOLDS), default="none")
 # fal offers jpeg and png; webp is this pack's addition (ComfyUI reads its metadata too).
 OUTPUT_FORMAT = ChoiceParameter("output_format", ("jpeg", "png", "webp"), default="jpeg")
+
+
+def nearest_multiple(side: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """A side made a multiple of 16 (at least 16) by rounding to the nearest, halves up: what Krea Encode Image
+    resizes an input image to."""
+    return max(multiple, (side + multiple // 2) // multiple * multiple)
+
+
+def round_down_side(side: int) -> int:
+    """A custom side rounded down to a multiple of 16 (at least 16), as fal's server and diffusers' pipeline do."""
+    return max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+
+def range_problem(name: str, value: Number, minimum: Number | None, maximum: Number | None) -> str | None:
+    """Why `value` is out of range, worded as ComfyUI words its own range check (None: within)."""
+    if minimum is not None and value < minimum:
+        return f"{name}: {value} is smaller than the minimum {minimum}"
+    if maximum is not None and value > maximum:
+        return f"{name}: {value} is bigger than the maximum {maximum}"
+    return None
+
+
+def number_problem(name: str, value: object, minimum: Number | None = None, maximum: Number | None = None,
+                   whole: bool = False) -> str | None:
+    """Why `value` cannot be the number input `name` (None: it can): not a number (a boolean is not), not
+    finite, not whole where a whole number is asked for (a float cannot hold every seed up to 2^64 - 1), or out
+    of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}: {value!r} is not a number"
+    if not math.isfinite(value):
+        return f"{name}: {value!r} is not a finite number"
+    if whole and not isinstance(value, int):
+        return f"{name}: {value!r} is not an integer (write it without a decimal point)"
+    return range_problem(name, value, minimum, maximum)
 
 
 def check_side(name: str, value: int) -> None:

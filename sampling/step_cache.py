@@ -16,6 +16,12 @@ import torch
 THRESHOLDS: dict[str, float] = {"none": 0.0, "regular": 0.06, "high": 0.15}
 
 
+def cache_bytes(batch: int, image_tokens: int, hidden: int) -> int:
+    """The most one run's cache holds: the first-block and the rest residuals, (B, L, hidden) each, in at most
+    4 bytes an element (what the sampler asks memory for beside the transformer's own)."""
+    return 2 * batch * image_tokens * hidden * 4
+
+
 @dataclass
 class CacheReport:
     full_steps: int = 0

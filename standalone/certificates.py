@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fal_api.settings import DEFAULT_PORT
+
 CA_NAME = "ca.pem"
 SERVER_CERT_NAME = "server.pem"
 SERVER_KEY_NAME = "server-key.pem"
@@ -136,7 +138,7 @@ def make_certificates(folder: Path, hosts: Sequence[str] = DEFAULT_HOSTS, days: 
     return certs
 
 
-def client_settings(certs: Certificates, host: str = "127.0.0.1", port: int = 8443, prefix: str = "") -> str:
+def client_settings(certs: Certificates, host: str = "127.0.0.1", port: int = DEFAULT_PORT, prefix: str = "") -> str:
     """The lines a user pastes to point fal's clients (and start the server) at https://host:port{prefix}."""
     netloc = f"{_url_host(host)}:{int(port)}"
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""

@@ -1,5 +1,5 @@
 """Command line -> a workflow run: `python -m comfyui_krea run WORKFLOW.json [options] [--server URL]`, and the
-fal server's `serve` and `make-cert` (fal_api/commands.py).
+fal server's `serve` and `make-cert` (serve_commands.py).
 
 The workflow is API or UI format (converted as ComfyUI's frontend would). The options write into the inputs of the
 workflow's nodes (overrides.py); their choices and ranges come from the fal parameter table (sampling.parameters).
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..fal_api.commands import OptionError, add_serve_commands, make_cert_command, serve_command
 from ..model_loader import ModelFileError
-from ..nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, host
+from ..nodes import NODE_DISPLAY_NAME_MAPPINGS
+from ..nodes.host import standalone_host
 from ..sampling.parameters import (
     ACCELERATION,
     GUIDANCE_SCALE,
@@ -43,9 +43,11 @@ from ..sampling.parameters import (
     STRENGTH,
     NumericParameter,
 )
+from .node_classes import PACK_CLASSES
 from .overrides import api_prompt, apply_overrides, is_image_to_image, option_problems, read_workflow, unused_options
 from .preflight import memory_problem
-from .runner import LoadImage, WorkflowError, run, structure_problems, validate
+from .runner import WorkflowError, check, run, structure_problems
+from .serve_commands import OptionError, add_serve_commands, make_cert_command, serve_command
 from .ui_workflow import local_definitions
 
 log = logging.getLogger("comfyui_krea")
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
     """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line)."""
-    classes = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+    classes = PACK_CLASSES
     prompt = api_prompt(read_workflow(args.workflow), local_definitions(classes, NODE_DISPLAY_NAME_MAPPINGS))
     problems = structure_problems(prompt, classes)  # before the options are written into the nodes
     if problems:
@@ -226,22 +228,19 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
             print("--demo: building small RANDOM-WEIGHT models; the image will be noise. It only proves that "
                   "the install, the nodes and the workflow run.", file=sys.stderr)
             models, tokenizers = write_demo_models(Path(scratch_dir))
-        host.configure_standalone(models_dir=models, output_dir=output, progress=progress,
-                                  tokenizer_dir=tokenizers)
-        problems = validate(prompt, classes)
-        if problems:
-            raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
+        host = standalone_host()
+        host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers)
+        checked = check(prompt, classes)
         if not args.no_memory_check:
             problem = memory_problem(prompt, host.torch_device())
             if problem:
                 raise WorkflowError(problem)
         started = time.perf_counter()
-        uis = run(prompt, classes)
+        uis = run(checked)
     saved = [Path(output) / img["subfolder"] / img["filename"]
              for ui in uis.values() for img in ui.get("images", [])]
     report(prompt, uis, saved, started)
     return 0
-
 
 
 def server_headers(args: argparse.Namespace) -> dict[str, str]:

@@ -9,48 +9,37 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import ssl
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
-from ..nodes import host
-from .jobs import JobStore
-from .routes import API_KEY_ENV, MAX_BODY_BYTES, FalService, add_fal_routes
+from ..fal_api.routes import MAX_BODY_BYTES, FalService, add_fal_routes
+from ..fal_api.settings import API_KEY_ENV, ServiceSettings
+from ..nodes.host import standalone_host
+from .demo import write_demo_models
 from .runner_backend import RunnerBackend
-from .storage import Uploads
 
 log = logging.getLogger(__name__)
-
-RETENTION_HOURS = 24.0
-MAX_QUEUE = 32
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    output: Path
+    output: Path  # result images go to fal/ in it, uploads to fal-uploads/
     models: Path | None = None
     tokenizers: Path | None = None
-    retention_hours: float = RETENTION_HOURS
-    max_queue: int = MAX_QUEUE
-    allow_remote_images: bool = False
-    api_key: str | None = None
+    service: ServiceSettings = field(default_factory=ServiceSettings)
 
 
 def make_app(options: ServeOptions) -> tuple[web.Application, FalService]:
     """The aiohttp application with the protocol at its root; the backend's thread stops with the app."""
-    host.configure_standalone(models_dir=options.models, output_dir=options.output,
-                              tokenizer_dir=options.tokenizers)
-    retention_s = options.retention_hours * 3600
-    uploads = Uploads(options.output / "fal-uploads", retention_s)
-    uploads.prepare()
+    standalone_host().configure(models_dir=options.models, output_dir=options.output,
+                                tokenizer_dir=options.tokenizers)
     backend = RunnerBackend(options.output)
-    service = FalService(backend=backend, uploads=uploads, jobs=JobStore(retention_s, options.max_queue),
-                         api_key=options.api_key, allow_remote_images=options.allow_remote_images)
+    service = FalService.create(backend, options.output / "fal-uploads", options.service)
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1024 * 1024)
     add_fal_routes(app.router, service)
 
@@ -70,8 +59,6 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 @contextlib.contextmanager
 def demo_models() -> Iterator[tuple[Path, Path]]:
     """Small random-weight models (the images are noise) in a temporary folder removed on exit."""
-    from ..standalone.demo import write_demo_models
-
     with tempfile.TemporaryDirectory(prefix="krea-serve-demo-") as scratch:
         yield write_demo_models(Path(scratch))
 
@@ -84,13 +71,9 @@ def serve(options: ServeOptions, host_name: str, port: int, tls: ssl.SSLContext 
         app, _ = make_app(options)
         scheme = "https" if tls else "http"
         shown = f"[{host_name}]" if ":" in host_name else host_name
-        key = "set" if options.api_key else f"none ({API_KEY_ENV} not set: any key is accepted)"
+        key = "set" if options.service.api_key else f"none ({API_KEY_ENV} not set: any key is accepted)"
         print(f"fal protocol at {scheme}://{shown}:{port}  (API key: {key})\n"
               f"  Python: FAL_RUN_HOST={shown}:{port} FAL_QUEUE_RUN_HOST={shown}:{port}/queue"
               + ("" if tls else "  (the Python client needs https: give --tls-cert/--tls-key)") + "\n"
               f"  JS:     proxyUrl {scheme}://{shown}:{port}/proxy", flush=True)
         web.run_app(app, host=host_name, port=port, ssl_context=tls, print=None, handle_signals=True)
-
-
-def api_key_from_env() -> str | None:
-    return os.environ.get(API_KEY_ENV) or None

@@ -1,4 +1,5 @@
-"""Command-line options -> the inputs of a workflow's nodes: which options a workflow can take, writing them in,
+"""Command-line options -> the inputs of a workflow's nodes: which options a workflow can take, writing them in
+(the options are fal's request fields under shorter names, written by the same field table as fal's requests),
 and reading workflow files (API format, or UI format converted with ui_workflow)."""
 from __future__ import annotations
 
@@ -6,15 +7,29 @@ import argparse
 import json
 from pathlib import Path
 
+from ..fal_api.fields import LOAD_IMAGE, SAFETY_CHECK, SAMPLER, SAVE_IMAGE, TEXT_ENCODE, write_inputs
 from ..image_io.load import image_file_problem
-from ..nodes import NODE_CLASS_MAPPINGS
-from ..sampling.parameters import GUIDANCE_SCALE, NUM_IMAGES, NUM_INFERENCE_STEPS, SEED, STRENGTH, check_side
-from .runner import LoadImage, WorkflowError, is_link
+from ..sampling.parameters import (
+    CUSTOM_SIZE,
+    GUIDANCE_SCALE,
+    NUM_IMAGES,
+    NUM_INFERENCE_STEPS,
+    SEED,
+    STRENGTH,
+    check_side,
+)
+from .node_classes import PACK_CLASSES
+from .runner import WorkflowError, is_link
 from .ui_workflow import is_ui_workflow, to_api
+
+# The `run` options that set a fal field: option name (argparse's dest) -> field.
+OPTION_FIELDS = {"prompt": "prompt", "seed": "seed", "steps": "num_inference_steps", "guidance": "guidance_scale",
+                 "num_images": "num_images", "acceleration": "acceleration", "strength": "strength",
+                 "image_size": "image_size", "output_format": "output_format"}
 
 
 def sampler_nodes(prompt: dict) -> list[dict]:
-    return [n for n in prompt.values() if isinstance(n, dict) and n.get("class_type") == "KreaSampler"]
+    return [n for n in prompt.values() if isinstance(n, dict) and n.get("class_type") == SAMPLER]
 
 
 def is_image_to_image(prompt: dict) -> bool:
@@ -26,8 +41,8 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
     classes = {n.get("class_type") for n in prompt.values() if isinstance(n, dict)}
     samplers, image_to_image = sampler_nodes(prompt), is_image_to_image(prompt)
     wants = {  # option -> (given, the workflow uses it, what it needs)
-        "--prompt": (args.prompt, "KreaTextEncode" in classes, "a Krea Text Encode node"),
-        "--image": (args.image, "LoadImage" in classes, "a LoadImage node (an image-to-image workflow)"),
+        "--prompt": (args.prompt, TEXT_ENCODE in classes, "a Krea Text Encode node"),
+        "--image": (args.image, LOAD_IMAGE in classes, "a LoadImage node (an image-to-image workflow)"),
         "--strength": (args.strength, image_to_image, "an image-to-image sampler (a latent connected)"),
         "--width": (args.width, samplers and not image_to_image,
                     "a text-to-image sampler (image-to-image keeps the input image's size)"),
@@ -35,8 +50,8 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
                      "a text-to-image sampler (image-to-image keeps the input image's size)"),
         "--image-size": (args.image_size, samplers and not image_to_image,
                          "a text-to-image sampler (image-to-image keeps the input image's size)"),
-        "--format": (args.output_format, "KreaSaveImage" in classes, "a Krea Save Image node"),
-        "--no-safety-checker": (args.no_safety_checker or None, "KreaSafetyCheck" in classes,
+        "--format": (args.output_format, SAVE_IMAGE in classes, "a Krea Save Image node"),
+        "--no-safety-checker": (args.no_safety_checker or None, SAFETY_CHECK in classes,
                                 "a Krea Safety Check node"),
     }
     for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
@@ -54,25 +69,16 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
 def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, type] | None = None) -> None:
     """Write the command-line options into the inputs of the nodes they belong to; refuse options the
     workflow does not use and --set inputs its nodes do not have."""
-    classes = classes if classes is not None else {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+    classes = classes if classes is not None else PACK_CLASSES
     unused = unused_options(prompt, args)
     if unused:
         raise WorkflowError("; ".join(unused) + ".")
-    by_class: dict[str, dict[str, object]] = {
-        "KreaTextEncode": {"prompt": args.prompt},
-        "KreaSampler": {"seed": args.seed, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
-                        "num_images": args.num_images, "acceleration": args.acceleration,
-                        "strength": args.strength, "image_size": args.image_size},
-        "KreaSaveImage": {"output_format": args.output_format},
-        "LoadImage": {"image": str(args.image) if args.image else None},
-        "KreaSafetyCheck": {"enable_safety_checker": False if args.no_safety_checker else None},
-    }
+    values: dict[str, object] = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()}
+    values["image_url"] = str(args.image) if args.image else None  # the file LoadImage reads
+    values["enable_safety_checker"] = False if args.no_safety_checker else None
     if args.width is not None or args.height is not None:
-        by_class["KreaSampler"].update(image_size="custom", width=args.width, height=args.height)
-    for node in prompt.values():
-        for name, value in by_class.get(node.get("class_type"), {}).items():
-            if value is not None:
-                node["inputs"][name] = value
+        values.update(image_size=CUSTOM_SIZE, width=args.width, height=args.height)
+    write_inputs(prompt, values)
     for item in args.set:
         target, _, raw = item.partition("=")
         node_id, _, name = target.partition(".")

@@ -7,7 +7,7 @@ ComfyUI (where every model stays loaded once used):
   transformer at 1 byte per weight for the fp8 weight_dtypes and 2 for bf16/fp16;
 - the transformer's activations: per token (image tokens (H/16)(W/16) plus 512 text tokens, per image) about
   14 hidden-size vectors (the single block's fused projections: q, k, v, the 4x MLP, its output, the residual)
-  in 4 bytes, plus the step cache's two residuals per token with acceleration on;
+  in 4 bytes, plus the step cache's two residuals per image token with acceleration on (step_cache.cache_bytes);
 - pictures: the decoded images and an image-to-image input in float32, a few copies each (the autoencoder
   tiles its own work to what fits, so its activations are not counted).
 
@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from ..model_loader import ModelFileError, memory, open_checkpoint
-from ..nodes import host
-from ..sampling.parameters import IMAGE_SIZES, SIZE_MULTIPLE
+from ..nodes.host import host
+from ..sampling.parameters import IMAGE_SIZES, nearest_multiple
+from ..sampling.step_cache import cache_bytes
 from .runner import is_link
 
 TEXT_TOKENS = 512
@@ -83,8 +84,7 @@ def _image_size(path: object) -> tuple[int, int] | None:
             width, height = img.size
     except (OSError, ValueError):
         return None
-    round16 = lambda side: max(SIZE_MULTIPLE, (side + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE)  # noqa: E731
-    return round16(width), round16(height)
+    return nearest_multiple(width), nearest_multiple(height)  # as Krea Encode Image resizes it
 
 
 def estimate(prompt: Mapping[str, dict]) -> MemoryEstimate | None:
@@ -111,9 +111,11 @@ def estimate(prompt: Mapping[str, dict]) -> MemoryEstimate | None:
         if size is None or not isinstance(batch, int):
             continue
         width, height = size
-        tokens = batch * ((width // 16) * (height // 16) + TEXT_TOKENS)
-        cache = 2 if inputs.get("acceleration", "none") != "none" else 0
-        activations = max(activations, tokens * (hidden or 3072) * (ACTIVATION_VECTORS + cache) * 4)
+        image_tokens = (width // 16) * (height // 16)
+        tokens = batch * (image_tokens + TEXT_TOKENS)
+        cached = cache_bytes(batch, image_tokens, hidden or 3072) if inputs.get("acceleration", "none") != "none" \
+            else 0
+        activations = max(activations, tokens * (hidden or 3072) * ACTIVATION_VECTORS * 4 + cached)
         pictures = max(pictures, PICTURE_COPIES * batch * width * height * 4 * 4)
         summaries.append(f"{batch} image{'s' if batch > 1 else ''} of {width}x{height}")
     if not summaries:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..nodes.host.comfyui_errors import node_problems
 from .runner import WorkflowError
 
 
@@ -38,21 +39,13 @@ class ServerRun:
         return f"{scheme}{self.url[self.url.index(':'):]}/ws?clientId={self.client_id}"
 
 
-def problem_text(problem: dict) -> str:
-    """One of ComfyUI's validation errors: {"message": "Value 99 bigger than max of 50", "details":
-    "num_inference_steps"} -> "num_inference_steps: Value 99 bigger than max of 50"."""
-    message, details = problem.get("message", ""), problem.get("details", "")
-    return f"{details}: {message}" if details and message and details not in message else (details or message)
-
-
 def node_error_lines(answer: dict, prompt: Mapping[str, dict]) -> list[str]:
-    """A 400 answer of POST /prompt as one readable line per problem."""
+    """A 400 answer of POST /prompt as one readable line per problem (each once, under the input it is about)."""
     lines = []
     error = answer.get("error") or {}
-    for node_id, entry in (answer.get("node_errors") or {}).items():
-        title = prompt.get(node_id, {}).get("_meta", {}).get("title") or entry.get("class_type", "")
-        for problem in entry.get("errors", []):
-            lines.append(f"node {node_id} ({title}): {problem_text(problem)}")
+    for problem in node_problems(answer.get("node_errors") or {}):
+        title = prompt.get(problem.node_id, {}).get("_meta", {}).get("title") or problem.class_type
+        lines.append(f"node {problem.node_id} ({title}): {problem.text}")
     if not lines and error:
         message = error.get("message", "the server refused the workflow")
         lines.append(f"{message}: {error.get('details', '')}".rstrip(": "))

@@ -2,20 +2,18 @@
 
 It validates every input the way ComfyUI's executor does (required inputs, links, types, min/max,
 combo lists, VALIDATE_INPUTS) before any node runs, so a bad value is refused before a model loads,
-then runs the nodes that the output nodes depend on, in dependency order.
+then runs the nodes that the output nodes depend on, in dependency order. `check` validates once and gives a
+CheckedPrompt, which `run` takes without validating it again.
 """
 from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ..image_io.load import image_file_problem, load_image_file
+from ..sampling.parameters import number_problem
 
 log = logging.getLogger(__name__)
 
@@ -24,31 +22,11 @@ class WorkflowError(ValueError):
     """The workflow cannot run as given; the message lists every problem found."""
 
 
-class LoadImage:
-    """Stand-in for ComfyUI's core LoadImage node (IMAGE, MASK) so image-to-image workflows run here too."""
-    RETURN_TYPES = ("IMAGE", "MASK")
-    FUNCTION = "load_image"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"image": ("STRING", {})}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image: str | None = None) -> bool | str:
-        # Before any model loads: the file is there, is an image, decodes completely and is within limits.
-        if image is None:
-            return True
-        if not isinstance(image, str):
-            return f"image must be the path of an image file, got {image!r}"
-        problem = image_file_problem(Path(image))
-        return f"image: {problem} (give the input image with --image)" if problem else True
-
-    def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        path = Path(image)
-        problem = image_file_problem(path)
-        if problem:
-            raise ValueError(f"LoadImage: {problem} (give the input image with --image).")
-        return load_image_file(path)
+@dataclass(frozen=True)
+class CheckedPrompt:
+    """A prompt that passed `validate` with these node classes."""
+    prompt: Mapping[str, dict]
+    classes: Mapping[str, type]
 
 
 def is_link(value: Any) -> bool:
@@ -61,17 +39,8 @@ def _check_constant(name: str, value: Any, spec: tuple) -> str | None:
     if isinstance(kind, list):
         return None if value in kind else f"{name}: {value!r} is not one of {kind[:20]}"
     if kind in ("INT", "FLOAT"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{name}: {value!r} is not a number"
-        if not math.isfinite(value):
-            return f"{name}: {value!r} is not a finite number"
-        if kind == "INT" and not isinstance(value, int):
-            # Integers stay integers end to end (a float cannot hold every seed up to 2^64 - 1).
-            return f"{name}: {value!r} is not an integer (write it without a decimal point)"
-        if "min" in options and value < options["min"]:
-            return f"{name}: {value} is smaller than the minimum {options['min']}"
-        if "max" in options and value > options["max"]:
-            return f"{name}: {value} is bigger than the maximum {options['max']}"
+        # Integers stay integers end to end (a float cannot hold every seed up to 2^64 - 1).
+        return number_problem(name, value, options.get("min"), options.get("max"), whole=kind == "INT")
     elif kind == "BOOLEAN" and not isinstance(value, bool):
         return f"{name}: {value!r} is not a boolean"
     elif kind == "STRING" and not isinstance(value, str):
@@ -104,9 +73,9 @@ def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[st
         spec = cls.INPUT_TYPES()
         inputs = node.get("inputs", {})
         required, optional = spec.get("required", {}), spec.get("optional", {})
-        check = getattr(cls, "VALIDATE_INPUTS", None)
+        custom_check = getattr(cls, "VALIDATE_INPUTS", None)
         # As ComfyUI does: inputs that VALIDATE_INPUTS takes are checked by it alone.
-        custom_checked = set(inspect.signature(check).parameters) if check is not None else set()
+        custom_checked = set(inspect.signature(custom_check).parameters) if custom_check is not None else set()
         constants: dict[str, Any] = {}
         for name, input_spec in {**required, **optional}.items():
             if name not in inputs:
@@ -122,11 +91,12 @@ def validate(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[st
             problem = None if name in custom_checked else _check_constant(name, value, input_spec)
             if problem:
                 errors.append(f"{where}: {problem}")
-        if check is not None:
+        if custom_check is not None:
             # As ComfyUI does: a linked input is passed as None (its value is known only at run time).
-            result = check(**{k: constants.get(k) for k in custom_checked if k in inputs})
-            if result is not True:
-                errors.append(f"{where}: {result}")
+            result = custom_check(**{k: constants.get(k) for k in custom_checked if k in inputs})
+            if result is not True:  # the pack's nodes give one problem a line
+                errors += [f"{where}: {line}" for line in str(result).splitlines() if line.strip()] or \
+                    [f"{where}: {result}"]
     return errors
 
 
@@ -155,13 +125,23 @@ def _order(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> list[str]
     return order
 
 
-def run(prompt: Mapping[str, dict], classes: Mapping[str, type], extra_pnginfo: dict | None = None,
-        on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
-    """Validate, then run; returns the `ui` dicts of the nodes that gave one, by node id. `on_node(id, class)`
-    is told as each node starts."""
+def check(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> CheckedPrompt:
+    """The prompt, validated; WorkflowError listing every problem."""
     errors = validate(prompt, classes)
     if errors:
         raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(errors))
+    return CheckedPrompt(prompt, classes)
+
+
+def run(prompt: Mapping[str, dict] | CheckedPrompt, classes: Mapping[str, type] | None = None,
+        extra_pnginfo: dict | None = None, on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
+    """Run a CheckedPrompt, or validate a prompt with `classes` and run it; returns the `ui` dicts of the nodes
+    that gave one, by node id. `on_node(id, class)` is told as each node starts."""
+    if not isinstance(prompt, CheckedPrompt):
+        if classes is None:
+            raise TypeError("run() needs the node classes to validate a prompt with")
+        prompt = check(prompt, classes)
+    prompt, classes = prompt.prompt, prompt.classes
     results: dict[str, tuple] = {}
     uis: dict[str, dict] = {}
     for node_id in _order(prompt, classes):

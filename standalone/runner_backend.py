@@ -2,10 +2,13 @@
 
 The aiohttp event loop takes requests; this thread runs them in order. A queued request that is cancelled is
 ended at once; a running one is stopped through the host's interrupt event before the next transformer block.
-Progress reaches the request's logs as "step k/N" lines, each node's start as "running <node type>".
+Progress reaches the request's logs as "step k/N" lines, each node's start as "running <node type>". A request's
+input image reaches the workflow's LoadImage as the protocol decoded it, and its workflow is validated once, when
+it is submitted.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -13,16 +16,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from ..nodes import NODE_CLASS_MAPPINGS, host
-from ..standalone.runner import LoadImage, WorkflowError, run, validate
-from .jobs import CANCELLED, Job
-from .routes import WorkflowRefused
-from .workflow import finish
+from ..fal_api.backend import WorkflowRefused
+from ..fal_api.image_input import InputImage
+from ..fal_api.jobs import CANCELLED, Job
+from ..fal_api.workflow import finish
+from ..nodes.host import Interrupted, standalone_host
+from .node_classes import PACK_CLASSES, decoded_image_loader
+from .runner import CheckedPrompt, WorkflowError, run, validate
 
 log = logging.getLogger(__name__)
-
-CLASSES = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
 
 
 class RunnerBackend:
@@ -31,23 +35,29 @@ class RunnerBackend:
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
         self.interrupt = threading.Event()
-        self._waiting: queue.Queue[tuple[Job, dict] | None] = queue.Queue()
+        self._images: dict[str, Image.Image] = {}  # LoadImage's value -> the request's decoded image
+        self._names = itertools.count()
+        self.classes = {**PACK_CLASSES, "LoadImage": decoded_image_loader(self._images)}
+        self._waiting: queue.Queue[tuple[Job, CheckedPrompt] | None] = queue.Queue()
         self._order: list[str] = []  # ids of waiting jobs, oldest first
         self._running: Job | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="krea-fal-runner", daemon=True)
         self._thread.start()
 
-    def image_reference(self, path: Path) -> str:
-        return str(path)
+    def image_reference(self, job: Job, image: InputImage) -> str:
+        name = f"fal-input-{next(self._names)}"
+        self._images[name] = image.image
+        job.on_end(lambda: self._images.pop(name, None))
+        return name
 
     async def submit(self, job: Job, prompt: dict) -> None:
-        problems = validate(prompt, CLASSES)  # the models are there and of the right kind, before it waits
+        problems = validate(prompt, self.classes)  # the models are there and of the right kind, before it waits
         if problems:
             raise WorkflowRefused("; ".join(problems))
         with self._lock:
             self._order.append(job.id)
-        self._waiting.put((job, prompt))
+        self._waiting.put((job, CheckedPrompt(prompt, self.classes)))
 
     def position(self, job: Job) -> int | None:
         with self._lock:
@@ -85,19 +95,19 @@ class RunnerBackend:
                 with self._lock:
                     self._running = None
 
-    def _run(self, job: Job, prompt: dict) -> None:
+    def _run(self, job: Job, prompt: CheckedPrompt) -> None:
         job.start()
 
         def on_step(step: int, total: int, x0: torch.Tensor) -> None:
             job.log(f"step {step}/{total}")
 
-        host.configure_standalone(output_dir=self.output_dir, progress=on_step, interrupt=self.interrupt)
+        standalone_host().configure(output_dir=self.output_dir, progress=on_step, interrupt=self.interrupt)
         started = time.perf_counter()
         try:
-            uis = run(prompt, CLASSES, on_node=lambda node_id, kind: job.log(f"running {kind} (node {node_id})"))
-            finish(job, prompt, uis, self.output_dir, time.perf_counter() - started)
+            uis = run(prompt, on_node=lambda node_id, kind: job.log(f"running {kind} (node {node_id})"))
+            finish(job, prompt.prompt, uis, self.output_dir, time.perf_counter() - started)
             job.log("done")
-        except host.Interrupted:
+        except Interrupted:
             job.complete(error="the request was cancelled while it ran", error_type=CANCELLED)
         except (WorkflowError, ValueError, OSError) as err:
             log.warning("fal request %s failed: %s", job.id, err)

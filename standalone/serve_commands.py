@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..fal_api.settings import DEFAULT_PORT, MAX_QUEUE, RETENTION_HOURS, ServiceSettings, api_key_from_env
+
 
 class OptionError(ValueError):
     """Options that do not go together (exit code 2)."""
@@ -15,7 +17,7 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                        description="Serves fal's protocol over the in-process runner, one request at a time. "
                                    "Set KREA_FAL_API_KEY to require 'Authorization: Key <it>'.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8443, help="port (default: 8443)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     s.add_argument("--models", type=Path, default=None, help="models folder with ComfyUI's layout (as for run)")
     s.add_argument("--output", type=Path, default=Path("output"),
                    help="where result images (fal/) and uploads (fal-uploads/) go (default: ./output)")
@@ -25,23 +27,24 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     s.add_argument("--allow-remote-images", action="store_true",
                    help="fetch image_url from other hosts (never from loopback, private or link-local addresses)")
-    s.add_argument("--max-queue", type=int, default=32,
-                   help="requests waiting or running at most; more are answered 503 (default: 32)")
-    s.add_argument("--retention-hours", type=float, default=24.0,
-                   help="how long results, uploads and request records stay available (default: 24)")
+    s.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help=f"requests waiting or running at most; more are answered 503 (default: {MAX_QUEUE})")
+    s.add_argument("--retention-hours", type=float, default=RETENTION_HOURS,
+                   help=f"how long results, uploads and request records stay available (default: {RETENTION_HOURS:g})")
     s.add_argument("-v", "--verbose", action="store_true")
     c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
     c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
                                             "existing files)")
     c.add_argument("--name", action="append", default=None, metavar="HOST",
                    help="a host name or IP the certificate is for (repeatable; default: localhost, 127.0.0.1, ::1)")
-    c.add_argument("--port", type=int, default=8443, help="the port shown in the settings printed (default: 8443)")
+    c.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"the port shown in the settings printed (default: {DEFAULT_PORT})")
     c.add_argument("--prefix", default="", help="'/fal' for ComfyUI's routes (in the settings printed)")
 
 
 def serve_command(args: argparse.Namespace) -> int:
     try:
-        from ..fal_api.server import ServeOptions, api_key_from_env, serve, tls_context
+        from .fal_server import ServeOptions, serve, tls_context
     except ImportError as err:
         raise OptionError(f"serve needs aiohttp and pydantic ({err}): pip install -e '.[serve]'") from None
 
@@ -52,15 +55,15 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.demo and (args.models is not None or args.tokenizers is not None):
         raise OptionError("--demo builds its own models and tokenizers: leave out --models and --tokenizers")
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers,
-                           retention_hours=args.retention_hours, max_queue=args.max_queue,
-                           allow_remote_images=args.allow_remote_images, api_key=api_key_from_env())
+    service = ServiceSettings(retention_hours=args.retention_hours, max_queue=args.max_queue,
+                              allow_remote_images=args.allow_remote_images, api_key=api_key_from_env())
+    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, service=service)
     serve(options, args.host, args.port, tls, args.demo)
     return 0
 
 
 def make_cert_command(args: argparse.Namespace) -> int:
-    from ..fal_api.certificates import DEFAULT_HOSTS, client_settings, make_certificates
+    from .certificates import DEFAULT_HOSTS, client_settings, make_certificates
 
     hosts = tuple(args.name) if args.name else DEFAULT_HOSTS
     certs = make_certificates(args.folder, hosts=hosts)

@@ -8,7 +8,6 @@ constants and `rel_err` with `from conftest import ...` (pytest puts this folder
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import ModuleType
 
 import pytest
 import torch
@@ -17,8 +16,7 @@ from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig
 from comfyui_krea.model_loader.flux import FluxConfig
 from comfyui_krea.model_loader.safety_checker import SafetyCheckerConfig
 from comfyui_krea.model_loader.text_encoders import CLIPTextConfig, T5EncoderConfig
-from comfyui_krea.nodes import host
-from comfyui_krea.nodes.handles import forget_loaded
+from comfyui_krea.nodes.host import StandaloneHost, forget_loaded, standalone_host
 
 # FLUX.1-dev's shape (64 latent channels in, guidance embedding, both kinds of block) at width 32: 2 heads of
 # 16, rotary axes (4, 6, 6) summing to the head width.
@@ -42,13 +40,14 @@ def rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def host_state() -> Iterator[ModuleType]:
-    """The host module, with its standalone settings (folders, progress reporter) and the loaded-model cache
-    put back as they were when the test ends: tests configure folders of their own and load models from them."""
-    saved = host.standalone_settings()
+def host_state() -> Iterator[StandaloneHost]:
+    """The standalone host, with its settings (folders, progress reporter) and the loaded-model cache put back as
+    they were when the test ends: tests configure folders of their own and load models from them."""
+    host = standalone_host()
+    saved = host.settings()
     forget_loaded()
     yield host
-    host.restore_standalone(saved)
+    host.restore(saved)
     forget_loaded()
 
 

@@ -241,7 +241,7 @@ def test_queueing_from_the_page_makes_the_image_and_the_badges(name, browser):
 
     shots = [Path(p) for p in entry["screenshots"]]
     assert [p.name for p in shots] == [f"{name}-{state}.png" for state in (
-        "1-loaded", "2-ran", "3-changed", "4-pasted", "5-paste-dialog", "6-unmapped-fields")]
+        "1-loaded", "2-ran", "3-changed", "4-pasted", "5-paste-dialog", "6-unmapped-fields", "7-refused")]
     assert all(p.stat().st_size > 10_000 for p in shots)
 
 
@@ -290,6 +290,13 @@ def test_paste_names_the_fields_it_cannot_map(name, browser):
     assert entry["unmappedValues"]["KreaTextEncode"]["prompt"] == "a red fox in the snow"
     assert entry["unmappedValues"]["KreaSampler"]["guidance_scale"] == 3.5
     assert any("image_url" in toast and "sync_mode" in toast for toast in entry["toasts"]), entry["toasts"]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_a_refused_prompt_names_each_problem_once(name, browser):
+    text = browser["report"]["workflows"][name]["refusal"]
+    assert text.count("width must be a multiple of 16 between 16 and 14142, got 1000") == 1, text
+    assert "KreaSampler" in text
 
 
 def test_the_extension_raised_no_errors_or_warnings(browser):

@@ -202,3 +202,28 @@ def test_hostile_names_are_refused_at_validation_and_saves_never_replace(tmp_pat
     valid, errors = result["prefix"]
     assert not valid and "filename_prefix '../escape/x' cannot be used" in errors
     assert result["saved"] == ["r_00001_.png", "r_00002_.png"] and result["files"] == result["saved"]
+
+
+def test_each_validation_problem_is_read_once_under_the_input_it_is_about(tmp_path_factory):
+    """ComfyUI 0.3.64 attaches the text a VALIDATE_INPUTS returns to every input the function takes; the nodes
+    give one problem a line, starting with its input, and the pack's readers of node_errors (the fal routes inside
+    ComfyUI, `run --server`) list each problem once, under that input."""
+    result = scenario("validation_messages", tmp_path_factory)
+    raw, problems = result["no_models"]["raw"], result["no_models"]["problems"]
+    loader_inputs = ["model_name", "clip_name", "t5_name", "vae_name"]
+    assert [error[1] for error in raw["1"]] == loader_inputs  # ComfyUI: the loader's one text under all four
+    assert len({error[2].split(" - ", 1)[1] for error in raw["1"]}) == 1
+    loader = [p for p in problems if p[0] == "1"]
+    assert [p[1] for p in loader] == loader_inputs  # the reader: one problem each, under its own input
+    for (_, name, text) in loader:
+        assert text.startswith(f"{name}: Model file ") and "not found" in text and text.count("not found") == 1
+    checker = [p for p in problems if p[0] == "5"]
+    assert len(checker) == 1 and checker[0][1] == "checker_name" and "no NSFW classifier" in checker[0][2]
+    raw, problems = result["bad_values"]["raw"], result["bad_values"]["problems"]
+    # ComfyUI: the sampler's one text (both problems) under each of the four inputs its check takes
+    assert [error[1] for error in raw["3"]] == ["width", "height", "guidance_scale", "strength"]
+    assert len({error[2].split(" - ", 1)[1] for error in raw["3"]}) == 1
+    sampler = {p[1]: p[2] for p in problems if p[0] == "3"}
+    assert set(sampler) == {"width", "guidance_scale"}  # height is fine: nothing is said under it
+    assert sampler["width"].startswith("width must be a multiple of 16") and "1000" in sampler["width"]
+    assert sampler["guidance_scale"] == "guidance_scale: nan is not a finite number"

@@ -3,9 +3,9 @@ the report badges, on the shipped workflows.
 
 The graph is the shipped UI workflow behind the LiteGraph node interface the module uses (widgets by name, inputs,
 outputs, getInputNode, getOutputNodes), the widget names and node definitions come from the nodes' INPUT_TYPES (what
-GET /object_info serves), and the oracle for a copied request is the pack's own fal server side: fal_api.schema
-accepts it and fal_api.workflow turns it back into the same widget values. The browser test (tests/test_browser.py)
-runs the same module inside ComfyUI's frontend.
+GET /object_info serves), and the oracle for a copied request is the pack's own fal server side: the endpoint's
+schema accepts it and fal_api.workflow turns it back into the same widget values; the field table is
+fal_api/fields.py's. The browser test (tests/test_browser.py) runs the same module inside ComfyUI's frontend.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from comfyui_krea import NODE_CLASS_MAPPINGS
-from comfyui_krea.fal_api import schema
+from comfyui_krea.fal_api import endpoints, fields
+from comfyui_krea.fal_api.endpoints import ENDPOINTS
 from comfyui_krea.fal_api.workflow import workflow_for
 from comfyui_krea.sampling import parameters
 
@@ -118,12 +119,16 @@ def widgets_of(workflow: dict, class_type: str) -> dict:
 
 def test_the_tables_are_the_packs(tmp_path):
     got = run("return {sizes: fal.IMAGE_SIZES, custom: fal.CUSTOM_SIZE, multiple: fal.SIZE_MULTIPLE, "
-              "maxSide: fal.MAX_SIDE, prompt: fal.MAX_PROMPT_CHARS, t2i: fal.TEXT_TO_IMAGE, i2i: fal.IMAGE_TO_IMAGE}",
-              tmp_path)
+              "maxSide: fal.MAX_SIDE, prompt: fal.MAX_PROMPT_CHARS, t2i: fal.TEXT_TO_IMAGE, i2i: fal.IMAGE_TO_IMAGE, "
+              "fields: Object.fromEntries(Object.entries(fal.FIELDS).map(([k, f]) => "
+              "[k, [fal.ROLE_NODES[f.role], f.widget]])), unmapped: Object.keys(fal.UNMAPPED).sort()}", tmp_path)
+    in_graph = {k: [p.node, p.input] for k, p in fields.FIELD_INPUTS.items() if p.node != fields.LOAD_IMAGE}
     assert got == {"sizes": {k: list(v) for k, v in parameters.IMAGE_SIZES.items()},
                    "custom": parameters.CUSTOM_SIZE, "multiple": parameters.SIZE_MULTIPLE,
-                   "maxSide": parameters.MAX_SIDE, "prompt": schema.MAX_PROMPT_CHARS,
-                   "t2i": schema.TEXT_TO_IMAGE, "i2i": schema.IMAGE_TO_IMAGE}
+                   "maxSide": parameters.MAX_SIDE, "prompt": parameters.MAX_PROMPT_CHARS,
+                   "t2i": endpoints.TEXT_TO_IMAGE, "i2i": endpoints.IMAGE_TO_IMAGE, "fields": in_graph,
+                   # the image comes from the Load Image node's file, which a paste cannot set
+                   "unmapped": sorted({*fields.UNMAPPED, "image_url"})}
 
 
 def test_input_specs_read_both_combo_spellings(tmp_path):
@@ -153,12 +158,14 @@ def test_copy_is_a_request_the_fal_server_turns_back_into_the_same_widgets(name,
                  "output_format": widgets_of(workflow, "KreaSaveImage")["output_format"]}
     assert got["body"] == expected
     assert list(got["body"]) == list(expected)  # fal's field order, as its docs list them
-    assert got["endpoint"] == (schema.IMAGE_TO_IMAGE if image_to_image else schema.TEXT_TO_IMAGE)
+    assert got["endpoint"] == (endpoints.IMAGE_TO_IMAGE if image_to_image else endpoints.TEXT_TO_IMAGE)
     assert any("image_url" in note for note in got["notes"]) == image_to_image
 
     body = dict(got["body"], **({"image_url": "https://example.invalid/a.png"} if image_to_image else {}))
-    arguments = schema.parse_input(got["endpoint"], body)  # the pack's fal server accepts it as it is
-    api = workflow_for(arguments, body["seed"], "request", image="input.png" if image_to_image else None)
+    endpoint = ENDPOINTS[got["endpoint"]]
+    arguments = endpoint.parse(body)  # the pack's fal server accepts it as it is
+    api = workflow_for(endpoint, arguments, body["seed"], "request",
+                       {"image_url": "input.png"} if image_to_image else None)
     by_type = {node["class_type"]: node["inputs"] for node in api.values()}
     for key, value in sampler.items():
         if key in by_type["KreaSampler"] and key not in ("width", "height"):  # unused by a preset or an image
@@ -180,8 +187,8 @@ def test_custom_size_and_a_graph_without_safety_check_or_save(tmp_path):
     assert got["body"]["enable_safety_checker"] is False  # fal would check; this graph does not
     assert "output_format" not in got["body"]
     assert any("Safety Check" in note for note in got["notes"]) and any("Save Image" in note for note in got["notes"])
-    arguments = schema.parse_input(schema.TEXT_TO_IMAGE, got["body"])
-    api = workflow_for(arguments, 1, "request")
+    endpoint = ENDPOINTS[endpoints.TEXT_TO_IMAGE]
+    api = workflow_for(endpoint, endpoint.parse(got["body"]), 1, "request")
     inputs = next(n["inputs"] for n in api.values() if n["class_type"] == "KreaSampler")
     assert (inputs["image_size"], inputs["width"], inputs["height"]) == ("custom", 64, 48)
 

@@ -1,10 +1,15 @@
 // The Krea nodes in ComfyUI's editor: the sampler shows the size it will make, the sampler and the safety check
-// show their last reports as compact badges under the node, and the sampler's context menu copies its settings as
-// a fal request or pastes one onto the widgets. Built on the documented extension API only: app.registerExtension
-// with its hooks (beforeConfigureGraph, beforeRegisterNodeDef, getNodeMenuItems) and the node hooks onExecuted,
-// onDrawForeground and getExtraMenuOptions (the menu hook of frontends older than getNodeMenuItems).
-// The mapping itself is in krea_fal.js (pure, tested under Node).
+// show their last reports as compact badges under the node, the sampler's context menu copies its settings as
+// a fal request or pastes one onto the widgets, and a refused prompt lists each problem of a Krea node once.
+// Built on the documented extension API (app.registerExtension with its hooks beforeConfigureGraph,
+// beforeRegisterNodeDef, getNodeMenuItems and setup; the node hooks onExecuted, onDrawForeground and
+// getExtraMenuOptions, the menu hook of frontends older than getNodeMenuItems), with one exception: the frontend
+// has no hook for a refused prompt, so setup wraps api.queuePrompt to rewrite the Krea nodes' node_errors before
+// the frontend shows them (anything else passes through untouched). The mapping itself is in krea_fal.js and the
+// error rule in krea_errors.js (pure, tested under Node).
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
+import { distinctNodeErrors } from "./krea_errors.js";
 import { migrateModelType } from "./krea_migrate.js";
 import {
   SAFETY_CHECK,
@@ -218,6 +223,29 @@ app.registerExtension({
       const result = getExtraMenuOptions?.apply(this, arguments);
       if (!menuHookCalled) options.push(null, ...falMenuItems(this));
       return result;
+    };
+  },
+});
+
+// ---- refused prompts ----
+
+const isPackNode = (type) => String(type ?? "").startsWith("Krea");
+
+app.registerExtension({
+  name: "krea.validation_messages",
+  // ComfyUI lists a node's check text under every input the check takes: each Krea problem once, under its input.
+  async setup() {
+    const queuePrompt = api.queuePrompt;
+    if (typeof queuePrompt !== "function") return;
+    api.queuePrompt = async function (...args) {
+      try {
+        const response = await queuePrompt.apply(this, args);
+        if (response?.node_errors) distinctNodeErrors(response.node_errors, isPackNode);
+        return response;
+      } catch (error) {
+        if (error?.response?.node_errors) distinctNodeErrors(error.response.node_errors, isPackNode);
+        throw error;
+      }
     };
   },
 });

@@ -15,9 +15,9 @@ export const IMAGE_SIZES = Object.freeze({
   landscape_16_9: [1024, 576],
 });
 export const CUSTOM_SIZE = "custom";
-export const SIZE_MULTIPLE = 16; // custom sides are rounded down to it, as the fal server does (fal_api/workflow.py)
+export const SIZE_MULTIPLE = 16; // custom sides are rounded down to it, as the fal server does (round_down_side)
 export const MAX_SIDE = 14142; // the longest custom side (sampling/parameters.py MAX_SIDE)
-export const MAX_PROMPT_CHARS = 20000; // fal_api/schema.py MAX_PROMPT_CHARS
+export const MAX_PROMPT_CHARS = 20000; // sampling/parameters.py MAX_PROMPT_CHARS
 export const TEXT_TO_IMAGE = "fal-ai/flux/krea";
 export const IMAGE_TO_IMAGE = "fal-ai/flux/krea/image-to-image";
 
@@ -27,8 +27,9 @@ export const SAFETY_CHECK = "KreaSafetyCheck";
 export const SAVE_IMAGE = "KreaSaveImage";
 const PASS_THROUGH = new Set(["Reroute"]); // the frontend's own routing node: followed, not a value holder
 
-// Where each fal field lives: the node (a role found from the sampler) and its widget.
-const FIELDS = {
+// Where each fal field lives: the node (a role found from the sampler) and its widget; the same places as the
+// Python table fal_api/fields.py FIELD_INPUTS (a test pins them).
+export const FIELDS = Object.freeze({
   prompt: { role: "encoder", widget: "prompt" },
   image_size: { role: "sampler", widget: "image_size" },
   num_inference_steps: { role: "sampler", widget: "num_inference_steps" },
@@ -39,13 +40,15 @@ const FIELDS = {
   strength: { role: "sampler", widget: "strength" },
   enable_safety_checker: { role: "safety", widget: "enable_safety_checker" },
   output_format: { role: "save", widget: "output_format" },
-};
-const ROLE_NODES = { encoder: TEXT_ENCODE, sampler: SAMPLER, safety: SAFETY_CHECK, save: SAVE_IMAGE };
+});
+export const ROLE_NODES = Object.freeze({
+  encoder: TEXT_ENCODE, sampler: SAMPLER, safety: SAFETY_CHECK, save: SAVE_IMAGE,
+});
 // fal fields that have no widget, and why (a paste lists them, changing nothing for them).
-const UNMAPPED = {
+export const UNMAPPED = Object.freeze({
   image_url: "the input image comes from the Load Image node: load the file there",
   sync_mode: "how fal hands back the result; a graph has no such setting",
-};
+});
 
 // ---- node definitions (GET /object_info entries, what beforeRegisterNodeDef receives) ----
 

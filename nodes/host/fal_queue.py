@@ -10,55 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+from collections.abc import Callable
 from pathlib import Path
 
-from ...fal_api.jobs import CANCELLED, Job, JobStore
-from ...fal_api.routes import API_KEY_ENV, FalService, WorkflowRefused, add_fal_routes
-from ...fal_api.storage import Uploads
+import execution  # type: ignore[import-not-found]
+import folder_paths  # type: ignore[import-not-found]
+import nodes as comfy_nodes  # type: ignore[import-not-found]  (ComfyUI's nodes module, not the pack's)
+from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
+
+from ...fal_api.backend import WorkflowRefused
+from ...fal_api.image_input import InputImage
+from ...fal_api.jobs import CANCELLED, Job
+from ...fal_api.routes import FalService, add_fal_routes
+from ...fal_api.settings import ServiceSettings
 from ...fal_api.workflow import finish
-from . import add_step_listener
+from .comfyui_errors import refusal_text
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/fal"
-RETENTION_ENV, MAX_QUEUE_ENV, REMOTE_ENV = "KREA_FAL_RETENTION_HOURS", "KREA_FAL_MAX_QUEUE", "KREA_FAL_REMOTE_IMAGES"
 WATCH_S = 0.1
-
-
-def problems_text(valid: tuple) -> str:
-    """ComfyUI's validation answer as one line per problem."""
-    error, node_errors = valid[1], valid[3]
-    lines = [f"{error.get('message', '')}: {error.get('details', '')}".strip(": ")] if error else []
-    for node_id, entry in (node_errors or {}).items():
-        for problem in entry.get("errors", []):  # {"message": "Value 99 bigger than max of 50", "details": input}
-            text = ": ".join(p for p in (problem.get("details"), problem.get("message")) if p)
-            lines.append(f"node {node_id} ({entry.get('class_type')}): {text}")
-    return "; ".join(lines) or "ComfyUI refused the workflow"
 
 
 class ComfyQueueBackend:
     """Puts fal workflows on ComfyUI's PromptQueue and follows them there."""
 
-    def __init__(self, server) -> None:
-        import folder_paths  # type: ignore[import-not-found]
-
+    def __init__(self, server, uploads_folder: Path) -> None:
         self.server = server
         self.output_dir = Path(folder_paths.get_output_directory())
         self.input_dir = Path(folder_paths.get_input_directory())
+        self.uploads_folder = uploads_folder  # inside input/, where ComfyUI's LoadImage reads the request images
         self._jobs: dict[str, tuple[Job, dict]] = {}
         self._seen: dict[str, set[str]] = {}  # request id -> the nodes whose start was logged
         self._watcher: asyncio.Task | None = None
 
-    def image_reference(self, path: Path) -> str:
+    def image_reference(self, job: Job, image: InputImage) -> str:
+        """ComfyUI's own LoadImage reads files: the bytes as a file in input/, removed when the job ends."""
+        path = image.write(self.uploads_folder)
+        job.on_end(lambda: path.unlink(missing_ok=True))
         return path.resolve().relative_to(self.input_dir.resolve()).as_posix()  # LoadImage reads input/<this>
 
     async def submit(self, job: Job, prompt: dict) -> None:
-        import execution  # type: ignore[import-not-found]
-
         valid = await execution.validate_prompt(job.id, prompt, None)
         if not valid[0]:
-            raise WorkflowRefused(problems_text(valid))
+            raise WorkflowRefused(refusal_text(valid[1], valid[3]))
         number = self.server.number
         self.server.number += 1
         self._jobs[job.id] = (job, prompt)
@@ -79,9 +74,7 @@ class ComfyQueueBackend:
             return
         running, _ = queue.get_current_queue_volatile()
         if any(item[1] == job.id for item in running):
-            import nodes  # type: ignore[import-not-found]
-
-            nodes.interrupt_processing()
+            comfy_nodes.interrupt_processing()
 
     async def _watch(self) -> None:
         """Until no fal job is left: their progress into logs, their end from ComfyUI's history."""
@@ -107,8 +100,6 @@ class ComfyQueueBackend:
         if not any(item[1] == job.id for item in running):
             return
         job.start()
-        from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
-
         registry = get_progress_state()
         if registry.prompt_id != job.id:
             return
@@ -119,7 +110,7 @@ class ComfyQueueBackend:
                 job.log(f"running {prompt.get(node_id, {}).get('class_type', 'node')} (node {node_id})")
 
     def on_step(self, prompt_id: str, step: int, total: int) -> None:
-        """Every sampler step of a fal request, from ComfyUI's worker thread (host.add_step_listener)."""
+        """Every sampler step of a fal request, from ComfyUI's worker thread (ComfyHost.add_step_listener)."""
         entry = self._jobs.get(prompt_id)
         if entry is not None:
             entry[0].start()
@@ -144,8 +135,9 @@ class ComfyQueueBackend:
                          error_type=error.get("exception_type", "execution_error"))
 
 
-def register_fal_routes() -> FalService | None:
-    """The protocol under /fal of the running ComfyUI server (None when there is no server: tests, scripts)."""
+def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int], None]], None]) -> FalService | None:
+    """The protocol under /fal of the running ComfyUI server (None when there is no server: tests, scripts);
+    `add_step_listener` is the ComfyUI host's, which tells the backend of every sampler step."""
     try:
         from server import PromptServer  # type: ignore[import-not-found]
     except ImportError:
@@ -153,16 +145,10 @@ def register_fal_routes() -> FalService | None:
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return None
-    import folder_paths  # type: ignore[import-not-found]
-
-    retention_s = float(os.environ.get(RETENTION_ENV, "24")) * 3600
-    uploads = Uploads(Path(folder_paths.get_input_directory()) / "fal-uploads", retention_s)
-    uploads.prepare()
-    service = FalService(backend=ComfyQueueBackend(server), uploads=uploads,
-                         jobs=JobStore(retention_s, int(os.environ.get(MAX_QUEUE_ENV, "32"))), prefix=PREFIX,
-                         api_key=os.environ.get(API_KEY_ENV) or None,
-                         allow_remote_images=os.environ.get(REMOTE_ENV, "") in ("1", "true", "yes"))
+    uploads_folder = Path(folder_paths.get_input_directory()) / "fal-uploads"
+    backend = ComfyQueueBackend(server, uploads_folder)
+    service = FalService.create(backend, uploads_folder, ServiceSettings.from_environment(), prefix=PREFIX)
     add_fal_routes(server.routes, service)
-    add_step_listener(service.backend.on_step)
+    add_step_listener(backend.on_step)
     log.info("fal protocol at %s (FAL_RUN_HOST=HOST:PORT%s)", PREFIX, PREFIX)
     return service

@@ -255,6 +255,20 @@ async function scenario(name, path) {
     delete navigator.clipboard.writeText;
   });
   step("unmapped");
+
+  // A width that is no multiple of 16: ComfyUI refuses the prompt, and its dialog names the problem (ComfyUI
+  // attaches the sampler's check text to width, height, guidance_scale and strength; the extension keeps one).
+  await clearToasts();
+  await setWidgets("KreaSampler", { image_size: "custom", width: 1000 });
+  await page.getByRole("button", { name: "Run", exact: true }).click();
+  const refusal = page.locator(".p-dialog", { hasText: "multiple of 16" }).first();
+  await refusal.waitFor({ state: "visible", timeout: 20000 });
+  entry.refusal = await refusal.innerText();
+  await screenshot(name, "7-refused");
+  await page.keyboard.press("Escape");
+  await refusal.waitFor({ state: "detached", timeout: 10000 }).catch(() => {});
+  await setWidgets("KreaSampler", SMALL);
+  step("refused");
 }
 
 try {

@@ -338,6 +338,34 @@ def hostile(work: Path) -> dict:
     return result
 
 
+def validation_messages(work: Path) -> dict:
+    """What ComfyUI's own validation gives for the shipped text-to-image workflow with no model files at all and
+    with a width that is not a multiple of 16 and a NaN guidance (raw node_errors), and what the pack's reader of
+    them (nodes/host/comfyui_errors.py) makes of it."""
+    import asyncio
+
+    import execution
+
+    from comfyui_krea.nodes.host.comfyui_errors import node_problems
+
+    for folder in ("diffusion_models", "text_encoders", "vae", "safety_checker"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(folder, str(work / folder), is_default=True)
+    comfy_nodes.NODE_CLASS_MAPPINGS.update(NODE_CLASS_MAPPINGS)
+    workflow = Path(__file__).resolve().parent.parent.parent / "workflows" / "api" / "krea_text_to_image.json"
+    result = {}
+    for name, changes in (("no_models", {}), ("bad_values", {"3": {"width": 1000, "image_size": "custom",
+                                                                     "guidance_scale": float("nan")}})):
+        prompt = json.loads(workflow.read_text())
+        for node_id, inputs in changes.items():
+            prompt[node_id]["inputs"].update(inputs)
+        node_errors = asyncio.run(execution.validate_prompt("1", prompt, None))[3]
+        raw = {node_id: [[e["type"], (e.get("extra_info") or {}).get("input_name"), e["details"]]
+                         for e in entry["errors"]] for node_id, entry in node_errors.items()}
+        result[name] = {"raw": raw, "problems": [[p.node_id, p.input, p.text] for p in node_problems(node_errors)]}
+    return result
+
+
 if __name__ == "__main__":
     name, workdir = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)

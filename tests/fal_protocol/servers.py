@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from comfyui_krea.fal_api.certificates import Certificates, make_certificates
+from comfyui_krea.standalone.certificates import Certificates, make_certificates
 
 PACK = Path(__file__).resolve().parent.parent.parent
 API_KEY = "test-key"

@@ -1,0 +1,35 @@
+"""What runs the workflows behind the protocol: the Backend interface the routes use, implemented by the
+standalone server's runner (standalone/runner_backend.py) and by ComfyUI's own queue (nodes/host/fal_queue.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from .image_input import InputImage
+from .jobs import Job
+
+
+class WorkflowRefused(Exception):
+    """The server cannot run the workflow (its models are missing, ...): the operator's problem, not the input's."""
+
+
+class Backend(Protocol):
+    output_dir: Path  # where the workflows' images are saved (results are served from there)
+
+    def image_reference(self, job: Job, image: InputImage) -> str:
+        """Hand `job`'s input image to the workflow: the value of its LoadImage node's `image` input. What it
+        takes to do so (a file, a held image) is given back when the job ends (`job.on_end`)."""
+        ...
+
+    async def submit(self, job: Job, prompt: dict) -> None:
+        """Validate the API `prompt` and queue it; raises WorkflowRefused."""
+        ...
+
+    def position(self, job: Job) -> int | None:
+        """Place among the waiting jobs (0: next); None when it does not wait."""
+        ...
+
+    def cancel(self, job: Job) -> None:
+        """Queued: removed and ended now; running: stopped within a step."""
+        ...

@@ -1,0 +1,35 @@
+"""The endpoints this server answers, one row each: fal's id -> the input schema, the shipped workflow it runs,
+and which of its fields name input images.
+
+A new fal endpoint is a new row (and, where no shipped workflow does what it asks, a new workflow); the routes, the
+queue, the status and result calls and the response are the same for every row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schema import FalInput, ImageToImageInput, TextToImageInput, parse_input
+
+APP = "fal-ai/flux"  # owner/alias: by-id queue calls (.../requests/<id>) drop the endpoint's sub-path
+TEXT_TO_IMAGE = "fal-ai/flux/krea"
+IMAGE_TO_IMAGE = "fal-ai/flux/krea/image-to-image"
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows" / "api"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str  # what the clients name: fal-ai/flux/krea
+    schema: type[FalInput]  # the request body
+    workflow: Path  # the shipped API workflow a request runs, with the request's values written in
+    image_fields: tuple[str, ...] = ()  # request fields that name an input image, fetched and checked first
+
+    def parse(self, body: object) -> FalInput:
+        """The validated request, or InputError (fal's 422)."""
+        return parse_input(self.schema, body)
+
+
+ENDPOINTS: dict[str, Endpoint] = {endpoint.id: endpoint for endpoint in (
+    Endpoint(TEXT_TO_IMAGE, TextToImageInput, WORKFLOWS / "krea_text_to_image.json"),
+    Endpoint(IMAGE_TO_IMAGE, ImageToImageInput, WORKFLOWS / "krea_image_to_image.json", image_fields=("image_url",)),
+)}

@@ -1,0 +1,142 @@
+"""The host inside ComfyUI: its folders (folder_paths), devices and memory management (comfy.model_management),
+progress bars and previews, save paths, --disable-metadata, and its HTTP server for fal's routes.
+
+Imported only when ComfyUI's modules are importable (nodes/host/__init__.py); with comfyui_models.py and
+fal_queue.py, the only code of the pack that imports ComfyUI.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management as model_management  # type: ignore[import-not-found]
+import comfy.utils as comfy_utils  # type: ignore[import-not-found]
+import folder_paths  # type: ignore[import-not-found]
+import torch
+
+from ...sampling.denoise import StepCallback
+from . import comfyui_models
+from .folders import MODEL_EXTENSIONS
+from .holding import UnderPatchers
+from .interface import Host, LoadedTransformer, WorkCallback
+
+StepListener = Callable[[str, int, int], None]  # (prompt id, step, total)
+
+
+class ComfyHost(Host):
+    """ComfyUI's answers; the models the handles load live under ModelPatchers that ComfyUI manages."""
+
+    def __init__(self) -> None:
+        self.models = UnderPatchers(comfyui_models.managed_model, comfyui_models.load_for_use, self.model_devices)
+        self._step_listeners: list[StepListener] = []
+        # Register models/safety_checker, keeping folders that extra_model_paths.yaml may have added already
+        # (those come with an empty extension set, which would list config.json files too).
+        paths = folder_paths.folder_names_and_paths.get("safety_checker", ([], set()))[0]
+        default = os.path.join(folder_paths.models_dir, "safety_checker")
+        folder_paths.folder_names_and_paths["safety_checker"] = (
+            [*paths, default] if default not in paths else paths, set(MODEL_EXTENSIONS))
+
+    # -- model files ---------------------------------------------------------------------------------------
+    def model_search_paths(self, folder: str) -> list[Path]:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+
+    def list_models(self, folder: str) -> list[str]:
+        return list(folder_paths.get_filename_list(folder))
+
+    def find_model(self, folder: str, name: str) -> Path | None:
+        found = folder_paths.get_full_path(folder, name)
+        return Path(found) if found is not None else None
+
+    def tokenizer_dir(self) -> Path | None:
+        return None
+
+    def shipped_tokenizer_dirs(self) -> dict[str, Path] | None:
+        comfy_dir = Path(comfy_utils.__file__).resolve().parent
+        return {"clip": comfy_dir / "sd1_tokenizer", "t5": comfy_dir / "text_encoders" / "t5_tokenizer"}
+
+    # -- devices -------------------------------------------------------------------------------------------
+    def torch_device(self) -> torch.device:
+        return model_management.get_torch_device()
+
+    def model_devices(self, kind: str) -> tuple[torch.device, torch.device]:
+        """ComfyUI's devices for its own models of that kind."""
+        return {
+            "text_encoder": (model_management.text_encoder_device(), model_management.text_encoder_offload_device()),
+            "vae": (model_management.vae_device(), model_management.vae_offload_device()),
+            "safety_checker": (model_management.get_torch_device(), model_management.unet_offload_device()),
+        }[kind]
+
+    def intermediate_device(self) -> torch.device:
+        return model_management.intermediate_device()
+
+    # -- progress and cancel -------------------------------------------------------------------------------
+    def throw_if_interrupted(self) -> None:
+        model_management.throw_exception_if_processing_interrupted()
+
+    def block_interrupt_check(self) -> Callable[[], None] | None:
+        return model_management.throw_exception_if_processing_interrupted
+
+    def progress_callback(self, total: int, node_id: str | None = None) -> StepCallback:
+        """A progress bar, a latent preview (when the server has previews on), the interrupt check and the step
+        listeners, once per step."""
+        import latent_preview  # type: ignore[import-not-found]
+        from comfy import latent_formats  # type: ignore[import-not-found]
+        from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
+
+        bar = comfy_utils.ProgressBar(total, node_id=node_id)
+        previewer = latent_preview.get_previewer(self.torch_device(), latent_formats.Flux())
+
+        def on_step(step: int, total_: int, x0: torch.Tensor) -> None:
+            self.throw_if_interrupted()
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
+            bar.update_absolute(step, total_, preview)
+            if self._step_listeners:
+                prompt_id = get_progress_state().prompt_id
+                for listener in self._step_listeners:
+                    listener(prompt_id, step, total_)
+
+        return on_step
+
+    def add_step_listener(self, listener: StepListener) -> None:
+        """`listener(prompt_id, step, total)` after every sampler step of the pack (the fal routes' logs)."""
+        if listener not in self._step_listeners:
+            self._step_listeners.append(listener)
+
+    def work_progress(self, total: int, node_id: str | None = None) -> WorkCallback:
+        bar = comfy_utils.ProgressBar(total, node_id=node_id)
+
+        def update(done: int, total_: int) -> None:
+            self.throw_if_interrupted()
+            bar.update_absolute(done, total_)
+
+        return update
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def output_directory(self) -> Path:
+        return Path(folder_paths.get_output_directory())
+
+    def save_image_path(self, filename_prefix: str, width: int, height: int) -> tuple[Path, str, int, str]:
+        # folder_paths.get_save_image_path refuses prefixes that leave the output folder.
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, str(self.output_directory()), width, height)
+        return Path(folder), filename, counter, subfolder
+
+    def metadata_enabled(self) -> bool:
+        from comfy.cli_args import args  # type: ignore[import-not-found]
+
+        return not args.disable_metadata
+
+    # -- the transformer -----------------------------------------------------------------------------------
+    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device) -> Any:
+        """A standard ModelPatcher, loaded now onto the offload device (ComfyUI's cache owns it)."""
+        return comfyui_models.transformer_model(path, weight_dtype)
+
+    def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
+        return comfyui_models.load_transformer(model, latent_shape, extra_bytes)
+
+    def register_routes(self) -> None:
+        from .fal_queue import register_fal_routes
+
+        register_fal_routes(self.add_step_listener)

@@ -1,0 +1,61 @@
+"""The node classes the server-less runner runs: the pack's nodes and a stand-in for ComfyUI's core LoadImage.
+
+`PACK_CLASSES` is what `run` and `serve` run workflows with. The fal server's runner hands each request's image
+over already decoded (`decoded_image_loader`), so that it is decoded once, when the request is checked.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..image_io.load import ImageFileError, image_and_mask, image_file_problem, load_image_file
+from ..nodes import NODE_CLASS_MAPPINGS
+
+
+class LoadImage:
+    """Stand-in for ComfyUI's core LoadImage node (IMAGE, MASK) so image-to-image workflows run here too."""
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image": ("STRING", {})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image: str | None = None) -> bool | str:
+        # Before any model loads: the file is there, is an image, decodes completely and is within limits.
+        if image is None:
+            return True
+        if not isinstance(image, str):
+            return f"image must be the path of an image file, got {image!r}"
+        problem = image_file_problem(Path(image))
+        return f"image: {problem} (give the input image with --image)" if problem else True
+
+    def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return load_image_file(Path(image))
+        except ImageFileError as err:
+            raise ValueError(f"LoadImage: {err} (give the input image with --image).") from None
+
+
+def decoded_image_loader(images: Mapping[str, Image.Image]) -> type:
+    """A LoadImage whose `image` input names one of `images` (decoded and checked already): validating it
+    decodes nothing, loading it only turns the decoded image into IMAGE and MASK."""
+
+    class LoadDecodedImage(LoadImage):
+        @classmethod
+        def VALIDATE_INPUTS(cls, image: str | None = None) -> bool | str:
+            if image is None or image in images:
+                return True
+            return f"image: {image!r} is not an image of this request"
+
+        def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return image_and_mask(images[image])
+
+    return LoadDecodedImage
+
+
+PACK_CLASSES: dict[str, type] = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
