@@ -45,7 +45,7 @@ PACKAGES: dict[str, list[str]] = {
     "sampling": ["sampling/schedule.py", "sampling/latents.py", "sampling/denoise.py", "sampling/step_cache.py",
                  "sampling/gpu_acceleration.py", "sampling/parameters.py",
                  "tests/test_schedule.py", "tests/test_pipeline_parity.py", "tests/test_step_cache.py",
-                 "tests/test_sampler_node.py", "tests/test_node_contract.py", "tests/test_mutants_sampling.py",
+                 "tests/test_sampler_node.py", "tests/test_node_contract.py", "tests/test_denoise_loop.py",
                  "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
                  "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "model_loader math": [
@@ -58,16 +58,22 @@ PACKAGES: dict[str, list[str]] = {
         "model_loader/operations.py", "model_loader/compute_dtypes.py",
         "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_transformer_contract.py",
         "tests/test_autoencoder.py", "tests/test_text_encoders.py", "tests/test_operations.py",
-        "tests/test_mutants_model_loader.py"],
+        "tests/test_flux_math.py", "tests/test_flux_layouts.py", "tests/test_weight_storage.py",
+        "tests/test_autoencoder_build.py", "tests/test_vae_tiling.py", "tests/test_text_encoder_loading.py",
+        "tests/test_wrong_files.py"],
     "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/model_files.py", "nodes/safety.py",
               "nodes/sampler.py", "nodes/text.py",
               # the node-level tests (tests/test_comfyui_host.py runs the pack in processes of its own, which
               # mutmut's mutants do not reach)
               "tests/test_node_contract.py", "tests/test_sampler_node.py", "tests/test_image_nodes.py",
-              "tests/test_safety_checker.py", "tests/test_end_to_end.py", "tests/test_hostile_input.py",
-              "tests/test_workflow_files.py", "tests/test_runner_and_cli.py", "tests/test_pipeline_parity.py",
-              "tests/test_mutants_sampling.py", "tests/test_pack_import.py", "tests/test_wrong_files.py",
-              "tests/test_checkpoints.py", "tests/test_mutants_nodes.py"],
+              "tests/test_save_image.py", "tests/test_safety_checker.py", "tests/test_safety_check_node.py",
+              "tests/test_end_to_end.py", "tests/test_hostile_input.py", "tests/test_workflow_files.py",
+              "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_pipeline_parity.py",
+              "tests/test_denoise_loop.py", "tests/test_schedule.py", "tests/test_step_cache.py",
+              "tests/test_pack_import.py", "tests/test_wrong_files.py", "tests/test_checkpoints.py",
+              "tests/test_node_inputs.py", "tests/test_node_messages.py", "tests/test_model_handles.py",
+              "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
+              "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "runner": ["standalone/runner.py"],
 }
 
