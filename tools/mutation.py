@@ -3,7 +3,7 @@
 Not part of the default test run: it runs the tests once per mutant and takes long (sampling: minutes;
 the model_loader math: about an hour on two cores).
 
-    .venv/bin/python bench/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
+    .venv/bin/python tools/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
                                        [--time-limit SECONDS] [--survivors] [--report]
 
 For each package it builds a work folder (default: .mutation/<package>/ in the checkout, git-ignored) holding
@@ -15,7 +15,7 @@ relative to the package (workflows/, ...) resolve inside it. The tracked sources
 Log and exception message arguments are not mutated (the work folder's mutmut configuration skips their lines):
 mutants that only change what an error or log line says are counted as equivalent as a class. So are mutants
 that only rewrite a tooltip's text (what the frontend shows on hover), told from each mutant's diff. The other
-equivalent mutants are listed, with the reason, in bench/mutation_equivalent.md; the score "excl. equivalent"
+equivalent mutants are listed, with the reason, in tools/mutation_equivalent.md; the score "excl. equivalent"
 leaves them out. Mutants listed there under a heading that says "second device" or "inside ComfyUI" are not
 equivalent: they change device moves, which only a machine with a GPU can tell apart, or code that runs only
 inside ComfyUI, whose host tests run the pack in processes of their own that mutmut's mutants do not reach.
@@ -78,7 +78,7 @@ PACKAGES: dict[str, list[str]] = {
 }
 
 ROOT = Path(__file__).resolve().parent.parent
-EQUIVALENT_LIST = ROOT / "bench" / "mutation_equivalent.md"
+EQUIVALENT_LIST = ROOT / "tools" / "mutation_equivalent.md"
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 IGNORE = shutil.ignore_patterns(".git", ".venv", ".mutation", "__pycache__", "*.egg-info", "models", "output",
                                 ".pytest_cache", ".ruff_cache")
@@ -209,7 +209,7 @@ def build_workdir(work: Path, files: list[str], tests: list[str], keep: bool) ->
 
 
 def read_equivalents() -> dict[str, str]:
-    """mutant id -> "equivalent" or "elsewhere", from the table rows of bench/mutation_equivalent.md that start
+    """mutant id -> "equivalent" or "elsewhere", from the table rows of tools/mutation_equivalent.md that start
     with a `mutant id` ("elsewhere": under a heading that says "second device" or "inside ComfyUI")."""
     found = {}
     kind = "equivalent"
