@@ -2,7 +2,7 @@
 and which of its fields name input images.
 
 A new fal endpoint is a new row (and, where no shipped workflow does what it asks, a new workflow); the routes, the
-queue, the status and result calls and the response are the same for every row.
+queue, the status and result calls (under each row's app) and the response are the same for every row.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .schema import FalInput, ImageToImageInput, TextToImageInput, parse_input
 
-APP = "fal-ai/flux"  # owner/alias: by-id queue calls (.../requests/<id>) drop the endpoint's sub-path
 TEXT_TO_IMAGE = "fal-ai/flux/krea"
 IMAGE_TO_IMAGE = "fal-ai/flux/krea/image-to-image"
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows" / "api"
@@ -24,6 +23,11 @@ class Endpoint:
     workflow: Path  # the shipped API workflow a request runs, with the request's values written in
     image_fields: tuple[str, ...] = ()  # request fields that name an input image, fetched and checked first
 
+    @property
+    def app(self) -> str:
+        """owner/alias (fal-ai/flux): the by-id queue calls (.../requests/<id>) name the app, not the endpoint."""
+        return "/".join(self.id.split("/")[:2])
+
     def parse(self, body: object) -> FalInput:
         """The validated request, or InputError (fal's 422)."""
         return parse_input(self.schema, body)
@@ -33,3 +37,4 @@ ENDPOINTS: dict[str, Endpoint] = {endpoint.id: endpoint for endpoint in (
     Endpoint(TEXT_TO_IMAGE, TextToImageInput, WORKFLOWS / "krea_text_to_image.json"),
     Endpoint(IMAGE_TO_IMAGE, ImageToImageInput, WORKFLOWS / "krea_image_to_image.json", image_fields=("image_url",)),
 )}
+APPS = frozenset(endpoint.app for endpoint in ENDPOINTS.values())

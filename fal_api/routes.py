@@ -32,7 +32,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .backend import Backend, WorkflowRefused
-from .endpoints import APP, ENDPOINTS
+from .endpoints import APPS, ENDPOINTS
 from .image_input import image_for
 from .jobs import CANCELLED, COMPLETED, Job, JobStore
 from .remote_fetch import fetch_image_bytes
@@ -108,7 +108,7 @@ class FalService:
             rest = segments[1:]
             if method == "POST":
                 return await self.submit(request, "/".join(rest))
-            if rest[:2] == APP.split("/") and len(rest) >= 4 and rest[2] == "requests":
+            if "/".join(rest[:2]) in APPS and len(rest) >= 4 and rest[2] == "requests":
                 return await self.request_call(request, rest[3], rest[4:], query)
             return json_error(404, f"no queue endpoint {'/'.join(rest)!r} (this server runs {', '.join(ENDPOINTS)})")
         if method == "POST":
@@ -127,7 +127,7 @@ class FalService:
         return f"{request.scheme}://{request.host}{self.prefix}"
 
     def queue_urls(self, job: Job) -> dict[str, str]:
-        url = f"{job.base_url}/queue/{APP}/requests/{job.id}"
+        url = f"{job.base_url}/queue/{ENDPOINTS[job.endpoint].app}/requests/{job.id}"
         return {"response_url": url, "status_url": url + "/status", "cancel_url": url + "/cancel"}
 
     async def accept(self, request: web.Request, endpoint_id: str) -> Job | web.Response:

@@ -158,7 +158,8 @@ class KreaSaveImage:
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
         # Before any work: the prefix stays inside the output folder and that folder can be written to.
-        # (Taking filename_prefix turns off ComfyUI's own string check for it, so that is done here too.)
+        # (ComfyUI turns the value into a string before this runs; the server-less runner does not, so the type
+        # is checked too.)
         if filename_prefix is None:  # linked: checked when the node runs
             return True
         if not isinstance(filename_prefix, str) or not filename_prefix.strip():

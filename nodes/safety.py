@@ -118,8 +118,9 @@ class KreaSafetyCheck:
         # Taking checker_name here turns off ComfyUI's combo check for it: a workflow saved where another
         # classifier was installed must still run with the check disabled. With the check enabled,
         # the classifier is looked for and its header read now, before any model loads; a name that leaves
-        # the model folder is refused either way. Taking enable_safety_checker turns off ComfyUI's own
-        # boolean check, so it is done here; threshold is taken because ComfyUI's own range check lets NaN
+        # the model folder is refused either way. enable_safety_checker says whether the classifier is needed
+        # (ComfyUI turns the value into a boolean before this runs, bool("yes") is True; the server-less runner
+        # does not, so its type is checked too); threshold is taken because ComfyUI's own range check lets NaN
         # through. One problem a line, each starting with its input (ComfyUI lists the text under every input
         # taken).
         problems = []

@@ -42,8 +42,9 @@ class KreaTextEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompt: str | None = None) -> bool | str:
-        # Taking prompt turns off ComfyUI's own string check for it, so it is done here, with what the
-        # tokenizers cannot take: text that is not valid Unicode, and sizes far beyond what is read.
+        # What the tokenizers cannot take: text that is not valid Unicode, and sizes far beyond what is read.
+        # (ComfyUI turns the value into a string before this runs; the server-less runner does not, so the type
+        # is checked too.)
         if prompt is None:  # linked: checked when the node runs
             return True
         problem = prompt_problem(prompt)

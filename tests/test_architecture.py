@@ -60,7 +60,13 @@ def _resolved(target: str, names: list[str], modules: dict[str, Path]) -> list[s
 
 
 def _layer(module: str) -> int:
-    return max(i for i, layer in enumerate(LAYERS) if module == layer or module.startswith(layer + "."))
+    """The index in LAYERS of the longest layer name the module is or lies in (nodes.host.x: nodes.host)."""
+    matches = [layer for layer in LAYERS if module == layer or module.startswith(layer + ".")]
+    return LAYERS.index(max(matches, key=len))
+
+
+def test_the_host_package_lies_below_the_nodes():
+    assert _layer("nodes.host.interface") < _layer("nodes.sampler") and _layer("nodes.host") < _layer("nodes")
 
 
 def test_no_import_runs_back_up_the_layers():

@@ -1,4 +1,5 @@
-"""The FLUX autoencoder: parity with diffusers' AutoencoderKL, both key layouts, tiling, file errors."""
+"""The FLUX autoencoder: parity with diffusers' AutoencoderKL, both key layouts, tiling, the memory estimate, what
+encode and decode take and return (float32 out of a bf16 VAE), its compute dtype, file errors."""
 from __future__ import annotations
 
 import re
@@ -257,6 +258,49 @@ def test_encode_rejects_sizes_off_the_grid(model):
         model.encode(torch.zeros(1, 3, 30, 32))
     with pytest.raises(ValueError, match="tile_size"):
         model.decode(torch.zeros(1, 16, 4, 4), tile_size=20)
+
+
+# --------------------------------------------------------------------- what encode and decode take and return
+
+@pytest.mark.parametrize("shape", [(1, 3, 0, 16), (1, 3, 16, 0), (1, 4, 16, 16), (3, 16, 16)])
+def test_encode_refuses_empty_or_misshaped_images(tiny_vae, shape):
+    with pytest.raises(ValueError, match="encode expects images|multiples of 8"):
+        tiny_vae.encode(torch.zeros(shape))
+
+
+def test_decode_refuses_latents_of_another_channel_count(tiny_vae):
+    with pytest.raises(ValueError, match="decode expects latents of shape"):
+        tiny_vae.decode(torch.zeros(1, TINY_AUTOENCODER.z_channels + 1, 4, 4))
+
+
+def test_encode_of_a_bf16_vae_takes_float32_images_and_returns_float32(tiny_vae):
+    import copy
+
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    half = copy.deepcopy(tiny_vae).to(torch.bfloat16)
+    out = half.encode(images)
+    assert out.dtype == torch.float32 and out.shape == (1, 16, 2, 2)
+    assert rel_err(out, tiny_vae.encode(images)) < 0.05
+
+
+def test_untiled_decode_of_a_bf16_vae_returns_float32(tiny_vae):
+    import copy
+
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+    out = copy.deepcopy(tiny_vae).to(torch.bfloat16).decode(latents)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 32, 32)
+    assert rel_err(out, tiny_vae.decode(latents)) < 0.05
+
+
+@pytest.mark.parametrize("available,bf16,device,expected", [
+    (True, True, "cuda", torch.bfloat16), (True, False, "cuda", torch.float32), (False, True, "cuda", torch.float32),
+    (True, True, "cpu", torch.float32), (True, True, "mps", torch.float32)])
+def test_autoencoder_computes_in_bf16_only_on_gpus_that_have_it(monkeypatch, available, bf16, device, expected):
+    from comfyui_krea.model_loader.compute_dtypes import autoencoder_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert autoencoder_compute_dtype(torch.device(device)) is expected
 
 
 def _save(tmp_path, name, state):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_krea import NODE_CLASS_MAPPINGS
 from comfyui_krea.standalone.cli import main, parse_args
 from comfyui_krea.standalone.demo import write_demo_models
-from comfyui_krea.standalone.runner import LoadImage, WorkflowError, run
+from comfyui_krea.standalone.node_classes import PACK_CLASSES
+from comfyui_krea.standalone.runner import WorkflowError, run
 
 ROOT = Path(__file__).resolve().parent.parent
-CLASSES = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+CLASSES = PACK_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def demo_models(tmp_path_factory):
 def demo(demo_models, tmp_path, host_state):
     """The demo models, with images going to tmp_path."""
     models, tokenizers = demo_models
-    host_state.configure_standalone(models_dir=models, output_dir=tmp_path, tokenizer_dir=tokenizers)
+    host_state.configure(models_dir=models, output_dir=tmp_path, tokenizer_dir=tokenizers)
     return demo_models
 
 
@@ -86,7 +86,7 @@ def test_image_to_image_workflow(demo, tmp_path):
 ])
 def test_bad_values_refused_before_any_model_loads(tmp_path, host_state, change, message):
     # No models at all: a refusal about the value proves nothing was loaded first.
-    host_state.configure_standalone(models_dir=tmp_path / "none", output_dir=tmp_path)
+    host_state.configure(models_dir=tmp_path / "none", output_dir=tmp_path)
     with pytest.raises(WorkflowError, match=message):
         run(load_workflow("krea_text_to_image", **change), CLASSES)
     assert not any(tmp_path.rglob("*.jpg"))

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("cryptography")
 httpx = pytest.importorskip("httpx")
 
-from comfyui_krea.fal_api.certificates import Certificates, client_settings, make_certificates  # noqa: E402
+from comfyui_krea.standalone.certificates import Certificates, client_settings, make_certificates  # noqa: E402
 
 SUBPROCESS_TIMEOUT = 30
 

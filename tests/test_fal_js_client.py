@@ -1,7 +1,7 @@
 """The official JavaScript fal client, unchanged (@fal-ai/client 1.10.1 from npm, pinned with its lock file in
 tests/fal_protocol/js), against both servers of the pack over TLS, through the client's own proxy option
 `proxyUrl: {url: "<base>/proxy", when: "always"}`: every fal call reaches <base>/proxy with the fal URL it meant
-in `x-fal-target-url` (reference/fal-client-protocol.md §1, §10 J1-J6).
+in `x-fal-target-url`.
 
 Each server gets one `node client_scenarios.mjs` process; each test asserts on one scenario of its report. Needs
 node (>= 18) and npm: the first run installs the client into tests/fal_protocol/js/node_modules (`npm ci`).
@@ -117,7 +117,7 @@ def test_every_call_goes_through_the_proxy_but_the_upload_put(report):
                 assert call["target"].startswith(PROXY_TARGETS), (name, call)
             else:
                 direct.append((name, call["method"], call["url"].rsplit("/", 1)[0], call["status"]))
-    # the one call the client makes without its proxy: the PUT to the upload_url the server gave (§1, §7)
+    # the one call the client makes without its proxy: the PUT to the upload_url the server gave
     assert direct == [("storage_upload", "PUT", "<base>/storage/upload/slot", 200)]
 
 

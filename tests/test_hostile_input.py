@@ -6,6 +6,7 @@ Data loss (no file replaced, two processes saving to one folder) is shown in tes
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 import signal
@@ -21,8 +22,7 @@ import torch
 from comfyui_krea.model_loader import ModelFileError
 from comfyui_krea.model_loader.checkpoints.reader import SafetensorsFile
 from comfyui_krea.model_loader.flux import FluxTransformer
-from comfyui_krea.nodes import host
-from comfyui_krea.nodes.handles import forget_loaded
+from comfyui_krea.nodes.host import forget_loaded, host
 from comfyui_krea.nodes.loader import KreaModelLoader
 from comfyui_krea.nodes.safety import KreaSafetyCheck
 from comfyui_krea.sampling.interrupt import interrupt_between_blocks
@@ -56,8 +56,8 @@ def demo_models(tmp_path_factory):
 @pytest.fixture
 def cli(tmp_path, monkeypatch, demo_models):
     """main() in an empty working folder with the demo models; `calls` records every model loader call."""
-    saved = host.standalone_settings()
-    host.restore_standalone({**saved, "tokenizer_dir": None})
+    saved = host.settings()
+    host.restore(dataclasses.replace(saved, tokenizer_dir=None))
     monkeypatch.chdir(tmp_path)
     calls: list[str] = []
     real_load = KreaModelLoader.load
@@ -79,7 +79,7 @@ def cli(tmp_path, monkeypatch, demo_models):
     run.calls = calls
     run.folder = tmp_path
     yield run
-    host.restore_standalone(saved)
+    host.restore(saved)
 
 
 def one_error_line(stderr: str) -> str:
@@ -99,7 +99,7 @@ def test_model_names_leaving_the_folder_are_refused_and_the_file_is_never_touche
     models, _ = demo_models
     planted = models.parent / "outside.safetensors"
     name = str(planted) if name == "ABSOLUTE" else name
-    host_state.configure_standalone(models_dir=models)
+    host_state.configure(models_dir=models)
     touched: list[str] = []
     for module, attribute in ((os, "stat"), (os, "lstat"), (os, "open"), (builtins, "open")):
         real = getattr(module, attribute)
@@ -135,7 +135,7 @@ def test_a_workflow_cannot_make_the_command_line_open_a_file_outside(cli, capsys
 
 def test_names_inside_the_folder_still_resolve(demo_models, host_state):
     models, _ = demo_models
-    host_state.configure_standalone(models_dir=models)
+    host_state.configure(models_dir=models)
     assert host.model_path("vae", "ae.safetensors") == models.absolute() / "vae" / "ae.safetensors"
     assert host.model_path("vae", "./ae.safetensors").name == "ae.safetensors"
 
@@ -196,7 +196,7 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_with_the_numbers(cli, caps
 
 
 def test_the_memory_estimate_grows_with_size_and_batch(demo_models, host_state):
-    host_state.configure_standalone(models_dir=demo_models[0])
+    host_state.configure(models_dir=demo_models[0])
     prompt = json.loads(TEXT_TO_IMAGE.read_text())
     small = preflight.estimate(prompt)
     prompt["3"]["inputs"].update(image_size="custom", width=14128, height=14128, num_images=4)

@@ -7,7 +7,7 @@ Pinned here:
   model whose steps change little);
 - LATENT holds raw VAE latents in diffusers' convention, checked against an independent oracle: diffusers'
   AutoencoderKL on the same weights, with FLUX's VAE numbers (scaling_factor 0.3611, shift_factor 0.1159) typed
-  here from FLUX.1-dev's vae/config.json and design §3, not imported from the pack (inside the pack the scaling and
+  here from FLUX.1-dev's vae/config.json, not imported from the pack (inside the pack the scaling and
   its inverse cancel, so only an outside oracle notices a wrong number);
 - KreaDecode maps the decoder's [-1, 1] to IMAGE's [0, 1] exactly as (x + 1) / 2, clamped;
 - the progress callback's x0 (the latent preview) is the flow-matching prediction of the clean latent:
@@ -24,14 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
 from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint
-from comfyui_krea.nodes import host
-from comfyui_krea.nodes.handles import TransformerHandle, VaeHandle, forget_loaded
+from comfyui_krea.nodes.handles import VaeHandle
+from comfyui_krea.nodes.host import TransformerHandle, forget_loaded, host
 from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage
 from comfyui_krea.nodes.sampler import KreaSampler
 from comfyui_krea.sampling.denoise import GenerationSettings, denoise, generate
 from conftest import rel_err
 
-# FLUX.1's VAE latent convention (black-forest-labs/FLUX.1-dev vae/config.json; design §3). Typed, not imported.
+# FLUX.1's VAE latent convention (black-forest-labs/FLUX.1-dev vae/config.json). Typed, not imported.
 FLUX_SCALING_FACTOR = 0.3611
 FLUX_SHIFT_FACTOR = 0.1159
 
@@ -51,9 +51,9 @@ BASE = {"image_size": "custom", "width": 64, "height": 48, "num_inference_steps"
 @pytest.fixture(autouse=True)
 def standalone_state():
     """Tests set the progress reporter: the host's module-level state is put back afterwards."""
-    saved = host.standalone_settings()
+    saved = host.settings()
     yield
-    host.restore_standalone(saved)
+    host.restore(saved)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def diffusers_unpack(tokens: torch.Tensor, latent_height: int, latent_width: int
 
 
 def seeded_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    # Design §3, as ComfyUI's KSampler draws it.
+    # float32 on the CPU from torch.manual_seed(seed), as ComfyUI's KSampler draws it.
     return torch.randn(shape, generator=torch.manual_seed(seed), dtype=torch.float32, device="cpu")
 
 
@@ -187,7 +187,7 @@ def test_num_images_is_the_batch_and_image_0_is_the_single_image(transformer):
 
 def test_strength_sets_the_steps_run_and_the_result(transformer):
     image_latent = {"samples": torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(4))}
-    # Of a 4-step schedule the last int(4 * strength) steps run (design §3, as diffusers).
+    # Of a 4-step schedule the last int(4 * strength) steps run (as in diffusers).
     full, full_report = sample(transformer, latent=image_latent, num_inference_steps=4, strength=1.0)
     half, half_report = sample(transformer, latent=image_latent, num_inference_steps=4, strength=0.5)
     quarter, quarter_report = sample(transformer, latent=image_latent, num_inference_steps=4, strength=0.25)
@@ -357,7 +357,7 @@ def test_sampler_progress_reports_x0_of_each_step(transformer):
     # At the node: the host's progress reporter gets (step, total, x0) with x0 = x_t - t * v in model space.
     recorder = RecordingHandle(transformer.load())
     reported: list[tuple[int, int, torch.Tensor]] = []
-    host.configure_standalone(progress=lambda step, total, x0: reported.append((step, total, x0.clone())))
+    host.configure(progress=lambda step, total, x0: reported.append((step, total, x0.clone())))
     sample(recorder, num_inference_steps=3, seed=15)
     assert [(step, total) for step, total, _ in reported] == [(1, 3), (2, 3), (3, 3)]
     for (_, _, x0), (x_t, t, v) in zip(reported, recorder.calls):

@@ -1,9 +1,20 @@
-"""KreaSampler input handling: ranges refused before any model loads, sizes, conditioning checks."""
+"""KreaSampler input handling: ranges refused before any model loads, sizes, conditioning checks; and on a small
+random-weight model, what it asks of the host (its latents' and the step cache's memory, in whole bytes), its report
+(seconds, a native model's note), and a cancel that stops it between transformer blocks."""
+from __future__ import annotations
+
+import logging
+import threading
+
 import pytest
 import torch
 
-from comfyui_krea.nodes.sampler import KreaSampler
-from comfyui_krea.sampling.parameters import IMAGE_SIZES, resolve_size
+from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint
+from comfyui_krea.nodes import sampler as sampler_node
+from comfyui_krea.nodes.host import Interrupted, TransformerHandle, forget_loaded, host
+from comfyui_krea.nodes.sampler import KreaSampler, unpack_conditioning
+from comfyui_krea.sampling.parameters import GUIDANCE_SCALE, IMAGE_SIZES, STRENGTH, resolve_size
+from conftest import fake_clock
 
 
 class NeverLoaded:
@@ -17,6 +28,15 @@ class NeverLoaded:
 COND = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 16)}]]
 GOOD = dict(image_size="custom", width=64, height=48, num_inference_steps=4, guidance_scale=4.5, seed=0,
             num_images=1, acceleration="none")
+# Random conditioning and a run of 3 steps for the small model below.
+CPU = torch.device("cpu")
+SMALL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32,
+                   num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6))
+_gen = torch.Generator().manual_seed(0)
+RANDOM_COND = [[torch.randn(1, 7, SMALL.context_in_dim, generator=_gen),
+                {"pooled_output": torch.randn(1, SMALL.vec_in_dim, generator=_gen)}]]
+BASE = {"image_size": "custom", "width": 64, "height": 48, "num_inference_steps": 3, "guidance_scale": 4.5,
+        "seed": 7, "num_images": 1, "acceleration": "none"}
 
 
 @pytest.mark.parametrize("change,message", [
@@ -95,3 +115,135 @@ def test_safety_check_validation_refuses_a_nan_threshold():
     assert "threshold: nan is not a finite number" in KreaSafetyCheck.VALIDATE_INPUTS(threshold=float("nan"))
     assert "threshold must be a number from 0 to 1" in KreaSafetyCheck.VALIDATE_INPUTS(threshold=1.5)
     assert KreaSafetyCheck.VALIDATE_INPUTS(threshold=0.5) is True
+
+
+# ----------------------------------------------------------------------------- on a small random-weight model
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    yield tmp_path_factory.mktemp("sampler_node")
+    forget_loaded()
+
+
+@pytest.fixture(scope="module")
+def transformer(folder) -> TransformerHandle:
+    return TransformerHandle(write_random_flux_checkpoint(folder / "flux.safetensors", SMALL, seed=5), "default", CPU)
+
+
+# --------------------------------------------------------------------------------- checks at their boundaries
+
+def test_sampler_ranges_include_their_ends_and_every_value_given_is_checked():
+    check = KreaSampler.VALIDATE_INPUTS
+    assert check(None, None, guidance_scale=GUIDANCE_SCALE.min, strength=STRENGTH.min) is True
+    assert check(None, None, guidance_scale=GUIDANCE_SCALE.max, strength=STRENGTH.max) is True
+    # guidance_scale linked (None): strength is still checked.
+    assert check(None, None, guidance_scale=None, strength=STRENGTH.max + 1).startswith("strength:")
+
+
+def test_a_size_is_checked_when_the_other_one_is_linked():
+    assert KreaSampler.VALIDATE_INPUTS(None, 15).startswith("height")
+    assert KreaSampler.VALIDATE_INPUTS(17, None).startswith("width")
+
+
+def test_conditioning_with_extra_entries_or_guidance_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="comfyui_krea.nodes.sampler"):
+        unpack_conditioning(RANDOM_COND)
+        assert not caplog.records
+        unpack_conditioning(RANDOM_COND + RANDOM_COND)
+        assert "conditioning holds 2 entries" in caplog.text
+        caplog.clear()
+        unpack_conditioning([[RANDOM_COND[0][0], {**RANDOM_COND[0][1], "guidance": 3.5}]])
+        assert "carries guidance 3.5 (FluxGuidance)" in caplog.text
+
+
+# --------------------------------------------------------------------------------------- the report, a cancel
+
+def test_the_reports_seconds_are_the_sampling_time_in_milliseconds(transformer, monkeypatch):
+    monkeypatch.setattr(sampler_node, "time", fake_clock(100.0, 100.12345))
+    out = KreaSampler().sample(transformer, RANDOM_COND, **BASE)
+    (fields,) = out["ui"]["krea_report"]
+    assert fields["seconds"] == 0.123
+
+
+def test_cancel_stops_the_sampler_between_transformer_blocks(transformer, host_state):
+    # The fal server's cancel sets the event while a step runs: the next block does not start.
+    event = threading.Event()
+    host_state.configure(interrupt=event)
+    model = transformer.load()
+    ran = []
+    hooks = [model.double_blocks[0].register_forward_hook(lambda *_: event.set()),
+             model.double_blocks[1].register_forward_hook(lambda *_: ran.append(1))]
+    try:
+        with pytest.raises(Interrupted):
+            KreaSampler().sample(transformer, RANDOM_COND, **BASE)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == []
+
+
+# -------------------------------------------------------------------------- what the sampler asks of the host
+
+def _recording_loaded_transformer(monkeypatch, pack_model: bool = True) -> list:
+    import dataclasses
+
+    asked = []
+    real = host.loaded_transformer
+
+    def loaded_transformer(model, latent_shape, extra_bytes=0):
+        asked.append((latent_shape, extra_bytes))
+        return dataclasses.replace(real(model, latent_shape, extra_bytes), is_pack_model=pack_model)
+
+    monkeypatch.setattr(host, "loaded_transformer", loaded_transformer)
+    return asked
+
+
+@pytest.mark.parametrize("acceleration", ["none", "regular"])
+def test_the_sampler_asks_the_host_for_its_latents_and_the_step_caches_memory(transformer, monkeypatch,
+                                                                             acceleration):
+    asked = _recording_loaded_transformer(monkeypatch)
+    KreaSampler().sample(transformer, RANDOM_COND, **{**BASE, "num_images": 2, "acceleration": acceleration})
+    shape = (2, 16, 48 // 8, 64 // 8)
+    extra = 0 if acceleration == "none" else 2 * 2 * (6 // 2) * (8 // 2) * 3072 * 4  # two (B, L, 3072) residuals
+    assert asked == [(shape, extra)]
+
+
+def test_the_step_cache_memory_asked_for_is_what_the_cache_holds(transformer, monkeypatch):
+    # The bytes the sampler asks the host to keep free for the step cache, against the cache's own tensors.
+    from comfyui_krea.model_loader.flux import FluxConfig as Config
+    from comfyui_krea.sampling import step_cache
+
+    shape = (1, 16, 8, 8)  # by default, for FLUX.1's width (3072)
+    assert sampler_node._step_cache_bytes(shape) == sampler_node._step_cache_bytes(shape, Config().hidden_size)
+    held = []
+    original = step_cache.StepCache.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        held.append(self)
+
+    monkeypatch.setattr(step_cache.StepCache, "__init__", keep)
+    KreaSampler().sample(transformer, RANDOM_COND, **{**BASE, "acceleration": "high", "num_images": 2})
+    (cache,) = held
+    residuals = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
+    measured = sum(t.numel() * 4 for t in residuals)  # at most 4 bytes an element, whatever the dtype
+    assert len(residuals) == 2
+    assert sampler_node._step_cache_bytes((2, 16, 6, 8), hidden=SMALL.hidden_size) == measured
+
+
+def test_the_host_gets_whole_numbers(transformer, monkeypatch):
+    asked = _recording_loaded_transformer(monkeypatch)
+    KreaSampler().sample(transformer, RANDOM_COND, **BASE)
+    ((shape, _),) = asked
+    assert all(type(n) is int for n in shape)
+    assert type(sampler_node._step_cache_bytes((1, 16, 6, 8))) is int
+
+
+def test_a_native_model_runs_every_step_and_the_report_says_why(transformer, monkeypatch):
+    # ComfyUI's own FLUX (Load Diffusion Model) has no step cache: acceleration is refused with a note.
+    _recording_loaded_transformer(monkeypatch, pack_model=False)
+    out = KreaSampler().sample(transformer, RANDOM_COND, **{**BASE, "acceleration": "high"})
+    assert out["ui"]["text"] == ["acceleration high: 3 of 3 steps computed fully; step caching needs the Krea "
+                                 "transformer (Krea Model Loader); this model ran every step"]
+    plain = KreaSampler().sample(transformer, RANDOM_COND, **{**BASE, "acceleration": "none"})
+    assert plain["ui"]["text"] == ["acceleration none: 3 of 3 steps computed fully"]

@@ -1,10 +1,13 @@
-"""The sampling schedule and latent conventions against design.md §3 and diffusers' scheduler."""
+"""The sampling schedule and latent conventions against their formulas and diffusers' scheduler: the shifted
+schedule, the image-to-image start (strength in (0, 1], one input image noised with each image's own noise),
+ComfyUI's noise (float32 on the CPU whatever torch's defaults are), FLUX's packing."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from comfyui_krea.sampling.denoise import GenerationSettings, prepare
 from comfyui_krea.sampling.latents import image_ids, make_noise, pack, unpack
 from comfyui_krea.sampling.schedule import get_schedule, image_to_image_start, shift_mu
 
@@ -49,6 +52,30 @@ def test_image_to_image_start_as_diffusers(steps, strength, expected_run):
     assert steps - image_to_image_start(steps, strength) == expected_run
 
 
+@pytest.mark.parametrize("strength", [0.0, -0.5, 1.0001, 1.5, 2.0])
+def test_image_to_image_strength_outside_zero_one_is_refused(strength):
+    with pytest.raises(ValueError, match="strength"):
+        image_to_image_start(28, strength)
+
+
+def test_image_to_image_batch_from_one_image_noises_it_with_each_images_own_noise():
+    width, height, steps, strength, seed = 48, 32, 10, 0.5, 7
+    lh, lw = height // 8, width // 8
+    image_latent = torch.randn(1, 16, lh, lw, generator=torch.Generator().manual_seed(1))
+    settings = GenerationSettings(width=width, height=height, num_steps=steps, guidance=4.5, seed=seed,
+                                  num_images=3, strength=strength)
+    start, timesteps = prepare(settings, image_latent)
+    # of a 10-step schedule the last int(10 * 0.5) = 5 steps run, from t0 * noise + (1 - t0) * image_latent
+    full = get_schedule(steps, (lh // 2) * (lw // 2))
+    assert timesteps == full[5:]
+    t0 = full[5]
+    noise = torch.randn((3, 16, lh, lw), generator=torch.manual_seed(seed), dtype=torch.float32)
+    model_space = (image_latent - 0.1159) * 0.3611
+    expected = t0 * noise + (1 - t0) * model_space
+    assert start.shape == (3, (lh // 2) * (lw // 2), 64)
+    torch.testing.assert_close(start, pack(expected))
+
+
 def test_noise_is_comfyui_convention_and_batch_prefix_stable():
     noise = make_noise(42, 3, 12, 16)
     assert noise.shape == (3, 16, 12, 16) and noise.dtype == torch.float32
@@ -56,6 +83,19 @@ def test_noise_is_comfyui_convention_and_batch_prefix_stable():
     assert torch.equal(make_noise(42, 1, 12, 16)[0], noise[0])
     assert not torch.equal(make_noise(43, 1, 12, 16)[0], noise[0])
     make_noise(2**64 - 1, 1, 2, 2)  # the largest seed the node accepts
+
+
+def test_noise_is_float32_cpu_even_under_other_torch_defaults():
+    expected = torch.randn((2, 16, 3, 5), generator=torch.manual_seed(11), dtype=torch.float32, device="cpu")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # another custom node may have changed the defaults
+    try:
+        with torch.device("meta"):
+            noise = make_noise(11, 2, 3, 5)
+    finally:
+        torch.set_default_dtype(previous)
+    assert noise.dtype == torch.float32 and noise.device.type == "cpu"
+    assert torch.equal(noise, expected)
 
 
 def test_pack_layout_matches_diffusers_and_roundtrips():

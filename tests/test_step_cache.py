@@ -1,5 +1,7 @@
-"""Step caching (acceleration regular/high): exactness at threshold 0, reuse on slowly changing models,
-no state shared between runs."""
+"""Step caching (acceleration regular/high): the reuse rule on a model whose first-block residual is known (a
+change strictly below the threshold reuses, threshold 0 never does, a new token count never does), exactness at
+threshold 0, reuse on slowly changing models, no state shared between runs; and GPU acceleration's compiled blocks
+(arguments passed through, the backend asked for, eager after a failed compilation)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +12,9 @@ import pytest
 import torch
 
 from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
+from comfyui_krea.sampling import gpu_acceleration
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
-from comfyui_krea.sampling.step_cache import THRESHOLDS, StepCache
+from comfyui_krea.sampling.step_cache import THRESHOLDS, CacheReport, StepCache
 from conftest import TINY_FLUX, rel_err
 
 CPU = torch.device("cpu")
@@ -94,6 +97,103 @@ def test_image_to_image_counts_only_the_steps_it_runs(slow_model):
     assert 9 not in run.cache.reused_at
 
 
+# -------------------------------------------------------- the decision rule, on a model with a known residual
+
+class _AffineFlux(torch.nn.Module):
+    """A Flux-shaped stand-in: the first double block adds scale * R to the image tokens (its residual is
+    known), the remaining blocks double the tokens, `final` is the identity."""
+
+    def __init__(self, residual: torch.Tensor):
+        super().__init__()
+        self.residual = residual
+        self.scale = 1.0
+        self.rest_calls = 0
+        outer = self
+
+        class First(torch.nn.Module):
+            def forward(self, img, txt, vec, pe):
+                return img + outer.scale * outer.residual, txt
+
+        self.double_blocks = torch.nn.ModuleList([First()])
+
+    def embed(self, img, img_ids, txt, txt_ids, timesteps, y, guidance):
+        return img, txt, y, None
+
+    def run_blocks(self, img, txt, vec, pe, first_double_block=0):
+        assert first_double_block == 1
+        self.rest_calls += 1
+        return 2 * img
+
+    def final(self, img, vec):
+        return img
+
+
+def _call(cache, x):
+    z = torch.zeros(1)
+    return cache.forward_orig(x, z, z, z, z, z, z)
+
+
+def _residual():
+    return torch.arange(1.0, 1.0 + 2 * 3 * 4).reshape(2, 3, 4)
+
+
+def test_unchanged_first_block_residual_reuses_every_middle_step_and_only_those():
+    model = _AffineFlux(_residual())
+    cache = StepCache(model, threshold=0.5, total_steps=6)
+    gen = torch.Generator().manual_seed(0)
+    xs = [10 * torch.randn(2, 3, 4, generator=gen) for _ in range(6)]  # inputs change a lot; the residual not
+    outs = [_call(cache, x) for x in xs]
+    # the first and the last step run fully, every step between reuses
+    assert cache.report.reused_at == [1, 2, 3, 4]
+    assert (cache.report.full_steps, cache.report.reused_steps) == (2, 4)
+    assert model.rest_calls == 2
+    r = _residual()
+    torch.testing.assert_close(outs[0], 2 * (xs[0] + r))
+    torch.testing.assert_close(outs[5], 2 * (xs[5] + r))
+    for i in range(1, 5):  # reused: this step's first block output plus what blocks 2.. added at step 0
+        torch.testing.assert_close(outs[i], (xs[i] + r) + (xs[0] + r))
+
+
+def test_reuse_needs_a_change_strictly_below_the_threshold():
+    # relative L1 change of scale * R against R is exactly |scale - 1| (powers of two: no rounding)
+    model = _AffineFlux(_residual())
+    x = torch.zeros(2, 3, 4)
+    cache = StepCache(model, threshold=0.25, total_steps=5)
+    _call(cache, x)                      # step 0: full
+    model.scale = 1.25
+    _call(cache, x)                      # change 0.25, not below 0.25: full
+    model.scale = 1.25 + 0.25 * 1.25 / 2  # change 0.125 against the step-1 residual: reused
+    _call(cache, x)
+    assert cache.report.reused_at == [2]
+    model.scale = 2 * model.scale        # change 1.0: full
+    _call(cache, x)
+    assert cache.report.reused_at == [2] and cache.report.full_steps == 3
+
+
+def test_threshold_zero_never_reuses_even_an_identical_step():
+    model = _AffineFlux(_residual())
+    cache = StepCache(model, threshold=0.0, total_steps=5)
+    for _ in range(5):
+        _call(cache, torch.ones(2, 3, 4))
+    assert cache.report.reused_steps == 0 and model.rest_calls == 5
+
+
+def test_a_new_token_count_is_never_served_from_the_cache():
+    model = _AffineFlux(torch.ones(2, 3, 4))
+    cache = StepCache(model, threshold=0.5, total_steps=5)
+    _call(cache, torch.zeros(2, 3, 4))
+    model.residual = torch.ones(2, 5, 4)  # same values, other shape: change 0, but nothing to reuse
+    _call(cache, torch.zeros(2, 5, 4))
+    assert cache.report.reused_steps == 0 and cache.report.full_steps == 2
+
+
+def test_cache_report_summary_counts():
+    report = CacheReport(full_steps=3, reused_steps=5, reused_at=[1, 2, 3, 4, 5])
+    assert report.summary() == "3 of 8 steps computed fully, 5 reused"
+
+
+# ------------------------------------------------------------------------------------------- GPU acceleration
+
 def test_gpu_acceleration_is_a_no_op_on_cpu(slow_model):
     from comfyui_krea.sampling.gpu_acceleration import gpu_acceleration
 
@@ -126,6 +226,60 @@ def test_failed_compilation_falls_back_to_eager(slow_model, compile_state):
     pe = slow_model.pe_embedder(torch.zeros(1, 23, 3))
     assert torch.equal(forward(x, vec, pe), block(x, vec, pe))
     assert gpu_acceleration._compile_failed
+
+
+class _Block(torch.nn.Module):
+    def forward(self, x, vec=None, pe=None):
+        return ("eager", self, x, vec, pe)
+
+
+def test_guarded_forward_passes_positional_and_keyword_arguments(compile_state):
+    block = _Block()
+
+    def compiled(b, *args, **kwargs):
+        return ("compiled", b, *args, kwargs)
+
+    forward = gpu_acceleration._guarded(block, compiled)
+    assert forward(1, vec=2, pe=3) == ("compiled", block, 1, {"vec": 2, "pe": 3})
+
+
+def test_guarded_forward_falls_back_with_all_arguments_and_stays_eager(compile_state):
+    block = _Block()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no backend")
+
+    forward = gpu_acceleration._guarded(block, broken)
+    assert forward(1, vec=2, pe=3) == ("eager", block, 1, 2, 3)  # the failing call itself
+    assert gpu_acceleration._compile_failed
+    assert forward(4, vec=5, pe=6) == ("eager", block, 4, 5, 6)  # later calls skip compilation
+
+
+def test_compiled_forward_uses_the_backend_asked_for(compile_state):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    used = []
+
+    def backend(gm, example_inputs):
+        used.append(gm)
+        return gm.forward
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) * 2
+
+    block = Tiny()
+    compiled = gpu_acceleration._compiled_forward(Tiny, backend)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(block, x), block.lin(x) * 2)
+    assert used, "the requested backend was not used"
+    assert gpu_acceleration._compiled_forward(Tiny, backend) is compiled  # one per (class, backend)
+    torch._dynamo.reset()
 
 
 def test_blocks_trace_and_run_compiled_then_restore(slow_model, compile_state):

@@ -1,4 +1,5 @@
-"""CLIP-L / T5 encoders: parity with transformers, every file layout, fp16 safety, the node, the errors."""
+"""CLIP-L / T5 encoders: parity with transformers (down to T5's position buckets and layer norm), CLIP's pooled
+end positions, every file layout, fp16 safety, the node, the errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -86,6 +87,48 @@ def test_t5_matches_transformers(files, t5_ids):
         ours = load_t5_model(files["t5"])(t5_ids)
     assert ours.dtype == torch.float32 and ours.shape == (len(PROMPTS), 512, 64)
     assert rel_err(ours, expected) < 1e-4
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20), (4, 6), (6, 9), (6, 2)])
+def test_t5_relative_position_buckets_match_transformers(num_buckets, max_distance):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from comfyui_krea.model_loader.text_encoders.t5 import relative_position_buckets
+
+    length = 40
+    position = torch.arange(length)
+    relative = position[None, :] - position[:, None]
+    want = T5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=num_buckets,
+                                                 max_distance=max_distance)
+    assert torch.equal(relative_position_buckets(length, num_buckets, max_distance, torch.device("cpu")), want)
+
+
+def test_t5_layer_norm_matches_transformers_on_small_activations():
+    from transformers.models.t5.modeling_t5 import T5LayerNorm as Reference
+
+    from comfyui_krea.model_loader.text_encoders.t5 import T5LayerNorm
+
+    gen = torch.Generator().manual_seed(6)
+    ours, theirs = T5LayerNorm(16, eps=1e-6), Reference(16, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16, generator=gen))
+        theirs.weight.copy_(ours.weight)
+    x = 1e-3 * torch.randn(2, 5, 16, generator=gen)  # mean(x^2) ~ 1e-6: the epsilon counts
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-6, atol=0)
+
+
+def test_clip_end_positions_per_row_with_and_without_an_end_token():
+    from comfyui_krea.model_loader.text_encoders import CLIPTextConfig
+    from comfyui_krea.model_loader.text_encoders.clip import build_clip
+
+    config = CLIPTextConfig(width=64, layers=1, intermediate=64)
+    with torch.device("meta"):
+        model = build_clip(config)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    eos = config.eos_token_id
+    ids = torch.tensor([[49406, 320, eos, eos], [5, 900, 12, 7], [49406, eos, 1, 1]])
+    # row 0: first end token; row 1: none, so the highest id (900); row 2: first end token again
+    assert model.end_positions(ids).tolist() == [2, 1, 1]
 
 
 # --------------------------------------------------------------------------------------------------- layouts
@@ -276,7 +319,7 @@ def test_node_uses_comfyui_tokenizers_when_none_is_named(tmp_path, files, monkey
     comfy = tmp_path / "comfy"
     shutil.copytree(TOKENIZERS / "clip", comfy / "sd1_tokenizer")
     shutil.copytree(TOKENIZERS / "t5", comfy / "text_encoders" / "t5_tokenizer")
-    monkeypatch.setattr(host_state, "comfyui_tokenizer_dirs", lambda: {
+    monkeypatch.setattr(host_state, "shipped_tokenizer_dirs", lambda: {
         "clip": comfy / "sd1_tokenizer", "t5": comfy / "text_encoders" / "t5_tokenizer"})
     handle = TextEncoderHandle(files["clip"], files["t5"], None, torch.device("cpu"))
     (conditioning,) = text.KreaTextEncode().encode(handle, "a cat")

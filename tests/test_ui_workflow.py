@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from comfyui_krea.standalone.runner import LoadImage
+from comfyui_krea.nodes import NODE_DISPLAY_NAME_MAPPINGS
+from comfyui_krea.standalone.node_classes import PACK_CLASSES
 from comfyui_krea.standalone.ui_workflow import ConversionError, local_definitions, to_api, widget_values
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFINITIONS = local_definitions({**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}, NODE_DISPLAY_NAME_MAPPINGS)
+DEFINITIONS = local_definitions(PACK_CLASSES, NODE_DISPLAY_NAME_MAPPINGS)
 # The parts of ComfyUI's /object_info these tests use (shapes as the server sends them).
 DEFINITIONS["LoadImage"] = {"input": {"required": {"image": [["example.png", "other.png"], {"image_upload": True}]}},
                             "input_order": {"required": ["image"]}, "display_name": "Load Image"}

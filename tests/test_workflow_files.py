@@ -51,18 +51,19 @@ def test_api_workflow_validates_with_the_documented_model_files(name, tmp_path, 
     from PIL import Image
 
     from comfyui_krea.standalone.demo import write_demo_models
-    from comfyui_krea.standalone.runner import LoadImage, validate
+    from comfyui_krea.standalone.node_classes import PACK_CLASSES
+    from comfyui_krea.standalone.runner import validate
 
     models, _ = write_demo_models(tmp_path)  # the file names the README tells users to install
-    host_state.configure_standalone(models_dir=models, output_dir=tmp_path / "output")
+    host_state.configure(models_dir=models, output_dir=tmp_path / "output")
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
-    classes = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+    classes = PACK_CLASSES
     for node in api.values():
         if node["class_type"] == "LoadImage":  # the input image is checked before the run too
             Image.new("RGB", (64, 48)).save(tmp_path / node["inputs"]["image"])
             node["inputs"]["image"] = str(tmp_path / node["inputs"]["image"])
     assert validate(api, classes) == []
-    host_state.configure_standalone(models_dir=tmp_path / "empty")
+    host_state.configure(models_dir=tmp_path / "empty")
     errors = validate(api, classes)
     assert errors and all("not found" in e or "is not one of" in e or "no NSFW classifier" in e for e in errors)
 

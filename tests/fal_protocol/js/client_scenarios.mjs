@@ -1,6 +1,6 @@
 // The official fal JavaScript client (@fal-ai/client, pinned in package.json), unchanged, against a server of the
 // pack through the client's own proxy option: every fal call goes to <base>/proxy with the fal URL it meant in
-// the `x-fal-target-url` header (reference/fal-client-protocol.md §1, §10 J1-J6). Prints ONE JSON line:
+// the `x-fal-target-url` header. Prints ONE JSON line:
 // scenario -> {ok, ms, requests} or {error, ms, requests}; tests/test_fal_js_client.py asserts on it.
 //
 //     node client_scenarios.mjs BASE_URL [PNG_PATH]
