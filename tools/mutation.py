@@ -46,6 +46,7 @@ PACKAGES: dict[str, list[str]] = {
                  "sampling/gpu_acceleration.py", "sampling/parameters.py",
                  "tests/test_schedule.py", "tests/test_pipeline_parity.py", "tests/test_step_cache.py",
                  "tests/test_sampler_node.py", "tests/test_node_contract.py", "tests/test_denoise_loop.py",
+                 "tests/test_parameters.py",
                  "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
                  "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "model_loader math": [
