@@ -13,16 +13,19 @@ The method is Ulysses-style sequence parallelism (all-to-all over heads), throug
   process has (all text, then all image tokens), so the stock scaled-dot-product attention (flash on GPUs) runs
   on exactly what one process would give it for those heads. A second all-to-all sends each token's output back
   to the rank that holds the token. Padded tokens never enter attention: they change nothing.
-- Every rank takes rank 0's state and conditioning at each step (one broadcast), and after the last block the
+- Every rank takes rank 0's state and conditioning at each step (broadcasts), and after the last block the
   velocity of each shard is all-gathered, so every rank runs the identical Euler update on the full latent.
 - The step cache's reuse decision uses `l1_change_sums`: the sums of the relative L1 change over this rank's real
   image tokens, all-reduced, so every rank divides the same two numbers and skips the same steps.
 
 Why Ulysses rather than ring attention for FLUX: the attention kernel stays the unchanged stock one on the full
 sequence, so results match one process and every fast kernel applies; the text tokens need no special handling
-(they are tokens like the image ones); it moves 4 x (tokens / N) x hidden per rank and block against ring's
-2 x (N - 1) x (tokens / N) x hidden (less from N = 3 on); FLUX's 24 heads split evenly over 2, 3, 4, 6, 8, 12
-or 24 ranks, the sizes of multi-GPU boxes. Other rank counts (5, 7, ...) are refused with the usable ones named.
+(they are tokens like the image ones); each rank sends 4 (N - 1) / N x (tokens / N) x hidden per block, ring
+attention 2 (N - 1) x (tokens / N) x hidden, N/2 times more (equal at 2 ranks), and ring needs its own attention
+kernel to merge partial softmaxes. What Ulysses gives up: ring can hide its transfers behind compute, while each
+all-to-all here is waited for (a few ms per step over NVLink, bench/sequence_parallel.py); and N must divide the
+heads. FLUX's 24 split evenly over 2, 3, 4, 6, 8, 12 or 24 ranks, the sizes of multi-GPU boxes; other rank counts
+(5, 7, ...) are refused with the usable ones named.
 """
 from __future__ import annotations
 
@@ -149,13 +152,18 @@ class UlyssesAttention:
         q, k = apply_rope(q, k, pe)  # per token: the local pe rotates the local tokens
         # (N, 3, B, H/N, S, D) in one copy: head group r goes to rank r.
         send = torch.stack([x.view(b, n, h // n, s, d).transpose(0, 1) for x in (q, k, v)], dim=1)
+        del q, k, v
         received = self.collectives.all_to_all(send)  # part r: rank r's tokens of this rank's heads
+        del send
         t = shards.text_chunk
         # (N, 3, B, H/N, chunk, D) -> (3, B, H/N, N*chunk, D), padding dropped: text then image, as one process.
         text = received[..., :t, :].permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[..., :shards.text, :]
         image = received[..., t:, :].permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[..., :shards.image, :]
+        del received
         q_all, k_all, v_all = torch.cat((text, image), dim=3)
+        del text, image
         out = F.scaled_dot_product_attention(q_all, k_all, v_all)  # (B, H/N, text + image, D)
+        del q_all, k_all, v_all
         # Back to the token split: (B, H/N, text + image, D) -> (N, B, H/N, S, D), part r for rank r.
         text_out = F.pad(out[:, :, :shards.text], (0, 0, 0, n * t - shards.text)).unflatten(2, (n, t))
         image_out = F.pad(out[:, :, shards.text:], (0, 0, 0, n * shards.image_chunk - shards.image))
