@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with sigterm_raises():
-            if torchrun_problem(args):
-                raise WorkflowError(torchrun_problem(args))
+            if problem := torchrun_problem(args):
+                raise WorkflowError(problem)
             if args.command == "serve":
                 return serve_command(args)
             if args.command == "make-cert":

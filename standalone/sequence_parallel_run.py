@@ -122,8 +122,9 @@ def torchrun_processes() -> Iterator[Processes]:
     device = None
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise WorkflowError(f"torchrun started {size} processes on this machine but it has "
-                                f"{torch.cuda.device_count()} GPUs; start at most that many (--nproc-per-node)")
+            raise WorkflowError(f"process {local_rank} of this machine has no GPU of its own: the machine has "
+                                f"{torch.cuda.device_count()}; start at most that many processes per machine "
+                                "(torchrun --nproc-per-node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # the host's "cuda" is this process's GPU from here on
     dist.init_process_group("nccl" if device is not None else "gloo", device_id=device)
