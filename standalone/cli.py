@@ -45,8 +45,8 @@ from ..sampling.parameters import (
 )
 from .node_classes import PACK_CLASSES
 from .overrides import api_prompt, apply_overrides, is_image_to_image, option_problems, read_workflow, unused_options
-from .preflight import memory_problem
-from .runner import WorkflowError, check, run, structure_problems
+from .runner import WorkflowError, check, structure_problems
+from .sequence_parallel_run import torchrun_problem, torchrun_processes
 from .serve_commands import OptionError, add_serve_commands, make_cert_command, serve_command
 from .ui_workflow import local_definitions
 
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with sigterm_raises():
+            if problem := torchrun_problem(args):
+                raise WorkflowError(problem)
             if args.command == "serve":
                 return serve_command(args)
             if args.command == "make-cert":
@@ -221,7 +223,7 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
     output = args.output if args.output is not None else (root / "output" if root else Path("output"))
     # Only --demo makes a temporary folder; it is removed on exit, on Ctrl-C and on SIGTERM (main).
     scratch = tempfile.TemporaryDirectory(prefix="krea-demo-") if args.demo else contextlib.nullcontext(None)
-    with scratch as scratch_dir:
+    with scratch as scratch_dir, torchrun_processes() as processes:  # one process, or torchrun's N
         models = args.models if args.models is not None else (root / "models" if root else Path("models"))
         tokenizers = args.tokenizers
         if args.demo:
@@ -230,13 +232,11 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
             models, tokenizers = write_demo_models(Path(scratch_dir))
         host = standalone_host()
         host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers)
+        prompt = processes.same_prompt(prompt)
         checked = check(prompt, classes)
-        if not args.no_memory_check:
-            problem = memory_problem(prompt, host.torch_device())
-            if problem:
-                raise WorkflowError(problem)
+        processes.preflight(prompt, host.torch_device(), check_memory=not args.no_memory_check)
         started = time.perf_counter()
-        uis = run(checked)
+        uis = processes.run(checked)
     saved = [Path(output) / img["subfolder"] / img["filename"]
              for ui in uis.values() for img in ui.get("images", [])]
     report(prompt, uis, saved, started)

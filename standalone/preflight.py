@@ -8,6 +8,9 @@ ComfyUI (where every model stays loaded once used):
 - the transformer's activations: per token (image tokens (H/16)(W/16) plus 512 text tokens, per image) about
   14 hidden-size vectors (the single block's fused projections: q, k, v, the 4x MLP, its output, the residual)
   in 4 bytes, plus the step cache's two residuals per image token with acceleration on (step_cache.cache_bytes);
+- run sequence-parallel over N processes (`ranks`), each holds all the weights and the activations of 1/N of the
+  text and image tokens, plus the all-to-all's copies of q, k, v and the attention output
+  (SEQUENCE_PARALLEL_VECTORS per local token);
 - pictures: the decoded images and an image-to-image input in float32, a few copies each (the autoencoder
   tiles its own work to what fits, so its activations are not counted).
 
@@ -31,6 +34,7 @@ from .runner import is_link
 
 TEXT_TOKENS = 512
 ACTIVATION_VECTORS = 14  # hidden-size vectors per token held at a single block's peak
+SEQUENCE_PARALLEL_VECTORS = 12  # per local token: send and receive buffers of q, k, v, reordered copies, output
 PICTURE_COPIES = 4  # float32 copies of a decoded or input picture alive at once (pixels, clamp, permute, save)
 GIB = 1024**3
 
@@ -87,8 +91,9 @@ def _image_size(path: object) -> tuple[int, int] | None:
     return nearest_multiple(width), nearest_multiple(height)  # as Krea Encode Image resizes it
 
 
-def estimate(prompt: Mapping[str, dict]) -> MemoryEstimate | None:
-    """The peak memory of the workflow's run (None when it has no sampler whose size is known here)."""
+def estimate(prompt: Mapping[str, dict], ranks: int = 1) -> MemoryEstimate | None:
+    """The peak memory of the workflow's run, per process when `ranks` processes share each image (None when it
+    has no sampler whose size is known here)."""
     weights, hidden = 0, 0
     for node in prompt.values():
         inputs = node.get("inputs", {})
@@ -111,11 +116,12 @@ def estimate(prompt: Mapping[str, dict]) -> MemoryEstimate | None:
         if size is None or not isinstance(batch, int):
             continue
         width, height = size
-        image_tokens = (width // 16) * (height // 16)
-        tokens = batch * (image_tokens + TEXT_TOKENS)
+        image_tokens = -(-(width // 16) * (height // 16) // ranks)  # this process's share, rounded up
+        tokens = batch * (image_tokens + -(-TEXT_TOKENS // ranks))
         cached = cache_bytes(batch, image_tokens, hidden or 3072) if inputs.get("acceleration", "none") != "none" \
             else 0
-        activations = max(activations, tokens * (hidden or 3072) * ACTIVATION_VECTORS * 4 + cached)
+        vectors = ACTIVATION_VECTORS + (SEQUENCE_PARALLEL_VECTORS if ranks > 1 else 0)
+        activations = max(activations, tokens * (hidden or 3072) * vectors * 4 + cached)
         pictures = max(pictures, PICTURE_COPIES * batch * width * height * 4 * 4)
         summaries.append(f"{batch} image{'s' if batch > 1 else ''} of {width}x{height}")
     if not summaries:

@@ -33,6 +33,8 @@ class StandaloneSettings:
     tokenizer_dir: Path | None = None
     progress: StepCallback | None = None  # told of every sampler step (the command line's bar, the fal logs)
     interrupt: threading.Event | None = None  # set: the running workflow stops before the next transformer block
+    # The processes that sample each image together (sequence parallelism, sampling/sequence_parallel.py); None: one
+    process_group: Any = None
 
 
 def file_key(path: Path) -> tuple[str, int, int]:
@@ -63,14 +65,13 @@ class StandaloneHost(Host):
     def configure(self, models_dir: str | os.PathLike[str] | None = None,
                   output_dir: str | os.PathLike[str] | None = None, progress: StepCallback | None = None,
                   tokenizer_dir: str | os.PathLike[str] | None = None,
-                  interrupt: threading.Event | None = None) -> None:
+                  interrupt: threading.Event | None = None, process_group: Any = None) -> None:
         """Set what is given (None keeps the current setting)."""
         given: dict[str, Any] = {"models_dir": models_dir, "output_dir": output_dir, "tokenizer_dir": tokenizer_dir}
         changes = {name: Path(value) for name, value in given.items() if value is not None}
-        if progress is not None:
-            changes["progress"] = progress
-        if interrupt is not None:
-            changes["interrupt"] = interrupt
+        for name, value in (("progress", progress), ("interrupt", interrupt), ("process_group", process_group)):
+            if value is not None:
+                changes[name] = value
         self._settings = dataclasses.replace(self._settings, **changes)
 
     def settings(self) -> StandaloneSettings:
@@ -172,6 +173,10 @@ class StandaloneHost(Host):
 
     def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
         module = model.load()
+        if self._settings.process_group is not None:  # every process of the group samples this image with it
+            from ...sampling.sequence_parallel import SequenceParallelFlux
+
+            module = SequenceParallelFlux(module, self._settings.process_group)
         return LoadedTransformer(module=module, device=model.device, compute_dtype=module.compute_dtype,
                                  is_pack_model=True, streamed=False)
 
