@@ -79,7 +79,7 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
 
 def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, type] | None = None) -> None:
     """Write the command-line options into the inputs of the nodes they belong to; refuse options the
-    workflow does not use and --set inputs its nodes do not have."""
+    workflow does not use, a --mask that does not fit --image and --set inputs its nodes do not have."""
     classes = classes if classes is not None else PACK_CLASSES
     unused = unused_options(prompt, args)
     if unused:
@@ -87,10 +87,10 @@ def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, t
     values: dict[str, object] = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()}
     values["image_url"] = str(args.image) if args.image else None  # the file LoadImage reads
     values["mask_url"] = str(args.mask) if args.mask else None  # the file LoadImageMask reads
-    mask_file_problem(args)
     values["enable_safety_checker"] = False if args.no_safety_checker else None
     if args.width is not None or args.height is not None:
         values.update(image_size=CUSTOM_SIZE, width=args.width, height=args.height)
+    mask_file_problem(args)
     write_inputs(prompt, values)
     for item in args.set:
         target, _, raw = item.partition("=")

@@ -1,4 +1,5 @@
-"""Whole sampling runs against diffusers' FluxPipeline: same weights, conditioning and initial noise."""
+"""Whole sampling runs against diffusers' FluxPipeline (and FluxInpaintPipeline for inpainting): same weights,
+conditioning and initial noise."""
 from __future__ import annotations
 
 import numpy as np
