@@ -99,6 +99,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"{ACCELERATION.name} (fal default: {ACCELERATION.default})")
     p.add_argument("--strength", type=float, help=f"image-to-image {range_help(STRENGTH)}")
     p.add_argument("--image", type=Path, help="input image of image-to-image workflows")
+    p.add_argument("--mask", type=Path, help="mask of inpainting workflows, the input image's size: white = repaint, "
+                                             "black = keep")
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
                    help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
@@ -296,7 +298,8 @@ def run_remote_command(args: argparse.Namespace) -> int:
     for node in prompt.values():
         node.setdefault("inputs", {})
     apply_overrides(prompt, args)
-    images = {k: args.image for k, n in prompt.items() if n.get("class_type") == "LoadImage" and args.image}
+    files = {"LoadImage": args.image, "LoadImageMask": args.mask}
+    images = {k: files[n["class_type"]] for k, n in prompt.items() if files.get(n.get("class_type"))}
     output = args.output if args.output is not None else Path("output")
     started = time.perf_counter()
     written, outputs = asyncio.run(run_on_server(prompt, ServerRun(url, headers), output, images))

@@ -1,4 +1,5 @@
-"""The node classes the server-less runner runs: the pack's nodes and a stand-in for ComfyUI's core LoadImage.
+"""The node classes the server-less runner runs: the pack's nodes and stand-ins for ComfyUI's core LoadImage and
+LoadImageMask.
 
 `PACK_CLASSES` is what `run` and `serve` run workflows with. The fal server's runner hands each request's image
 over already decoded (`decoded_image_loader`), so that it is decoded once, when the request is checked.
@@ -11,7 +12,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..image_io.load import ImageFileError, image_and_mask, image_file_problem, load_image_file
+from ..image_io.load import (
+    MASK_CHANNELS,
+    ImageFileError,
+    image_and_mask,
+    image_file_problem,
+    load_image_file,
+    load_mask_file,
+)
 from ..nodes import NODE_CLASS_MAPPINGS
 
 
@@ -41,6 +49,31 @@ class LoadImage:
             raise ValueError(f"LoadImage: {err} (give the input image with --image).") from None
 
 
+class LoadImageMask:
+    """Stand-in for ComfyUI's core LoadImageMask node (MASK of one channel) so inpainting workflows run here too."""
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "load_image"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image": ("STRING", {}), "channel": (list(MASK_CHANNELS), {})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image: str | None = None) -> bool | str:
+        if image is None:
+            return True
+        if not isinstance(image, str):
+            return f"image must be the path of a mask image file, got {image!r}"
+        problem = image_file_problem(Path(image))
+        return f"image: {problem} (give the mask with --mask)" if problem else True
+
+    def load_image(self, image: str, channel: str) -> tuple[torch.Tensor]:
+        try:
+            return (load_mask_file(Path(image), channel),)
+        except ImageFileError as err:
+            raise ValueError(f"LoadImageMask: {err} (give the mask with --mask).") from None
+
+
 def decoded_image_loader(images: Mapping[str, Image.Image]) -> type:
     """A LoadImage whose `image` input names one of `images` (decoded and checked already): validating it
     decodes nothing, loading it only turns the decoded image into IMAGE and MASK."""
@@ -58,4 +91,4 @@ def decoded_image_loader(images: Mapping[str, Image.Image]) -> type:
     return LoadDecodedImage
 
 
-PACK_CLASSES: dict[str, type] = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage}
+PACK_CLASSES: dict[str, type] = {**NODE_CLASS_MAPPINGS, "LoadImage": LoadImage, "LoadImageMask": LoadImageMask}

@@ -74,6 +74,7 @@ def widget_values(node: dict, definition: dict) -> dict[str, Any]:
     if isinstance(values, dict):  # some nodes save their values by name
         return {name: values[name] for name, _, _ in widgets if name in values}
     values, named, index = list(values or []), {}, 0
+    upload_after = _upload_button_after(definition)
     for name, options, kind in widgets:
         if index >= len(values):
             break
@@ -82,9 +83,19 @@ def widget_values(node: dict, definition: dict) -> dict[str, Any]:
         # The frontend's extra widgets: the "after generate" control of seeds and the upload button of images.
         if _has_control(name, options, kind) and index < len(values) and values[index] in CONTROL_VALUES:
             index += 1
-        elif any(options.get(o) for o in UPLOAD_OPTIONS) and len(values) - index > len(widgets) - len(named):
+        elif name == upload_after and len(values) - index > len(widgets) - len(named):
             index += 1
     return named
+
+
+def _upload_button_after(definition: dict) -> str | None:
+    """The widget whose value the upload button's follows: the frontend adds the button as the last required
+    input of a node with an upload option (LoadImage: after image; LoadImageMask: after channel)."""
+    specs = definition.get("input", {}).get("required", {}) or {}
+    if not any(_options(spec).get(o) for spec in specs.values() for o in UPLOAD_OPTIONS):
+        return None
+    required = [name for name, _, _ in widget_inputs(definition) if name in specs]
+    return required[-1] if required else None
 
 
 def _links(workflow: dict) -> dict[int, tuple[int, int, str]]:

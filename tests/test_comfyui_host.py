@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(
                             "the folder it prints (CI does)")
 
 
-def scenario(name: str, tmp_path_factory) -> dict:
+def scenario(name: str, tmp_path_factory, script: Path = SCENARIOS) -> dict:
     work = tmp_path_factory.mktemp(name)
-    done = subprocess.run([sys.executable, str(SCENARIOS), name, str(work)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), name, str(work)], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -102,8 +102,22 @@ def test_a_model_of_another_family_is_named(tmp_path_factory):
     assert error is not None and "needs a FLUX.1 MODEL" in error and "SDXL" in error
 
 
+def test_inpainting_through_set_latent_noise_mask_equals_the_mask_input(tmp_path_factory):
+    """ComfyUI's LoadImage (transparent = repaint) -> Krea Encode Image or ComfyUI's VAEEncode -> SetLatentNoiseMask
+    -> Krea Sampler gives exactly what the sampler's mask input gives, and keeps the unmasked latent."""
+    result = scenario("inpainting", tmp_path_factory, SCENARIOS.parent / "inpainting.py")
+    assert result["mask_shape"] == [1, 48, 64] and result["repaint_fraction"] == 0.5
+    assert result["file_mask_equals_alpha_mask"]  # LoadImageMask (red) of the black-and-white file: the same mask
+    assert result["stand_ins_equal"]  # the server-less runner's LoadImage / LoadImageMask read files as ComfyUI's
+    for encoder in ("KreaEncodeImage", "VAEEncode"):
+        run = result[encoder]
+        assert run["noise_mask_shape"] == [1, 1, 48, 64] and run["equal"]
+        assert run["kept_max"] < 1e-5 and run["repainted_min"] > 0.1
+        assert run["differs_from_image_to_image"] > 0.1  # the noise mask was not ignored
+
+
 def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
-    """The real server with the pack in custom_nodes: both API workflows run, and /free gives the
+    """The real server with the pack in custom_nodes: the API workflows run, and /free gives the
     transformer's memory back (resident set of the server before and after)."""
     import socket
     import time
@@ -156,8 +170,11 @@ def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
         from PIL import Image
 
         Image.new("RGB", (80, 48), (200, 120, 40)).save(base / "input" / "example.png")
+        mask = Image.new("L", (80, 48), 0)
+        mask.paste(255, (40, 0, 80, 48))
+        mask.save(base / "input" / "example_mask.png")
         workflows = Path(__file__).resolve().parent.parent / "workflows" / "api"
-        for name in ("krea_text_to_image", "krea_image_to_image"):  # both shipped workflows, as saved
+        for name in ("krea_text_to_image", "krea_image_to_image", "krea_inpainting"):  # the shipped ones, as saved
             prompt = json.loads((workflows / f"{name}.json").read_text())
             prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2)
             prompt_id = call("/prompt", {"prompt": prompt})["prompt_id"]

@@ -20,7 +20,7 @@ def _input_types(cls) -> dict:
     return {**spec.get("required", {}), **spec.get("optional", {})}
 
 
-COMFYUI_TYPES = {"IMAGE", "LATENT", "MODEL", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN"}
+COMFYUI_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN"}
 
 
 def test_every_input_type_is_comfyuis_or_one_a_pack_node_outputs():

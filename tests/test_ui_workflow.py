@@ -17,11 +17,15 @@ DEFINITIONS = local_definitions(PACK_CLASSES, NODE_DISPLAY_NAME_MAPPINGS)
 # The parts of ComfyUI's /object_info these tests use (shapes as the server sends them).
 DEFINITIONS["LoadImage"] = {"input": {"required": {"image": [["example.png", "other.png"], {"image_upload": True}]}},
                             "input_order": {"required": ["image"]}, "display_name": "Load Image"}
+DEFINITIONS["LoadImageMask"] = {
+    "input": {"required": {"image": [["example_mask.png"], {"image_upload": True}],
+                           "channel": [["alpha", "red", "green", "blue"]]}},
+    "input_order": {"required": ["image", "channel"]}, "display_name": "Load Image (as Mask)"}
 DEFINITIONS["ImageInvert"] = {"input": {"required": {"image": ["IMAGE", {}]}}, "input_order": {"required": ["image"]},
                               "display_name": "Invert Image"}
 
 
-@pytest.mark.parametrize("name", ["krea_text_to_image", "krea_image_to_image"])
+@pytest.mark.parametrize("name", ["krea_text_to_image", "krea_image_to_image", "krea_inpainting"])
 def test_the_shipped_ui_files_equal_their_api_forms(name):
     ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
@@ -74,6 +78,15 @@ def test_a_file_saved_without_the_control_value_still_lines_up():
 def test_the_upload_button_value_is_skipped():
     prompt = to_api({"nodes": [node(7, "LoadImage", ["other.png", "image"])], "links": []}, DEFINITIONS)
     assert prompt["7"]["inputs"] == {"image": "other.png"}
+
+
+def test_the_upload_button_follows_the_last_required_input():
+    # The frontend adds the button as one more required input, after the node's own (LoadImageMask: channel).
+    graph = {"nodes": [node(9, "LoadImageMask", ["m.png", "green", "image"]),
+                       node(8, "LoadImageMask", ["m.png", "blue"])], "links": []}  # saved without the button
+    prompt = to_api(graph, DEFINITIONS)
+    assert prompt["9"]["inputs"] == {"image": "m.png", "channel": "green"}
+    assert prompt["8"]["inputs"] == {"image": "m.png", "channel": "blue"}
 
 
 def test_a_bypassed_node_passes_its_input_of_the_same_type_through():
