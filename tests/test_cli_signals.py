@@ -6,6 +6,7 @@ The first test is timed by what the program prints (the first step's progress li
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -37,8 +38,6 @@ def one_error_line(stderr: str) -> str:
 
 def read_until(stream, marker: bytes, timeout_s: float) -> bytes:
     """What the process wrote to `stream` up to and including `marker` (the progress bar has no newline)."""
-    import select
-
     seen, deadline = b"", time.monotonic() + timeout_s
     while marker not in seen and time.monotonic() < deadline:
         ready, _, _ = select.select([stream], [], [], 1.0)
