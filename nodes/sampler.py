@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..model_loader.flux import variant_problem
 from ..sampling.denoise import GenerationSettings, generate
 from ..sampling.gpu_acceleration import gpu_acceleration
 from ..sampling.inpaint import as_mask_batch, mask_problem
@@ -186,10 +187,9 @@ class KreaSampler:
         threshold = THRESHOLDS[acceleration]
         latent_shape = (num_images, LATENT_CHANNELS, height // 8, width // 8)
         flux = host.loaded_transformer(model, latent_shape, _step_cache_bytes(latent_shape) if threshold > 0 else 0)
-        channels = flux.module.img_in.weight.shape[1]
-        if channels != 4 * LATENT_CHANNELS:
-            raise ValueError(f"the model is a FLUX variant with {channels} input channels (e.g. FLUX Fill or "
-                             f"Kontext); Krea Sampler runs text-to-image FLUX.1 models ({4 * LATENT_CHANNELS}).")
+        problem = variant_problem(flux.module.img_in.weight.shape[1])  # (ComfyUI's host refuses before loading)
+        if problem is not None:
+            raise ValueError(problem)
         notes = []
         if threshold > 0 and not flux.is_pack_model:
             notes.append("step caching needs the Krea transformer (Krea Model Loader); this model ran every step")

@@ -28,7 +28,7 @@ import torch
 
 from ..model_loader import ModelFileError
 from ..nodes import NODE_DISPLAY_NAME_MAPPINGS
-from ..nodes.host import standalone_host
+from ..nodes.host import Interrupted, standalone_host
 from ..sampling.parameters import (
     ACCELERATION,
     GUIDANCE_SCALE,
@@ -148,12 +148,22 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises(stop: threading.Event | None = None) -> Iterator[None]:
+    """While inside, SIGTERM sets `stop` and raises Terminated wherever the main thread is.
+
+    The raise alone can be lost: Python runs the handler between any two bytecodes, and library code that catches
+    every exception swallows it (a bare `except:`, as in mpmath's backend probe that torch's lazy import of
+    torch._dynamo runs while the demo builds its models; a `__del__`, whose exceptions are only printed). `run`
+    hands `stop` to the host as its interrupt event, which the nodes check between nodes, before every
+    transformer block, every step, VAE tile and saved image: a swallowed raise stops the run at the next check.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum: int, frame: object) -> None:
+        if stop is not None:
+            stop.set()
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -179,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(("\n" if progress.line_open else "") + f"error: {message}\n")
         return code
 
+    stop = threading.Event()  # set by SIGTERM (sigterm_raises); nothing else sets it
     try:
-        with sigterm_raises():
+        with sigterm_raises(stop):
             if problem := torchrun_problem(args):
                 raise WorkflowError(problem)
             if args.command == "serve":
@@ -189,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                 return make_cert_command(args)
             if args.server is not None:
                 return run_remote_command(args)
-            return run_command(args, progress)
+            return run_command(args, progress, stop)
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C); the run stopped and nothing more was written.", 130)
-    except Terminated:
+    except (Terminated, Interrupted):  # Interrupted: `stop` seen by a check after the raise itself was swallowed
         return fail("terminated (SIGTERM); the run stopped and nothing more was written.", 143)
     except (*BAD_INPUT, FileExistsError) as err:
         return fail(str(err), 2)
@@ -201,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                     " (run again with --debug for the traceback)"), 1)
 
 
-def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
-    """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line)."""
+def run_command(args: argparse.Namespace, progress: TextProgress, stop: threading.Event | None = None) -> int:
+    """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line); `stop`
+    set (SIGTERM) stops the run at the host's next interrupt check, and between nodes."""
     classes = PACK_CLASSES
     prompt = api_prompt(read_workflow(args.workflow), local_definitions(classes, NODE_DISPLAY_NAME_MAPPINGS))
     problems = structure_problems(prompt, classes)  # before the options are written into the nodes
@@ -233,12 +245,14 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
                   "the install, the nodes and the workflow run.", file=sys.stderr)
             models, tokenizers = write_demo_models(Path(scratch_dir))
         host = standalone_host()
-        host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers)
+        host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers,
+                       interrupt=stop)
         prompt = processes.same_prompt(prompt)
         checked = check(prompt, classes)
         processes.preflight(prompt, host.torch_device(), check_memory=not args.no_memory_check)
         started = time.perf_counter()
-        uis = processes.run(checked)
+        uis = processes.run(checked, on_node=lambda node_id, kind: host.throw_if_interrupted())
+        host.throw_if_interrupted()  # a SIGTERM whose raise was swallowed after the last check is no success
     saved = [Path(output) / img["subfolder"] / img["filename"]
              for ui in uis.values() for img in ui.get("images", [])]
     report(prompt, uis, saved, started)

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +102,12 @@ class Processes:
             raise WorkflowError("the run does not fit: " + "; ".join(short) + ". Make fewer or smaller images, use "
                                 "weight_dtype fp8_e4m3fn (--set), or pass --no-memory-check to try anyway.")
 
-    def run(self, checked: CheckedPrompt) -> dict[str, dict]:
+    def run(self, checked: CheckedPrompt, on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
         """Rank 0 runs the whole workflow; the others what the samplers need, in the same order."""
         if self.rank == 0:
-            return run(checked)
+            return run(checked, on_node=on_node)
         samplers = [n for n, node in checked.prompt.items() if node.get("class_type") == "KreaSampler"]
-        return run(checked, only_for=samplers)
+        return run(checked, on_node=on_node, only_for=samplers)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import pytest
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 SCENARIOS = Path(__file__).resolve().parent / "comfyui_host" / "scenarios.py"
+MODEL_SCENARIOS = SCENARIOS.with_name("model_scenarios.py")
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="host tests need ComfyUI: run `../shared/comfyui/setup.sh DIR` and set COMFYUI_DIR to "
@@ -244,3 +245,48 @@ def test_each_validation_problem_is_read_once_under_the_input_it_is_about(tmp_pa
     assert set(sampler) == {"width", "guidance_scale"}  # height is fine: nothing is said under it
     assert sampler["width"].startswith("width must be a multiple of 16") and "1000" in sampler["width"]
     assert sampler["guidance_scale"] == "guidance_scale: nan is not a finite number"
+
+
+# ------------------------------------------------ what the pack tells ComfyUI, against ComfyUI's reading of the file
+
+def test_unequal_depths_reach_comfyui_as_the_file_has_them(tmp_path_factory):
+    """2 double and 3 single blocks: the config the pack hands ComfyUI (from which ComfyUI builds its LoRA key map)
+    equals ComfyUI's own detection on the file, and a diffusers LoRA on the last double and the last single block
+    finds both (a swap of the depths would map one of them to a block that does not exist)."""
+    result = scenario("tiny_unequal", tmp_path_factory, MODEL_SCENARIOS)
+    assert result["ours"] == result["comfyui"] and result["ours"]["depth"] == 2
+    assert result["ours"]["depth_single_blocks"] == 3
+    assert result["patched"] == ["diffusion_model.double_blocks.1.img_attn.qkv.weight",
+                                 "diffusion_model.single_blocks.2.linear1.weight"]
+
+
+def test_comfyuis_lora_key_map_is_the_same_on_the_pack_model_and_on_comfyuis_own(tmp_path_factory):
+    """Full width, 1 double and 2 single blocks, the same file under both loaders: comfy.lora.model_lora_keys_unet
+    gives the same map (kohya, diffusers, lycoris, OneTrainer and ComfyUI names to the same weights)."""
+    result = scenario("full_unequal", tmp_path_factory, MODEL_SCENARIOS)
+    assert result["holders"] == ["Flux", "Flux"] and result["diffusion_models"][0] != result["diffusion_models"][1]
+    assert result["keys"] > 100
+    assert result["equal"], (result["only_ours"], result["only_theirs"], result["different"])
+
+
+def test_the_memory_krea_sampler_asks_comfyui_for(tmp_path_factory):
+    """One pass over the batch per step (no negative prompt): what ComfyUI's own KSampler gives as the minimum for
+    the same latent, plus the step cache's two (B, tokens, 3072) residuals with acceleration on. On the CPU,
+    ComfyUI's estimate is batch x latent pixels x 0.15 x memory_usage_factor MiB."""
+    result = scenario("memory", tmp_path_factory, MODEL_SCENARIOS)
+    batch, latent_pixels = 2, (48 // 8) * (64 // 8)
+    assert result["memory_usage_factor"] == 3.1 and result["attention_formula"] == "other"
+    estimate = batch * latent_pixels * 0.15 * 3.1 * 1024 * 1024
+    assert abs(result["none"]["memory_required"] - estimate) < 1
+    assert result["none"]["memory_required"] == result["ksampler"]["minimum_memory_required"]
+    cache = 2 * batch * (latent_pixels // 4) * 3072 * 4
+    assert result["regular"]["memory_required"] - result["none"]["memory_required"] == cache
+
+
+@pytest.mark.parametrize("name, latent_channels, variant", [("fill", 96, "FLUX.1 Fill"),
+                                                            ("depth", 32, "FLUX.1 Depth or FLUX.1 Canny")])
+def test_a_flux_variant_with_other_input_features_is_refused_before_loading(tmp_path_factory, name,
+                                                                          latent_channels, variant):
+    result = scenario("variants", tmp_path_factory, MODEL_SCENARIOS)[name]
+    assert result["ours"] == result["comfyui"] == latent_channels  # what ComfyUI reads off the same file
+    assert result["error"].startswith(f"the model is {variant}") and result["load_calls"] == 0

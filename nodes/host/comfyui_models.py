@@ -20,6 +20,7 @@ import comfy.supported_models  # type: ignore[import-not-found]
 import torch
 
 from ...model_loader import FluxTransformer, load_flux
+from ...model_loader.flux import variant_problem
 from ...model_loader.operations import OperationsFor, WeightStorage
 from .interface import LoadedTransformer
 
@@ -89,6 +90,12 @@ def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int
     if not isinstance(model, comfy.model_patcher.ModelPatcher) or not isinstance(holder, comfy.model_base.Flux):
         raise ValueError(f"Krea Sampler needs a FLUX.1 MODEL (Krea Model Loader, or ComfyUI's Load Diffusion Model "
                          f"with a FLUX.1 file); the connected model is {describe_model(model)}.")
+    # The variant is known from the config ComfyUI holds: refused before any weight moves (unet_config counts
+    # latent channels, 2x2 patches packed into each token).
+    unet_config = holder.model_config.unet_config
+    problem = variant_problem(unet_config.get("in_channels", 16) * unet_config.get("patch_size", 2) ** 2)
+    if problem is not None:
+        raise ValueError(problem)
     memory_required = holder.memory_required(latent_shape) + extra_bytes
     model_management.load_models_gpu([model], memory_required=memory_required)
     module = holder.diffusion_model
