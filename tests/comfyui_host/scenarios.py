@@ -27,7 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint  # noqa: E402
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
-from comfyui_krea.nodes.host import IN_COMFYUI  # noqa: E402
+from comfyui_krea.nodes.host import IN_COMFYUI, ModelSlot, host  # noqa: E402
 
 # vec_in_dim 768: CLIP-L's pooled vector (ComfyUI builds CLIP-L at its one size).
 TINY = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=48, hidden_size=64,
@@ -46,13 +46,12 @@ def setup_folders(work: Path, config: FluxConfig, dtype: torch.dtype = torch.flo
         (work / folder).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(work / folder), is_default=True)
     write_random_flux_checkpoint(work / "diffusion_models" / "krea.safetensors", config, seed=1, dtype=dtype)
-    for name in ("text_encoders/clip_l.safetensors", "text_encoders/t5.safetensors", "vae/ae.safetensors"):
-        (work / name).write_bytes(b"")  # the loader node only checks that these exist; nothing reads them here
 
 
 def krea_model(weight_dtype: str = "default", name: str = "krea.safetensors"):
-    loader = NODE_CLASS_MAPPINGS["KreaModelLoader"]()
-    return loader.load(name, weight_dtype, "clip_l.safetensors", "t5.safetensors", "ae.safetensors")[0]
+    """What KreaModelLoader outputs as MODEL for a transformer file (its CLIP and VAE: write_other_models)."""
+    return host.transformer_model(host.model_path("diffusion_models", name), weight_dtype, host.torch_device(),
+                                  ModelSlot())
 
 
 def write_loras(work: Path, config: FluxConfig) -> dict[str, dict]:
