@@ -111,7 +111,7 @@ def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int
 
 
 def managed_model(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
-    """A plain ModelPatcher over one of the pack's other models (text encoders, VAE, classifier)."""
+    """A plain ModelPatcher over the pack's safety classifier."""
     return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
 
 
@@ -182,10 +182,11 @@ def encode_prompt(clip: Any, prompt: str, tokenizers: tuple[FixedLengthTokenizer
     """CONDITIONING for `prompt` from ComfyUI's FLUX CLIP, with the pack's tokenizers' ids (diffusers' and fal's:
     T5 512 tokens, CLIP 77, the text taken literally) instead of ComfyUI's prompt syntax; ComfyUI encodes them
     (its LoRA patches and hooks on the CLIP apply)."""
+    clip = flux_clip_input(clip)
     clip_tokenizer, t5_tokenizer = tokenizers
     tokens = {"l": [[(int(i), 1.0) for i in clip_tokenizer([prompt]).ids[0]]],
               "t5xxl": [[(int(i), 1.0) for i in t5_tokenizer([prompt]).ids[0]]]}
-    return flux_clip_input(clip).encode_from_tokens_scheduled(tokens)
+    return clip.encode_from_tokens_scheduled(tokens)
 
 
 def encode_pixels(vae: Any, images: torch.Tensor) -> torch.Tensor:
