@@ -30,8 +30,8 @@ class KreaModelLoader:
     DESCRIPTION = ("Loads FLUX.1 Krea [dev] as ComfyUI's standard types: the transformer (diffusion_models) as a "
                    "MODEL that ComfyUI's LoRA loaders, samplers and memory management work with, CLIP-L and T5-XXL "
                    "(text_encoders) as a CLIP (its T5 reads 512 tokens, as fal and diffusers do) and the autoencoder "
-                   "(vae) as a VAE, which ComfyUI's own text, VAE, inpainting and Redux nodes take too. Changing "
-                   "one file reloads that model only.")
+                   "(vae) as a VAE, which ComfyUI's own text, VAE and inpainting nodes take too. Changing one file "
+                   "reloads that model only.")
     CATEGORY = "Krea/loaders"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")

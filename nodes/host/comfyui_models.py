@@ -7,7 +7,7 @@ its weights read `diffusion_model.double_blocks.N...` and ComfyUI's LoRA key map
 and out-of-memory recovery treat it as they treat ComfyUI's own FLUX. The text encoders and the VAE are
 ComfyUI's own models (`comfy.sd.CLIP` of type FLUX and `comfy.sd.VAE`, as DualCLIPLoader and VAELoader make
 them), built from the tensors the pack's readers find in any file the pack accepts, so ComfyUI's text, VAE,
-inpainting, LoRA and Redux nodes take them. Nothing here subclasses or patches ModelPatcher or
+inpainting and LoRA nodes take them. Nothing here subclasses or patches ModelPatcher or
 model_management, and the pack keeps no reference of its own to the models it hands out.
 Imported only inside ComfyUI (by comfyui_host.py).
 """
