@@ -57,17 +57,17 @@ def text_to_image(extra_nodes=(), extra_links=(), decode_image_link=7, **changes
     """The shipped text-to-image graph, as nodes and links the tests can rewire."""
     nodes = [
         node(1, "KreaModelLoader", ["m.safetensors", "default", "c.safetensors", "t.safetensors", "v.safetensors"]),
-        node(2, "KreaTextEncode", ["a fox"], [{"name": "text_encoder", "type": "KREA_TEXT_ENCODER", "link": 1}]),
+        node(2, "KreaTextEncode", ["a fox"], [{"name": "text_encoder", "type": "CLIP", "link": 1}]),
         node(3, "KreaSampler", ["custom", 64, 48, 2, 4.5, 42, "randomize", 1, "none", 0.95],
              [{"name": "model", "type": "MODEL", "link": 2}, {"name": "conditioning", "type": "CONDITIONING",
                                                              "link": 3}]),
-        node(4, "KreaDecode", [], [{"name": "vae", "type": "KREA_VAE", "link": 5},
+        node(4, "KreaDecode", [], [{"name": "vae", "type": "VAE", "link": 5},
                                    {"name": "samples", "type": "LATENT", "link": 6}]),
         node(6, "KreaSaveImage", ["krea/krea", "png", 95], [{"name": "images", "type": "IMAGE",
                                                               "link": decode_image_link}]),
         *extra_nodes]
-    links = [[1, 1, 1, 2, 0, "KREA_TEXT_ENCODER"], [2, 1, 0, 3, 0, "MODEL"], [3, 2, 0, 3, 1, "CONDITIONING"],
-             [5, 1, 2, 4, 0, "KREA_VAE"], [6, 3, 0, 4, 1, "LATENT"], [7, 4, 0, 6, 0, "IMAGE"], *extra_links]
+    links = [[1, 1, 1, 2, 0, "CLIP"], [2, 1, 0, 3, 0, "MODEL"], [3, 2, 0, 3, 1, "CONDITIONING"],
+             [5, 1, 2, 4, 0, "VAE"], [6, 3, 0, 4, 1, "LATENT"], [7, 4, 0, 6, 0, "IMAGE"], *extra_links]
     for node_id, fields in changes.items():
         next(n for n in nodes if n["id"] == int(node_id[1:])).update(fields)
     return {"nodes": nodes, "links": links, "groups": [{"title": "a group", "bounding": [0, 0, 10, 10]}],
@@ -133,8 +133,8 @@ def test_reroutes_pass_through_and_a_primitive_writes_its_value():
 
 def test_a_widget_turned_into_an_input_takes_its_link():
     graph = text_to_image(extra_nodes=[node(12, "KreaTextEncode", ["other"], [
-        {"name": "text_encoder", "type": "KREA_TEXT_ENCODER", "link": 30}])],
-        extra_links=[[30, 1, 1, 12, 0, "KREA_TEXT_ENCODER"]])
+        {"name": "text_encoder", "type": "CLIP", "link": 30}])],
+        extra_links=[[30, 1, 1, 12, 0, "CLIP"]])
     prompt = to_api(graph, DEFINITIONS)
     assert prompt["12"]["inputs"] == {"prompt": "other", "text_encoder": ["1", 1]}
 

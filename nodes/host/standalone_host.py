@@ -1,7 +1,8 @@
 """The host outside ComfyUI (the command line, the fal server, tests): a models folder with ComfyUI's layout, an
 output folder, the compute device torch offers, and an interrupt event, all set with `configure`.
 
-The transformer's MODEL here is a `TransformerHandle` that loads on first use, through the one model cache.
+The loader's MODEL, CLIP and VAE here are handles that load the pack's own modules on first use, through the one
+model cache (standalone_models.py).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from typing import Any
 
 import torch
 
-from ...model_loader import load_flux
 from ...sampling.denoise import StepCallback
 from .folders import MODEL_EXTENSIONS, MODEL_FOLDERS
-from .holding import LatestPerKind, cached_load
+from .holding import LatestPerKind, ModelSlot
 from .interface import Host, LoadedTransformer, WorkCallback
+from .standalone_models import TextEncoderHandle, TransformerHandle, VaeHandle, as_handle
 
 
 class Interrupted(Exception):
@@ -35,24 +36,6 @@ class StandaloneSettings:
     interrupt: threading.Event | None = None  # set: the running workflow stops before the next transformer block
     # The processes that sample each image together (sequence parallelism, sampling/sequence_parallel.py); None: one
     process_group: Any = None
-
-
-def file_key(path: Path) -> tuple[str, int, int]:
-    """What tells one model file from another: its resolved path, size and modification time."""
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@dataclass(frozen=True)
-class TransformerHandle:
-    """MODEL outside ComfyUI: the FLUX transformer file and how to hold its weights, loaded on first use."""
-    path: Path
-    weight_dtype: str
-    device: torch.device
-
-    def load(self):
-        key = (file_key(self.path), self.weight_dtype, str(self.device))
-        return cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
 
 
 class StandaloneHost(Host):
@@ -167,9 +150,26 @@ class StandaloneHost(Host):
     def metadata_enabled(self) -> bool:
         return True
 
-    # -- the transformer -----------------------------------------------------------------------------------
-    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device) -> TransformerHandle:
+    # -- the models the loader hands out -------------------------------------------------------------------
+    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device,
+                          slot: ModelSlot) -> TransformerHandle:
         return TransformerHandle(path, weight_dtype, device)
+
+    def text_encoder_model(self, clip_path: Path, t5_path: Path, slot: ModelSlot) -> TextEncoderHandle:
+        return TextEncoderHandle(clip_path, t5_path, self.tokenizer_dir(), self.torch_device(),
+                                 self.shipped_tokenizer_dirs())
+
+    def vae_model(self, path: Path, slot: ModelSlot) -> VaeHandle:
+        return VaeHandle(path, self.torch_device())
+
+    def encode_prompt(self, text_encoder: Any, prompt: str) -> list:
+        return as_handle(text_encoder, TextEncoderHandle, "text_encoder").encode(prompt)
+
+    def encode_pixels(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
+        return as_handle(vae, VaeHandle, "vae").encode(images, self.work_progress(1))
+
+    def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        return as_handle(vae, VaeHandle, "vae").decode(latents, self.work_progress(1))
 
     def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
         module = model.load()
