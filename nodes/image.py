@@ -81,7 +81,8 @@ class KreaEncodeImage:
                                    antialias=True).clamp_(0.0, 1.0)
         model = vae.load()
         vae.ready(model.pass_bytes("encode", pixels.shape[0], new_h // 8, new_w // 8, host.model_devices("vae")[0]))
-        latents = model.encode(pixels * 2.0 - 1.0, callback=host.work_progress(1))
+        latents = model.encode(pixels * 2.0 - 1.0, callback=host.work_progress(1),
+                               interrupt=host.block_interrupt_check())
         return ({"samples": latents.to(host.intermediate_device())},)
 
 
@@ -124,7 +125,8 @@ class KreaDecode:
         model = vae.load()
         b, _, h, w = latent.shape
         vae.ready(model.pass_bytes("decode", b, h, w, host.model_devices("vae")[0]))
-        pixels = model.decode(latent.float(), callback=host.work_progress(1))  # (B, 3, H, W) in [-1, 1]
+        pixels = model.decode(latent.float(), callback=host.work_progress(1),  # (B, 3, H, W) in [-1, 1]
+                              interrupt=host.block_interrupt_check())
         images = ((pixels + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1)
         return (images.to("cpu", torch.float32).contiguous(),)
 
