@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import urllib.parse
-from collections.abc import Collection
 
 from aiohttp import web
 
@@ -55,7 +55,8 @@ def host_name(host: str) -> str | None:
     return name.rstrip(".")
 
 
-def host_problem(host: str | None, allowed: Collection[str]) -> str | None:
+@functools.lru_cache(maxsize=256)  # clients send the same few values on every call
+def host_problem(host: str | None, allowed: frozenset[str]) -> str | None:
     """Why a request with this Host header is refused (None: it is taken): an IP address, localhost and the
     `allowed` names are taken."""
     if not host:

@@ -177,6 +177,19 @@ def test_3_serve_bounds_its_connections(server):
     assert call(server, "GET", "queue/fal-ai/flux/requests/none/status")[0] == 404  # served again
 
 
+def test_3_serve_closes_a_connection_that_never_finishes_its_headers(server):
+    if server.name != "serve":
+        pytest.skip("inside ComfyUI, connection timeouts are ComfyUI's server's (docs/fal-protocol.md)")
+    with tls_socket(server, timeout=40) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and nothing more
+        started = time.monotonic()
+        try:
+            closed = sock.recv(1) == b""
+        except OSError:
+            closed = True
+    assert closed and time.monotonic() - started < 25, time.monotonic() - started  # IDLE_TIMEOUT_S is 15 s
+
+
 def test_4_upload_fields_and_bytes_are_bounded(server):
     status, _, answer = call(server, "POST", "storage/upload/initiate",
                              json_body={"content_type": "x" * 60_000, "file_name": "a.png"})
