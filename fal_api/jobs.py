@@ -147,16 +147,11 @@ class JobStore:
         self._lock = threading.Lock()
         self._next_expiry = 0.0
 
-    def add(self, job: Job) -> None:
-        with self._lock:
-            self._jobs[job.id] = job
-        job.on_end(lambda: self._ended(job))
-
     def add_if_room(self, job: Job) -> bool:
         """Adds `job` when fewer than max_active are waiting or running, in one step (so that requests awaiting
         their images cannot all pass the check before any is added); False when the queue is full."""
         with self._lock:
-            if sum(1 for other in self._jobs.values() if not other.done) >= self.max_active:
+            if self._active() >= self.max_active:
                 return False
             self._jobs[job.id] = job
         job.on_end(lambda: self._ended(job))
@@ -169,8 +164,13 @@ class JobStore:
                 del self._jobs[job.id]
 
     def load(self) -> int:
-        """The records kept on disk, back in the store; how many."""
-        restored = self.records.load(self.retention_s) if self.records is not None else []
+        """The records kept on disk (the newest max_records of them), back in the store; how many."""
+        if self.records is None:
+            return 0
+        restored = sorted(self.records.load(self.retention_s), key=lambda job: job.finished or 0.0)
+        for old in restored[:max(0, len(restored) - self.max_records)]:
+            self.records.remove(old.id)
+        restored = restored[max(0, len(restored) - self.max_records):]
         with self._lock:
             for job in restored:
                 self._jobs.setdefault(job.id, job)
@@ -196,8 +196,12 @@ class JobStore:
             return self._jobs.get(request_id)
 
     def active(self) -> int:
+        """Requests waiting or running."""
         with self._lock:
-            return sum(1 for job in self._jobs.values() if not job.done)
+            return self._active()
+
+    def _active(self) -> int:
+        return sum(1 for job in self._jobs.values() if not job.done)
 
     def expire(self, now: float | None = None) -> None:
         """Drop the records past retention (a scan of all: called on every lookup, so done once a minute)."""

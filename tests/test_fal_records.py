@@ -103,5 +103,9 @@ def test_at_most_max_records_ended_records_are_kept(tmp_path):
             assert kept == set(ids[2:])
             records = tmp_path / "output" / "fal" / RECORDS_SUBFOLDER
             assert {p.stem for p in records.iterdir()} == set(ids[2:])
+            return ids
 
-    asyncio.run(scenario())
+    ids = asyncio.run(scenario())
+    restarted = make_service(tmp_path, max_records=2)  # a restart with a lower bound keeps the newest
+    assert {job.id for job in restarted.jobs.all()} == set(ids[3:])
+    assert {p.stem for p in (tmp_path / "output" / "fal" / RECORDS_SUBFOLDER).iterdir()} == set(ids[3:])

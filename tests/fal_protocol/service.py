@@ -65,11 +65,12 @@ class ModelFreeBackend:
 
 
 def make_service(root: Path, retention_s: float = HOUR, max_active: int = 8, records: bool = True,
-                 hold: bool = False, quota_bytes: int = 1 << 30, **options) -> FalService:
+                 hold: bool = False, quota_bytes: int = 1 << 30, max_records: int = 4096, **options) -> FalService:
     uploads = Uploads(root / "uploads", retention_s, quota_bytes=quota_bytes)
     uploads.prepare()
     backend = ModelFreeBackend(root / "output", hold=hold)
-    jobs = JobStore(retention_s, max_active, RecordFolder(root / "output" / RESULTS_SUBFOLDER) if records else None)
+    jobs = JobStore(retention_s, max_active, RecordFolder(root / "output" / RESULTS_SUBFOLDER) if records else None,
+                    max_records)
     jobs.load()
     return FalService(backend=backend, uploads=uploads, jobs=jobs, **options)
 
