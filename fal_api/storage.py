@@ -32,8 +32,9 @@ from .settings import UPLOAD_QUOTA_MB
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 SLOT_S = 3600.0  # an upload slot (initiate, then one PUT) is good for an hour
 # The formats an upload may have, and the one type each is served with (none of them runs script in a browser).
-IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
-               "BMP": "image/bmp", "TIFF": "image/tiff"}
+# (MPO: a JPEG that holds more than one picture, as some cameras write; PIL tells it apart.)
+IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp",
+               "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
 _ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 

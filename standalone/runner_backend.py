@@ -32,7 +32,6 @@ from .runner import CheckedPrompt, WorkflowError, run, validate
 
 log = logging.getLogger(__name__)
 
-
 SERVER_ADVICE = "Ask for fewer or smaller images."
 
 
@@ -86,10 +85,10 @@ class RunnerBackend:
         with self._lock:
             return next((index for index, waiting in enumerate(self._order) if waiting is job), None)
 
-    def cancel(self, job: Job, reason: str = "the request was cancelled while it waited") -> None:
+    def cancel(self, job: Job) -> None:
         with self._lock:
             if self._take_waiting(job):
-                job.complete(error=reason, error_type=CANCELLED)
+                job.complete(error="the request was cancelled while it waited", error_type=CANCELLED)
                 return
             running = self._running is job
         if running:
