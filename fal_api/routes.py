@@ -45,7 +45,7 @@ from .jobs import CANCELLED, COMPLETED, Job, JobStore
 from .records import RecordFolder
 from .remote_fetch import fetch_image_bytes
 from .schema import InputError, field_error
-from .settings import API_KEY_ENV, BODY_GRACE_S, BODY_MIN_RATE, MAX_MEGAPIXELS, MEGAPIXEL, ServiceSettings, truthy
+from .settings import API_KEY_ENV, BODY_GRACE_S, BODY_MIN_RATE, ServiceSettings, truthy
 from .size_limit import SIZE_FIELD, check_requested_size
 from .storage import Uploads
 from .workflow import RESULTS_SUBFOLDER, workflow_for
@@ -81,7 +81,7 @@ class FalService:
     api_key: str | None = None
     allow_remote_images: bool = False
     fetch: Callable[[str], Awaitable[bytes]] = field(default=fetch_image_bytes)
-    max_pixels: int = int(MAX_MEGAPIXELS * MEGAPIXEL)  # per image made
+    max_pixels: int = ServiceSettings().max_pixels  # per image made
     allowed_hosts: frozenset[str] = frozenset()  # Host names taken besides IP addresses and localhost
     body_grace_s: float = BODY_GRACE_S
     body_min_rate: float = BODY_MIN_RATE

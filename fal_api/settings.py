@@ -66,13 +66,28 @@ class ServiceSettings:
 
     @classmethod
     def from_environment(cls) -> ServiceSettings:
-        """Inside ComfyUI: the settings from the environment variables above."""
-        return cls(retention_hours=float(os.environ.get(RETENTION_ENV, str(RETENTION_HOURS))),
-                   max_queue=int(os.environ.get(MAX_QUEUE_ENV, str(MAX_QUEUE))),
+        """Inside ComfyUI: the settings from the environment variables above; ValueError naming the variable when
+        one is not a number above 0."""
+        return cls(retention_hours=env_number(RETENTION_ENV, RETENTION_HOURS),
+                   max_queue=int(env_number(MAX_QUEUE_ENV, MAX_QUEUE, whole=True)),
                    allow_remote_images=truthy(os.environ.get(REMOTE_IMAGES_ENV)), api_key=api_key_from_env(),
-                   max_megapixels=float(os.environ.get(MAX_MEGAPIXELS_ENV, str(MAX_MEGAPIXELS))),
-                   upload_quota_mb=float(os.environ.get(UPLOAD_QUOTA_ENV, str(UPLOAD_QUOTA_MB))),
+                   max_megapixels=env_number(MAX_MEGAPIXELS_ENV, MAX_MEGAPIXELS),
+                   upload_quota_mb=env_number(UPLOAD_QUOTA_ENV, UPLOAD_QUOTA_MB),
                    allowed_hosts=host_list(os.environ.get(ALLOWED_HOSTS_ENV, "")))
+
+
+def env_number(name: str, default: float, whole: bool = False) -> float:
+    """The environment variable `name` as a number above 0 (`default` when unset)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        value = 0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={text[:50]!r} is not a {'whole ' if whole else ''}number above 0")
+    return value
 
 
 def api_key_from_env() -> str | None:

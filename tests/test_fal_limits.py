@@ -318,3 +318,20 @@ def test_a_dropped_status_stream_logs_nothing(tmp_path, caplog):
         run(scenario)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")], caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_the_limits_inside_comfyui_come_from_checked_environment_variables(monkeypatch):
+    from comfyui_krea.fal_api.settings import ServiceSettings
+
+    monkeypatch.setenv("KREA_FAL_MAX_MEGAPIXELS", "2.5")
+    monkeypatch.setenv("KREA_FAL_UPLOAD_QUOTA_MB", "64")
+    monkeypatch.setenv("KREA_FAL_ALLOWED_HOSTS", " Fal.Example., other.example ,")
+    settings = ServiceSettings.from_environment()
+    assert settings.max_pixels == int(2.5 * 1024 * 1024) and settings.upload_quota_bytes == 64 << 20
+    assert settings.allowed_hosts == ("fal.example", "other.example")
+    for name, value in (("KREA_FAL_MAX_MEGAPIXELS", "nan"), ("KREA_FAL_UPLOAD_QUOTA_MB", "-1"),
+                        ("KREA_FAL_MAX_QUEUE", "2.5")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            ServiceSettings.from_environment()
+        monkeypatch.delenv(name)

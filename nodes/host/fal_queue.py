@@ -152,9 +152,14 @@ def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int], N
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return None
+    try:
+        settings = ServiceSettings.from_environment()
+    except ValueError as err:  # the nodes keep working; the protocol stays off until the setting is fixed
+        log.error("fal protocol not served under %s: %s", PREFIX, err)
+        return None
     uploads_folder = Path(folder_paths.get_input_directory()) / "fal-uploads"
     backend = ComfyQueueBackend(server, uploads_folder)
-    service = FalService.create(backend, uploads_folder, ServiceSettings.from_environment(), prefix=PREFIX)
+    service = FalService.create(backend, uploads_folder, settings, prefix=PREFIX)
     add_fal_routes(server.routes, service)
     add_step_listener(backend.on_step)
     log.info("fal protocol at %s (FAL_RUN_HOST=HOST:PORT%s)", PREFIX, PREFIX)
