@@ -16,11 +16,13 @@ ComfyUI (where every model stays loaded once used):
 
 It is compared with what the machine has free: on a GPU, torch.cuda.mem_get_info; on the CPU, MemAvailable of
 /proc/meminfo (else the free physical pages). A run that does not fit is refused with the numbers;
-`--no-memory-check` runs it anyway.
+`--no-memory-check` runs it anyway. `serve` makes the same check before it queues a request, against what was free
+when it started (its models then stay loaded, so what is free later would count them twice), with the input
+image's size given by the request's decoded image.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,11 @@ ACTIVATION_VECTORS = 14  # hidden-size vectors per token held at a single block'
 SEQUENCE_PARALLEL_VECTORS = 12  # per local token: send and receive buffers of q, k, v, reordered copies, output
 PICTURE_COPIES = 4  # float32 copies of a decoded or input picture alive at once (pixels, clamp, permute, save)
 GIB = 1024**3
+CLI_ADVICE = ("Make fewer or smaller images, use weight_dtype fp8_e4m3fn (--set), or pass --no-memory-check to try "
+              "anyway.")
+
+# LoadImage's `image` value -> the (width, height) Krea Encode Image makes of it; None when unknown here.
+ImageSizeOf = Callable[[object], "tuple[int, int] | None"]
 
 MODEL_INPUTS = (("model_name", "diffusion_models"), ("clip_name", "text_encoders"), ("t5_name", "text_encoders"),
                 ("vae_name", "vae"))
@@ -91,7 +98,8 @@ def _image_size(path: object) -> tuple[int, int] | None:
     return nearest_multiple(width), nearest_multiple(height)  # as Krea Encode Image resizes it
 
 
-def estimate(prompt: Mapping[str, dict], ranks: int = 1) -> MemoryEstimate | None:
+def estimate(prompt: Mapping[str, dict], ranks: int = 1,
+             image_size: ImageSizeOf = _image_size) -> MemoryEstimate | None:
     """The peak memory of the workflow's run, per process when `ranks` processes share each image (None when it
     has no sampler whose size is known here)."""
     weights, hidden = 0, 0
@@ -112,7 +120,7 @@ def estimate(prompt: Mapping[str, dict], ranks: int = 1) -> MemoryEstimate | Non
             continue
         inputs = node["inputs"]
         batch = inputs.get("num_images", 1)
-        size = _sampler_size(prompt, inputs)
+        size = _sampler_size(prompt, inputs, image_size)
         if size is None or not isinstance(batch, int):
             continue
         width, height = size
@@ -129,7 +137,7 @@ def estimate(prompt: Mapping[str, dict], ranks: int = 1) -> MemoryEstimate | Non
     return MemoryEstimate(weights, activations, pictures, ", ".join(summaries))
 
 
-def _sampler_size(prompt: Mapping[str, dict], inputs: dict) -> tuple[int, int] | None:
+def _sampler_size(prompt: Mapping[str, dict], inputs: dict, image_size: ImageSizeOf) -> tuple[int, int] | None:
     """(width, height) the sampler makes: the preset, the custom size, or the input image's (image-to-image)."""
     latent = inputs.get("latent")
     if is_link(latent):
@@ -138,7 +146,7 @@ def _sampler_size(prompt: Mapping[str, dict], inputs: dict) -> tuple[int, int] |
         loader = prompt.get(image[0], {}) if is_link(image) else {}
         if loader.get("class_type") != "LoadImage":
             return None
-        return _image_size(loader.get("inputs", {}).get("image"))
+        return image_size(loader.get("inputs", {}).get("image"))
     image_size = inputs.get("image_size")
     if image_size in IMAGE_SIZES:
         return IMAGE_SIZES[image_size]
@@ -148,15 +156,16 @@ def _sampler_size(prompt: Mapping[str, dict], inputs: dict) -> tuple[int, int] |
     return None
 
 
-def memory_problem(prompt: Mapping[str, dict], device: torch.device) -> str | None:
-    """Why the run would not fit in memory, with the numbers (None: it fits, or its size is not known)."""
-    need = estimate(prompt)
+def memory_problem(prompt: Mapping[str, dict], device: torch.device, image_size: ImageSizeOf = _image_size,
+                   available: tuple[int, str] | None = None, advice: str = CLI_ADVICE) -> str | None:
+    """Why the run would not fit in memory, with the numbers (None: it fits, or its size is not known);
+    `available`: (bytes, where) to compare with instead of what the device has free now."""
+    need = estimate(prompt, image_size=image_size)
     if need is None:
         return None
-    free, where = available_memory(device)
+    free, where = available if available is not None else available_memory(device)
     if need.total <= free:
         return None
     return (f"this run needs about {need.total / GIB:.1f} GiB ({need.summary}: model weights "
             f"{need.weights / GIB:.1f} GiB, transformer activations {need.activations / GIB:.1f} GiB, images "
-            f"{need.pictures / GIB:.1f} GiB) but {where} has {free / GIB:.1f} GiB free. Make fewer or smaller "
-            "images, use weight_dtype fp8_e4m3fn (--set), or pass --no-memory-check to try anyway.")
+            f"{need.pictures / GIB:.1f} GiB) but {where} has {free / GIB:.1f} GiB free. {advice}")

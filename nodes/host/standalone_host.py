@@ -166,10 +166,10 @@ class StandaloneHost(Host):
         return as_handle(text_encoder, TextEncoderHandle, "text_encoder").encode(prompt)
 
     def encode_pixels(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
-        return as_handle(vae, VaeHandle, "vae").encode(images, self.work_progress(1))
+        return as_handle(vae, VaeHandle, "vae").encode(images, self.work_progress(1), self.block_interrupt_check())
 
     def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        return as_handle(vae, VaeHandle, "vae").decode(latents, self.work_progress(1))
+        return as_handle(vae, VaeHandle, "vae").decode(latents, self.work_progress(1), self.block_interrupt_check())
 
     def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
         module = model.load()

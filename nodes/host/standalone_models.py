@@ -15,6 +15,7 @@ from typing import TypeVar
 import torch
 
 from ...model_loader import load_autoencoder, load_flux, load_text_encoders
+from ...model_loader.autoencoder.model import InterruptCheck
 from .holding import cached_load, file_key
 
 TileProgress = Callable[[int, int], None]  # update(done, total), once per VAE tile
@@ -66,14 +67,17 @@ class VaeHandle:
         key = (file_key(self.path), str(self.device))
         return cached_load("vae", key, lambda: load_autoencoder(self.path, self.device))
 
-    def encode(self, images: torch.Tensor, progress: TileProgress) -> torch.Tensor:
-        """IMAGE (B, H, W, 3) in 0..1, sides multiples of 8 -> raw latents (B, 16, H/8, W/8) float32."""
+    def encode(self, images: torch.Tensor, progress: TileProgress,
+               interrupt: InterruptCheck | None = None) -> torch.Tensor:
+        """IMAGE (B, H, W, 3) in 0..1, sides multiples of 8 -> raw latents (B, 16, H/8, W/8) float32;
+        `interrupt` is checked before every block of every tile."""
         pixels = images.permute(0, 3, 1, 2) * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1]
-        return self.load().encode(pixels, callback=progress)
+        return self.load().encode(pixels, callback=progress, interrupt=interrupt)
 
-    def decode(self, latents: torch.Tensor, progress: TileProgress) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: TileProgress,
+               interrupt: InterruptCheck | None = None) -> torch.Tensor:
         """Raw latents (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in 0..1 on the CPU."""
-        pixels = self.load().decode(latents.float(), callback=progress)  # (B, 3, H, W) in [-1, 1]
+        pixels = self.load().decode(latents.float(), callback=progress, interrupt=interrupt)  # (B, 3, H, W)
         images = ((pixels + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1)
         return images.to("cpu", torch.float32).contiguous()
 
