@@ -133,3 +133,10 @@ CastOps = types.SimpleNamespace(
     GroupNorm=nn.GroupNorm,
     Embedding=nn.Embedding,
 )
+
+
+def unfilled_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An Embedding whose (num_embeddings, dim) table is left unfilled, for models built on the meta device and
+    then assigned their weights. nn.Embedding(...) itself draws normal values, which on the meta device goes
+    through torch's reference ops and imports its compiler stack: seconds at every start, for nothing."""
+    return nn.Embedding.from_pretrained(torch.empty(num_embeddings, dim), freeze=True)
