@@ -113,6 +113,11 @@ def stand_ins(calls: Calls) -> dict[str, types.ModuleType]:
             vae_device=lambda: torch.device("meta"), vae_offload_device=lambda: CPU),
         "comfy.model_patcher": module("comfy.model_patcher", ModelPatcher=ModelPatcher),
         "comfy.ops": module("comfy.ops", pick_operations=pick_operations, scaled_fp8_ops=scaled_fp8_ops),
+        # The text encoders and VAE are ComfyUI's own classes, checked against the real ComfyUI in the host tests.
+        "comfy.sd": module("comfy.sd", CLIP=type("CLIP", (), {}), VAE=type("VAE", (), {}),
+                           CLIPType=types.SimpleNamespace(FLUX="flux")),
+        "comfy.text_encoders": module("comfy.text_encoders"),
+        "comfy.text_encoders.flux": module("comfy.text_encoders.flux", FluxClipModel=type("FluxClipModel", (), {})),
         "comfy.supported_models": module("comfy.supported_models", Flux=SupportedFlux),
         "comfy.utils": module("comfy.utils", ProgressBar=ProgressBar, __file__="/comfyui/comfy/utils.py"),
         "comfy.latent_formats": module("comfy.latent_formats", Flux=lambda: "flux latent format"),
