@@ -45,7 +45,7 @@ from ..sampling.parameters import (
 )
 from .node_classes import PACK_CLASSES
 from .overrides import api_prompt, apply_overrides, is_image_to_image, option_problems, read_workflow, unused_options
-from .preflight import memory_problem
+from .preflight import lora_problems, memory_problem
 from .runner import WorkflowError, check, run, structure_problems
 from .serve_commands import OptionError, add_serve_commands, make_cert_command, serve_command
 from .ui_workflow import local_definitions
@@ -102,6 +102,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
                    help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:STRENGTH]",
+                   help="merge a LoRA from the loras folder of --models into the transformer, at STRENGTH (default "
+                        "1; -100 to 100); repeatable. Written into the workflow as LoraLoaderModelOnly nodes")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
                    help="set any input of a node, e.g. --set 6.quality=80 (value parsed as JSON, else a string)")
     p.add_argument("--demo", action="store_true",
@@ -231,6 +234,9 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
         host = standalone_host()
         host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers)
         checked = check(prompt, classes)
+        problems = lora_problems(prompt)  # each LoRA against its base transformer's header
+        if problems:
+            raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
         if not args.no_memory_check:
             problem = memory_problem(prompt, host.torch_device())
             if problem:

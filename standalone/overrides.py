@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..fal_api.fields import LOAD_IMAGE, SAFETY_CHECK, SAMPLER, SAVE_IMAGE, TEXT_ENCODE, write_inputs
+from ..fal_api.lora_nodes import MODEL_SOURCES, STRENGTH_RANGE, add_loras
 from ..image_io.load import image_file_problem
 from ..sampling.parameters import (
     CUSTOM_SIZE,
@@ -53,6 +54,8 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
         "--format": (args.output_format, SAVE_IMAGE in classes, "a Krea Save Image node"),
         "--no-safety-checker": (args.no_safety_checker or None, SAFETY_CHECK in classes,
                                 "a Krea Safety Check node"),
+        "--lora": (getattr(args, "lora", None) or None, bool(classes & set(MODEL_SOURCES)),
+                   "a model loader (Krea Model Loader) whose MODEL the LoRAs change"),
     }
     for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
                          ("--num-images", "num_images"), ("--acceleration", "acceleration")):
@@ -79,6 +82,7 @@ def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, t
     if args.width is not None or args.height is not None:
         values.update(image_size=CUSTOM_SIZE, width=args.width, height=args.height)
     write_inputs(prompt, values)
+    add_loras(prompt, lora_options(getattr(args, "lora", None) or []))
     for item in args.set:
         target, _, raw = item.partition("=")
         node_id, _, name = target.partition(".")
@@ -97,6 +101,25 @@ def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, t
         except json.JSONDecodeError:
             value = raw
         prompt[node_id]["inputs"][name] = value
+
+
+def lora_options(values: list[str]) -> list[tuple[str, float]]:
+    """`--lora NAME[:STRENGTH]` values -> (file name in the loras folder, strength; 1 when not given)."""
+    loras = []
+    low, high = STRENGTH_RANGE
+    for value in values:
+        name, colon, tail = value.rpartition(":")
+        try:
+            strength = float(tail) if colon else 1.0
+        except ValueError:  # a colon inside the name itself
+            name, strength = value, 1.0
+        if not colon:
+            name = value
+        if not name or not (low <= strength <= high):
+            raise WorkflowError(f"--lora {value!r}: expected NAME[:STRENGTH], a file in the loras folder and a "
+                                f"strength from {low:g} to {high:g} (e.g. --lora style.safetensors:0.8)")
+        loras.append((name, strength))
+    return loras
 
 
 def read_workflow(path: Path) -> dict:

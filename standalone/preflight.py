@@ -23,7 +23,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from ..fal_api.lora_nodes import LORA_LOADER
 from ..model_loader import ModelFileError, memory, open_checkpoint
+from ..model_loader.flux import config_from_checkpoint
+from ..model_loader.lora import plan_lora, read_lora
 from ..nodes.host import host
 from ..sampling.parameters import IMAGE_SIZES, nearest_multiple
 from ..sampling.step_cache import cache_bytes
@@ -154,3 +157,36 @@ def memory_problem(prompt: Mapping[str, dict], device: torch.device) -> str | No
             f"{need.weights / GIB:.1f} GiB, transformer activations {need.activations / GIB:.1f} GiB, images "
             f"{need.pictures / GIB:.1f} GiB) but {where} has {free / GIB:.1f} GiB free. Make fewer or smaller "
             "images, use weight_dtype fp8_e4m3fn (--set), or pass --no-memory-check to try anyway.")
+
+
+def _base_model_name(prompt: Mapping[str, dict], link: object) -> str | None:
+    """The model_name of the Krea Model Loader a MODEL link comes from, through any LoRA nodes (None: unknown)."""
+    for _ in range(len(prompt)):
+        if not is_link(link):
+            return None
+        node = prompt.get(link[0], {})
+        inputs = node.get("inputs", {})
+        if node.get("class_type") == "KreaModelLoader":
+            name = inputs.get("model_name")
+            return name if isinstance(name, str) else None
+        if node.get("class_type") != LORA_LOADER:
+            return None
+        link = inputs.get("model")
+    return None
+
+
+def lora_problems(prompt: Mapping[str, dict]) -> list[str]:
+    """Each LoRA node's file against the transformer it changes (layers, widths, depth), from the two headers; the
+    node's own validation has checked the name, the file and its format already."""
+    problems = []
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs", {})
+        name, base = inputs.get("lora_name"), _base_model_name(prompt, inputs.get("model"))
+        if node.get("class_type") != LORA_LOADER or not isinstance(name, str) or base is None:
+            continue
+        try:
+            plan_lora(read_lora(host.model_path("loras", name)),
+                      config_from_checkpoint(host.model_path("diffusion_models", base)))
+        except ModelFileError as err:
+            problems.append(f"node {node_id} ({LORA_LOADER}): lora_name: {err}")
+    return problems

@@ -235,14 +235,14 @@ def plan_lora(lora: LoraFile, config: FluxConfig, targets: Mapping[str, Target] 
             unmapped.append(adapter)
         else:
             planned.append(PlannedAdapter(adapter, target))
-    if not planned:
-        raise _no_transformer_layers(lora, unmapped)
     deeper = [a.name for a in unmapped if _FLUX_BLOCK.search(a.name + ".")]
     if deeper:
         raise ModelFileError(f"{lora.path} changes FLUX blocks this transformer does not have (e.g. "
                              f"{', '.join(deeper[:_SHOWN])}; the base has {config.depth} double and "
                              f"{config.depth_single_blocks} single blocks): it was made for another model.",
                              found=FileKind.LORA, expected=FileKind.LORA)
+    if not planned:
+        raise _no_transformer_layers(lora, unmapped)
     if unmapped:
         log.warning("%s: %d modules match no layer of the FLUX transformer and are ignored (e.g. %s)", lora.path,
                     len(unmapped), ", ".join(a.name for a in unmapped[:_SHOWN]))

@@ -1,7 +1,8 @@
 """The host outside ComfyUI (the command line, the fal server, tests): a models folder with ComfyUI's layout, an
 output folder, the compute device torch offers, and an interrupt event, all set with `configure`.
 
-The transformer's MODEL here is a `TransformerHandle` that loads on first use, through the one model cache.
+The transformer's MODEL here is a `TransformerHandle` that loads on first use, through the one model cache, with the
+LoRAs its workflow put in front of the sampler (LoraLoaderModelOnly) merged into it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Any
 import torch
 
 from ...model_loader import load_flux
+from ...model_loader.checkpoints import file_identity
+from ...model_loader.flux import config_from_checkpoint
+from ...model_loader.lora import LoraChoice, plan_lora, read_lora, set_loras
 from ...sampling.denoise import StepCallback
 from .folders import MODEL_EXTENSIONS, MODEL_FOLDERS
 from .holding import LatestPerKind, cached_load
@@ -35,22 +39,30 @@ class StandaloneSettings:
     interrupt: threading.Event | None = None  # set: the running workflow stops before the next transformer block
 
 
-def file_key(path: Path) -> tuple[str, int, int]:
-    """What tells one model file from another: its resolved path, size and modification time."""
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+file_key = file_identity  # what tells one model file from another: resolved path, size, modification time
 
 
 @dataclass(frozen=True)
 class TransformerHandle:
-    """MODEL outside ComfyUI: the FLUX transformer file and how to hold its weights, loaded on first use."""
+    """MODEL outside ComfyUI: the FLUX transformer file, how to hold its weights and the LoRAs to merge into them,
+    loaded on first use."""
     path: Path
     weight_dtype: str
     device: torch.device
+    loras: tuple[LoraChoice, ...] = ()  # in the order the workflow applies them
 
     def load(self):
+        # The base is cached without its LoRAs: another set is merged into the same module (set_loras puts the
+        # previous set's layers back first), so changing LoRAs never reads the base file again.
         key = (file_key(self.path), self.weight_dtype, str(self.device))
-        return cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
+        module = cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
+        return set_loras(module, self.loras)
+
+    def with_lora(self, path: Path, strength: float) -> TransformerHandle:
+        """This MODEL with one more LoRA after its others. The file is checked against the base's header (format,
+        layers, shapes) first; nothing loads."""
+        plan_lora(read_lora(path), config_from_checkpoint(self.path))
+        return dataclasses.replace(self, loras=(*self.loras, LoraChoice(path, strength)))
 
 
 class StandaloneHost(Host):
