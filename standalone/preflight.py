@@ -1,4 +1,5 @@
-"""A workflow and the machine -> whether its runs fit in memory, estimated before any weights are read.
+"""A workflow and the machine -> whether its runs fit in memory, estimated before any weights are read; and whether
+each LoRA it applies fits the transformer it changes (`lora_problems`, from the two files' headers).
 
 The estimate is deliberately simple and errs on the generous side of what a run holds at its peak outside
 ComfyUI (where every model stays loaded once used):

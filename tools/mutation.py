@@ -67,7 +67,8 @@ PACKAGES: dict[str, list[str]] = {
               "nodes/sampler.py", "nodes/text.py",
               # what handles.py held before the host interface took it: the model cache and the two ways of
               # holding a handle's model, and the standalone MODEL
-              "nodes/host/holding.py", "nodes/host/standalone_host.py::TransformerHandle.load,file_key",
+              "nodes/host/holding.py",
+              "nodes/host/standalone_host.py::TransformerHandle.load,TransformerHandle.with_lora",
               # the node-level tests (tests/test_comfyui_host.py runs the pack in processes of its own, which
               # mutmut's mutants do not reach)
               "tests/test_node_contract.py", "tests/test_sampler_node.py", "tests/test_image_nodes.py",

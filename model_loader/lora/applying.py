@@ -136,9 +136,14 @@ def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device) -> 
     bias_changed = False
     for delta in deltas:
         rows = slice(delta.row_start, delta.row_start + delta.rows)
-        change = delta.weight_delta(real.device)
-        if change is not None:
-            real[rows] += change
+        factors = delta.low_rank(real.device)
+        if factors is not None:  # rows += scale * up @ down, without a (rows, in) temporary
+            up, down, factor = factors
+            real[rows].addmm_(up, down, alpha=factor)
+        else:
+            change = delta.weight_delta(real.device)
+            if change is not None:
+                real[rows] += change
         change = delta.bias_delta(real.device)
         if change is not None and real_bias is not None:
             real_bias[rows] += change

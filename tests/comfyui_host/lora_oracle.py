@@ -1,0 +1,113 @@
+"""The pack's LoRA engine (used outside ComfyUI) against ComfyUI's own LoRA code, inside the real ComfyUI:
+`python lora_oracle.py WORKDIR` prints one JSON line that tests/test_lora_comfyui.py asserts on.
+
+ComfyUI's own FLUX (UNETLoader) is loaded from a reduced checkpoint that ComfyUI accepts (full width, 2 double and
+3 single blocks: unequal depths, so a swapped block mapping cannot pass), each LoRA file is applied by ComfyUI's
+LoraLoaderModelOnly and by the pack's engine (model_loader/lora) to the pack's transformer loaded from the same
+file, and the merged weights are compared layer by layer; then both transformers sample with the same LoRA set
+through the same loop. Also on ComfyUI's scaled-fp8 layout, where ComfyUI rounds stochastically to fp8 and the
+pack to nearest.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# scenarios imports ComfyUI, told first that it runs on the CPU; its modules are used through it.
+from scenarios import comfy_nodes, conditioning, mm, rel, setup_folders
+
+from comfyui_krea.model_loader.flux import FluxConfig, load_flux, write_random_flux_checkpoint
+from comfyui_krea.model_loader.lora import LoraChoice, set_loras
+from comfyui_krea.sampling.denoise import GenerationSettings, generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lora_files import write_lora  # noqa: E402
+
+UNEQUAL_FULL_WIDTH = FluxConfig(depth=2, depth_single_blocks=3)
+FORMATS = ("kohya", "comfyui", "comfyui_peft", "diffusers", "diffusers_alpha", "onetrainer", "lokr", "loha")
+STRENGTH = 0.8
+
+
+def real(layer: torch.nn.Module) -> torch.Tensor:
+    """A Linear's weight in real units, float32 (ComfyUI's scaled-fp8 layers and the pack's keep a scale_weight)."""
+    w = layer.weight.detach().float()
+    scale = getattr(layer, "scale_weight", None)
+    return w * scale.float() if scale is not None else w
+
+
+def compare(base: torch.nn.Module, ours: torch.nn.Module, theirs: torch.nn.Module) -> dict:
+    """Layer by layer (one float32 copy at a time: the full-width model does not fit twice in float32)."""
+    changed_ours, changed_theirs, delta_err, weight_err, size = [], [], 0.0, 0.0, 0.0
+    theirs_layers = dict(theirs.named_modules())
+    for name, layer in base.named_modules():
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        b, o, t = real(layer), real(ours.get_submodule(name)), real(theirs_layers[name])
+        if not torch.equal(o, b):
+            changed_ours.append(name)
+        if not torch.equal(t, b):
+            changed_theirs.append(name)
+            delta_err = max(delta_err, rel(o - b, t - b))
+            weight_err = max(weight_err, rel(o, t))
+            size = max(size, rel(t, b))
+    return {"changed_ours": changed_ours, "changed_theirs": changed_theirs, "delta_rel": delta_err,
+            "weight_rel": weight_err, "delta_size": size}
+
+
+def sample(module: torch.nn.Module, config: FluxConfig) -> torch.Tensor:
+    cond = conditioning(config)[0]
+    settings = GenerationSettings(width=64, height=64, num_steps=2, guidance=4.5, seed=3, num_images=1)
+    with torch.no_grad():
+        return generate(module, cond[0], cond[1]["pooled_output"], settings, torch.device("cpu"),
+                        torch.float32).latents
+
+
+def formats(work: Path, file_name: str) -> dict:
+    """Each format applied by both, on the checkpoint `file_name`: which layers change and by how much."""
+    loader = comfy_nodes.LoraLoaderModelOnly()
+    theirs = comfy_nodes.UNETLoader().load_unet(file_name, "default")[0]
+    base = load_flux(work / "diffusion_models" / file_name)  # memory-mapped, as stored
+    ours = load_flux(work / "diffusion_models" / file_name)
+    mm.load_models_gpu([theirs])
+    result = {"base": compare(base, ours, theirs.model.diffusion_model)}  # the two loaders agree
+    mm.unload_all_models()
+    for fmt in FORMATS:
+        patched = loader.load_lora_model_only(theirs, f"{fmt}.safetensors", STRENGTH)[0]
+        mm.load_models_gpu([patched])
+        set_loras(ours, [LoraChoice(work / "loras" / f"{fmt}.safetensors", STRENGTH)])
+        result[fmt] = compare(base, ours, patched.model.diffusion_model)
+        mm.unload_all_models()
+    return result
+
+
+def main(work: Path) -> dict:
+    config = UNEQUAL_FULL_WIDTH
+    setup_folders(work, config, dtype=torch.bfloat16)
+    write_random_flux_checkpoint(work / "diffusion_models" / "krea_fp8.safetensors", config, seed=1,
+                                 layout="comfy_fp8_scaled")
+    for i, fmt in enumerate(FORMATS):
+        write_lora(work / "loras" / f"{fmt}.safetensors", config, fmt, seed=i, dtype=torch.bfloat16, rank=8)
+    result = {"bf16": formats(work, "krea.safetensors"), "fp8_scaled": formats(work, "krea_fp8.safetensors")}
+    # Two LoRAs at their strengths, sampled by the same loop over ComfyUI's FLUX and over the pack's.
+    theirs = comfy_nodes.UNETLoader().load_unet("krea.safetensors", "default")[0]
+    loader = comfy_nodes.LoraLoaderModelOnly()
+    patched = loader.load_lora_model_only(loader.load_lora_model_only(theirs, "kohya.safetensors", 0.7)[0],
+                                          "diffusers.safetensors", -0.5)[0]
+    mm.load_models_gpu([patched])
+    theirs_latents = sample(patched.model.diffusion_model, config)
+    mm.unload_all_models()
+    ours = load_flux(work / "diffusion_models" / "krea.safetensors")
+    plain = sample(ours, config)
+    set_loras(ours, [LoraChoice(work / "loras" / "kohya.safetensors", 0.7),
+                     LoraChoice(work / "loras" / "diffusers.safetensors", -0.5)])
+    result["samples"] = {"rel": rel(sample(ours, config), theirs_latents), "lora_change": rel(plain, theirs_latents)}
+    return result
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    with torch.inference_mode():  # as ComfyUI runs prompts (its fp8 rounding needs it)
+        print(json.dumps(main(Path(sys.argv[1]))))
