@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from comfyui_krea.fal_api.lora_nodes import LORA_LOADER, add_loras
 from comfyui_krea.model_loader.flux import config_from_checkpoint, load_flux, write_random_flux_checkpoint
 from comfyui_krea.model_loader.lora import LoraChoice, set_loras
-from comfyui_krea.nodes.host import forget_loaded, host
+from comfyui_krea.nodes.host import forget_loaded, host, standalone_host
 from comfyui_krea.standalone.cli import main, parse_args
 from comfyui_krea.standalone.demo import write_demo_models
 from comfyui_krea.standalone.overrides import apply_overrides
@@ -159,3 +159,21 @@ def test_a_lora_loader_node_in_a_workflow_file_runs_here_too(models, cli, capsys
                  str(cli), "--width", "64", "--height", "48", "--steps", "2", "--no-safety-checker"])
     _, stderr = capsys.readouterr()
     assert code == 0, stderr
+
+
+def test_on_the_cpu_the_memory_check_counts_the_merged_layers(models, cli, monkeypatch):
+    """The merged copies of the layers a LoRA changes sit beside the originals on the CPU: the pre-flight adds
+    them (here: every layer the kohya file names, bf16 as the file stores them)."""
+    from comfyui_krea.standalone import preflight
+    from lora_files import _bfl_layers
+
+    model_dir, _ = models
+    standalone_host().configure(models_dir=model_dir)
+    prompt = json.loads(TEXT_TO_IMAGE.read_text())
+    add_loras(prompt, [("style.safetensors", 0.5)])
+    config = config_from_checkpoint(model_dir / "diffusion_models" / "flux1-krea-dev.safetensors")
+    assert preflight.lora_bytes(prompt) == sum(o * i * 2 for o, i in _bfl_layers(config).values())
+    monkeypatch.setattr(preflight, "available_memory", lambda device: (1024, "this machine's RAM"))
+    assert "LoRA-merged layers" in preflight.memory_problem(prompt, torch.device("cpu"))
+    assert "LoRA-merged layers" not in preflight.memory_problem(json.loads(TEXT_TO_IMAGE.read_text()),
+                                                                torch.device("cpu"))

@@ -48,7 +48,7 @@ def test_a_lora_changes_the_same_layers_by_the_same_amount_as_comfyui(oracle, fm
     assert result["delta_rel"] < 1e-2 and result["weight_rel"] < 1e-3
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ("kohya", "diffusers", "lokr"))
 def test_on_scaled_fp8_the_lora_lands_in_real_units_as_in_comfyui(oracle, fmt):
     result = oracle["fp8_scaled"][fmt]
     assert result["changed_ours"] == result["changed_theirs"]

@@ -12,9 +12,9 @@ LoRA, LoHa, LoKr and full-difference adapters (deltas.py).
 """
 from .applying import LoraChoice, applied_loras, layer_deltas, plan_loras, restore_base, set_key, set_loras
 from .deltas import LayerDelta, lora_deltas
-from .formats import Target, module_targets
+from .formats import Target, linear_shapes, module_targets
 from .reading import Adapter, LoraFile, LoraPlan, plan_lora, read_lora
 
 __all__ = ["Adapter", "LayerDelta", "LoraChoice", "LoraFile", "LoraPlan", "Target", "applied_loras", "layer_deltas",
-           "lora_deltas", "module_targets", "plan_lora", "plan_loras", "read_lora", "restore_base", "set_key",
-           "set_loras"]
+           "linear_shapes", "lora_deltas", "module_targets", "plan_lora", "plan_loras", "read_lora", "restore_base",
+           "set_key", "set_loras"]

@@ -28,6 +28,7 @@ from lora_files import write_lora  # noqa: E402
 
 UNEQUAL_FULL_WIDTH = FluxConfig(depth=2, depth_single_blocks=3)
 FORMATS = ("kohya", "comfyui", "comfyui_peft", "diffusers", "diffusers_alpha", "onetrainer", "lokr", "loha")
+FP8_FORMATS = ("kohya", "diffusers", "lokr")  # whole layers, row slices, a full-matrix kind: enough for fp8's units
 STRENGTH = 0.8
 
 
@@ -65,7 +66,7 @@ def sample(module: torch.nn.Module, config: FluxConfig) -> torch.Tensor:
                         torch.float32).latents
 
 
-def formats(work: Path, file_name: str) -> dict:
+def formats(work: Path, file_name: str, names: tuple[str, ...]) -> dict:
     """Each format applied by both, on the checkpoint `file_name`: which layers change and by how much."""
     loader = comfy_nodes.LoraLoaderModelOnly()
     theirs = comfy_nodes.UNETLoader().load_unet(file_name, "default")[0]
@@ -74,7 +75,7 @@ def formats(work: Path, file_name: str) -> dict:
     mm.load_models_gpu([theirs])
     result = {"base": compare(base, ours, theirs.model.diffusion_model)}  # the two loaders agree
     mm.unload_all_models()
-    for fmt in FORMATS:
+    for fmt in names:
         patched = loader.load_lora_model_only(theirs, f"{fmt}.safetensors", STRENGTH)[0]
         mm.load_models_gpu([patched])
         set_loras(ours, [LoraChoice(work / "loras" / f"{fmt}.safetensors", STRENGTH)])
@@ -90,7 +91,8 @@ def main(work: Path) -> dict:
                                  layout="comfy_fp8_scaled")
     for i, fmt in enumerate(FORMATS):
         write_lora(work / "loras" / f"{fmt}.safetensors", config, fmt, seed=i, dtype=torch.bfloat16, rank=8)
-    result = {"bf16": formats(work, "krea.safetensors"), "fp8_scaled": formats(work, "krea_fp8.safetensors")}
+    result = {"bf16": formats(work, "krea.safetensors", FORMATS),
+              "fp8_scaled": formats(work, "krea_fp8.safetensors", FP8_FORMATS)}
     # Two LoRAs at their strengths, sampled by the same loop over ComfyUI's FLUX and over the pack's.
     theirs = comfy_nodes.UNETLoader().load_unet("krea.safetensors", "default")[0]
     loader = comfy_nodes.LoraLoaderModelOnly()
