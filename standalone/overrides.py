@@ -110,11 +110,9 @@ def lora_options(values: list[str]) -> list[tuple[str, float]]:
     for value in values:
         name, colon, tail = value.rpartition(":")
         try:
-            strength = float(tail) if colon else 1.0
+            name, strength = (name, float(tail)) if colon else (value, 1.0)
         except ValueError:  # a colon inside the name itself
             name, strength = value, 1.0
-        if not colon:
-            name = value
         if not name or not (low <= strength <= high):
             raise WorkflowError(f"--lora {value!r}: expected NAME[:STRENGTH], a file in the loras folder and a "
                                 f"strength from {low:g} to {high:g} (e.g. --lora style.safetensors:0.8)")

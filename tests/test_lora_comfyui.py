@@ -34,9 +34,12 @@ def oracle(tmp_path_factory) -> dict:
 
 
 def test_both_loaders_read_the_same_base(oracle):
-    for storage in ("bf16", "fp8_scaled"):
-        base = oracle[storage]["base"]
-        assert base["changed_ours"] == [] and base["changed_theirs"] == []
+    assert oracle["bf16"]["loaded_differently"] == []
+    # ComfyUI's scaled-fp8 layers store every Linear in fp8 (scale 1 where the file has none); the pack keeps the
+    # layers the file stores unscaled (embedders, final layer) as stored. Those are compared in bf16 only.
+    assert set(oracle["fp8_scaled"]["loaded_differently"]) <= {
+        "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+        "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear", "final_layer.adaLN_modulation.1"}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -45,16 +48,19 @@ def test_a_lora_changes_the_same_layers_by_the_same_amount_as_comfyui(oracle, fm
     assert result["changed_ours"] == result["changed_theirs"] and len(result["changed_theirs"]) >= 8
     assert result["delta_size"] > 0.05  # the LoRA is no rounding-level change
     # Both add the same float32 delta and round the sum to bf16: equal up to rounding of the sum.
-    assert result["delta_rel"] < 1e-2 and result["weight_rel"] < 1e-3
+    assert result["delta_rel"] < 1e-3 and result["weight_rel"] < 1e-4
+    assert result["ours_to_exact"] < 4e-3 and result["theirs_to_exact"] < 4e-3  # bf16's rounding
 
 
 @pytest.mark.parametrize("fmt", ("kohya", "diffusers", "lokr"))
 def test_on_scaled_fp8_the_lora_lands_in_real_units_as_in_comfyui(oracle, fmt):
     result = oracle["fp8_scaled"][fmt]
-    assert result["changed_ours"] == result["changed_theirs"]
-    # ComfyUI rounds to fp8 stochastically, the pack to nearest: one fp8 step apart at most, per element.
-    assert result["weight_rel"] < 0.08 and result["delta_rel"] < 0.5 * result["delta_size"] / 0.08
+    assert result["changed_ours"] == result["changed_theirs"] and len(result["changed_theirs"]) >= 4
+    # Both sit within fp8's rounding of the exact real-unit sum (ComfyUI rounds stochastically, the pack to
+    # nearest), far closer than the weights without the LoRA are.
+    assert result["ours_to_exact"] < 0.04 and result["theirs_to_exact"] < 0.06
+    assert result["delta_size"] > 2 * max(result["ours_to_exact"], result["theirs_to_exact"])
 
 
 def test_two_loras_sample_the_same_latents_as_comfyui(oracle):
-    assert oracle["samples"]["rel"] < 1e-3 and oracle["samples"]["lora_change"] > 1e-2
+    assert oracle["samples"]["rel"] < 1e-4 and oracle["samples"]["lora_change"] > 1e-1

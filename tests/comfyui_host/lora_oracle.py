@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 # scenarios imports ComfyUI, told first that it runs on the CPU; its modules are used through it.
-from scenarios import comfy_nodes, conditioning, mm, rel, setup_folders
+from scenarios import args, comfy_nodes, conditioning, mm, rel, setup_folders
 
 from comfyui_krea.model_loader.flux import FluxConfig, load_flux, write_random_flux_checkpoint
-from comfyui_krea.model_loader.lora import LoraChoice, set_loras
+from comfyui_krea.model_loader.lora import LoraChoice, layer_deltas, plan_loras, set_loras
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,23 +39,36 @@ def real(layer: torch.nn.Module) -> torch.Tensor:
     return w * scale.float() if scale is not None else w
 
 
-def compare(base: torch.nn.Module, ours: torch.nn.Module, theirs: torch.nn.Module) -> dict:
-    """Layer by layer (one float32 copy at a time: the full-width model does not fit twice in float32)."""
-    changed_ours, changed_theirs, delta_err, weight_err, size = [], [], 0.0, 0.0, 0.0
+def compare(base: torch.nn.Module, ours: torch.nn.Module, theirs: torch.nn.Module, deltas: dict | None = None) -> dict:
+    """Layer by layer (one float32 copy at a time: the full-width model does not fit twice in float32), over the
+    layers both loaders read alike. With `deltas` (the set's float32 changes by layer), each merged weight is also
+    measured against the exact sum base + delta."""
+    out: dict = {"changed_ours": [], "changed_theirs": [], "loaded_differently": [], "delta_rel": 0.0,
+                 "weight_rel": 0.0, "delta_size": 0.0, "ours_to_exact": 0.0, "theirs_to_exact": 0.0}
     theirs_layers = dict(theirs.named_modules())
     for name, layer in base.named_modules():
         if not isinstance(layer, torch.nn.Linear):
             continue
         b, o, t = real(layer), real(ours.get_submodule(name)), real(theirs_layers[name])
+        if deltas is None:  # the two bases
+            if not torch.equal(t, b):
+                out["loaded_differently"].append(name)
+            continue
         if not torch.equal(o, b):
-            changed_ours.append(name)
+            out["changed_ours"].append(name)
+        if name not in deltas:
+            if not torch.equal(t, b) and name not in out["loaded_differently"]:
+                out["changed_theirs"].append(name)
+            continue
         if not torch.equal(t, b):
-            changed_theirs.append(name)
-            delta_err = max(delta_err, rel(o - b, t - b))
-            weight_err = max(weight_err, rel(o, t))
-            size = max(size, rel(t, b))
-    return {"changed_ours": changed_ours, "changed_theirs": changed_theirs, "delta_rel": delta_err,
-            "weight_rel": weight_err, "delta_size": size}
+            out["changed_theirs"].append(name)
+        exact = b.clone()
+        for d in deltas[name]:
+            exact[d.row_start:d.row_start + d.rows] += d.weight_delta()
+        for key, value in (("delta_rel", rel(o - b, t - b)), ("weight_rel", rel(o, t)), ("delta_size", rel(t, b)),
+                           ("ours_to_exact", rel(o, exact)), ("theirs_to_exact", rel(t, exact))):
+            out[key] = max(out[key], value)
+    return out
 
 
 def sample(module: torch.nn.Module, config: FluxConfig) -> torch.Tensor:
@@ -73,18 +86,27 @@ def formats(work: Path, file_name: str, names: tuple[str, ...]) -> dict:
     base = load_flux(work / "diffusion_models" / file_name)  # memory-mapped, as stored
     ours = load_flux(work / "diffusion_models" / file_name)
     mm.load_models_gpu([theirs])
-    result = {"base": compare(base, ours, theirs.model.diffusion_model)}  # the two loaders agree
+    same = compare(base, ours, theirs.model.diffusion_model)  # where the two loaders agree
     mm.unload_all_models()
+    result = {"loaded_differently": same["loaded_differently"]}
     for fmt in names:
+        choice = [LoraChoice(work / "loras" / f"{fmt}.safetensors", STRENGTH)]
+        deltas = {layer: items for layer, items in layer_deltas(plan_loras(choice, base.config)).items()
+                  if layer not in same["loaded_differently"]}
         patched = loader.load_lora_model_only(theirs, f"{fmt}.safetensors", STRENGTH)[0]
         mm.load_models_gpu([patched])
-        set_loras(ours, [LoraChoice(work / "loras" / f"{fmt}.safetensors", STRENGTH)])
-        result[fmt] = compare(base, ours, patched.model.diffusion_model)
+        set_loras(ours, choice)
+        result[fmt] = compare(base, ours, patched.model.diffusion_model, deltas)
+        for side in ("changed_ours", "changed_theirs"):
+            result[fmt][side] = [n for n in result[fmt][side] if n not in same["loaded_differently"]]
         mm.unload_all_models()
     return result
 
 
 def main(work: Path) -> dict:
+    # ComfyUI keeps a bf16 file in float32 on the CPU; --bf16-unet keeps it bf16, as on a GPU: both then round the
+    # merged sum to bf16, and the full-width model fits in memory twice.
+    args.bf16_unet = True
     config = UNEQUAL_FULL_WIDTH
     setup_folders(work, config, dtype=torch.bfloat16)
     write_random_flux_checkpoint(work / "diffusion_models" / "krea_fp8.safetensors", config, seed=1,
