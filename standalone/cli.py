@@ -45,6 +45,7 @@ from ..sampling.parameters import (
 )
 from .node_classes import PACK_CLASSES
 from .overrides import api_prompt, apply_overrides, is_image_to_image, option_problems, read_workflow, unused_options
+from .preflight import lora_problems
 from .runner import WorkflowError, check, structure_problems
 from .sequence_parallel_run import torchrun_problem, torchrun_processes
 from .serve_commands import OptionError, add_serve_commands, make_cert_command, serve_command
@@ -104,6 +105,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
                    help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:STRENGTH]",
+                   help="merge a LoRA from the loras folder of --models into the transformer, at STRENGTH (default "
+                        "1; -100 to 100); repeatable. Written into the workflow as LoraLoaderModelOnly nodes")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
                    help="set any input of a node, e.g. --set 6.quality=80 (value parsed as JSON, else a string)")
     p.add_argument("--demo", action="store_true",
@@ -249,6 +253,9 @@ def run_command(args: argparse.Namespace, progress: TextProgress, stop: threadin
                        interrupt=stop)
         prompt = processes.same_prompt(prompt)
         checked = check(prompt, classes)
+        problems = lora_problems(prompt)  # each LoRA against its base transformer's header
+        if problems:
+            raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
         processes.preflight(prompt, host.torch_device(), check_memory=not args.no_memory_check)
         started = time.perf_counter()
         uis = processes.run(checked, on_node=lambda node_id, kind: host.throw_if_interrupted())

@@ -16,6 +16,7 @@ from ..fal_api.fields import (
     TEXT_ENCODE,
     write_inputs,
 )
+from ..fal_api.lora_nodes import MODEL_SOURCES, STRENGTH_RANGE, add_loras
 from ..image_io.load import image_file_problem, image_size
 from ..sampling.inpaint import mask_size_problem
 from ..sampling.parameters import (
@@ -64,6 +65,8 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
         "--format": (args.output_format, SAVE_IMAGE in classes, "a Krea Save Image node"),
         "--no-safety-checker": (args.no_safety_checker or None, SAFETY_CHECK in classes,
                                 "a Krea Safety Check node"),
+        "--lora": (getattr(args, "lora", None) or None, bool(classes & set(MODEL_SOURCES)),
+                   "a model loader (Krea Model Loader) whose MODEL the LoRAs change"),
     }
     for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
                          ("--num-images", "num_images"), ("--acceleration", "acceleration")):
@@ -92,6 +95,7 @@ def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, t
         values.update(image_size=CUSTOM_SIZE, width=args.width, height=args.height)
     mask_file_problem(args)
     write_inputs(prompt, values)
+    add_loras(prompt, lora_options(getattr(args, "lora", None) or []))
     for item in args.set:
         target, _, raw = item.partition("=")
         node_id, _, name = target.partition(".")
@@ -110,6 +114,23 @@ def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, t
         except json.JSONDecodeError:
             value = raw
         prompt[node_id]["inputs"][name] = value
+
+
+def lora_options(values: list[str]) -> list[tuple[str, float]]:
+    """`--lora NAME[:STRENGTH]` values -> (file name in the loras folder, strength; 1 when not given)."""
+    loras = []
+    low, high = STRENGTH_RANGE
+    for value in values:
+        name, colon, tail = value.rpartition(":")
+        try:
+            name, strength = (name, float(tail)) if colon else (value, 1.0)
+        except ValueError:  # a colon inside the name itself
+            name, strength = value, 1.0
+        if not name or not (low <= strength <= high):
+            raise WorkflowError(f"--lora {value!r}: expected NAME[:STRENGTH], a file in the loras folder and a "
+                                f"strength from {low:g} to {high:g} (e.g. --lora style.safetensors:0.8)")
+        loras.append((name, strength))
+    return loras
 
 
 def read_workflow(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""A workflow and the machine -> whether its runs fit in memory, estimated before any weights are read.
+"""A workflow and the machine -> whether its runs fit in memory, estimated before any weights are read; and whether
+each LoRA it applies fits the transformer it changes (`lora_problems`, from the two files' headers).
 
 The estimate is deliberately simple and errs on the generous side of what a run holds at its peak outside
 ComfyUI (where every model stays loaded once used):
@@ -22,13 +23,17 @@ image's size given by the request's decoded image.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from ..fal_api.lora_nodes import LORA_LOADER
 from ..model_loader import ModelFileError, memory, open_checkpoint
+from ..model_loader.flux import FluxConfig, config_from_checkpoint
+from ..model_loader.lora import linear_shapes, plan_lora, read_lora
 from ..nodes.host import host
 from ..sampling.parameters import IMAGE_SIZES, nearest_multiple
 from ..sampling.step_cache import cache_bytes
@@ -55,10 +60,11 @@ class MemoryEstimate:
     activations: int
     pictures: int
     summary: str  # the sizes it was made for, e.g. "2 images of 1024x768"
+    loras: int = 0  # merged copies of the layers LoRAs change (on the CPU they sit beside the originals)
 
     @property
     def total(self) -> int:
-        return self.weights + self.activations + self.pictures
+        return self.weights + self.activations + self.pictures + self.loras
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:
@@ -163,9 +169,71 @@ def memory_problem(prompt: Mapping[str, dict], device: torch.device, image_size:
     need = estimate(prompt, image_size=image_size)
     if need is None:
         return None
+    if device.type == "cpu":  # on a GPU the merge is written in place and the originals wait in RAM
+        need = dataclasses.replace(need, loras=lora_bytes(prompt))
     free, where = available if available is not None else available_memory(device)
     if need.total <= free:
         return None
+    loras = f", LoRA-merged layers {need.loras / GIB:.1f} GiB" if need.loras else ""
     return (f"this run needs about {need.total / GIB:.1f} GiB ({need.summary}: model weights "
             f"{need.weights / GIB:.1f} GiB, transformer activations {need.activations / GIB:.1f} GiB, images "
-            f"{need.pictures / GIB:.1f} GiB) but {where} has {free / GIB:.1f} GiB free. {advice}")
+            f"{need.pictures / GIB:.1f} GiB{loras}) but {where} has {free / GIB:.1f} GiB free. {advice}")
+
+
+def _base_loader(prompt: Mapping[str, dict], link: object) -> str | None:
+    """The id of the Krea Model Loader a MODEL link comes from, through any LoRA nodes (None: another source)."""
+    for _ in range(len(prompt)):
+        if not is_link(link):
+            return None
+        node = prompt.get(link[0], {})
+        if node.get("class_type") == "KreaModelLoader":
+            return link[0]
+        if node.get("class_type") != LORA_LOADER:
+            return None
+        link = node.get("inputs", {}).get("model")
+    return None
+
+
+def _lora_plans(prompt: Mapping[str, dict]) -> tuple[list[str], dict[str, tuple[FluxConfig, set[str]]]]:
+    """(problems, {loader id: (base config, layers its LoRAs change)}) of every LoRA node whose file and base are
+    known here, each planned against its base from the two headers."""
+    problems: list[str] = []
+    bases: dict[str, tuple[FluxConfig, set[str]]] = {}
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs", {})
+        loader = _base_loader(prompt, inputs.get("model")) if node.get("class_type") == LORA_LOADER else None
+        name = inputs.get("lora_name")
+        base = prompt[loader].get("inputs", {}).get("model_name") if loader is not None else None
+        if not isinstance(name, str) or not isinstance(base, str):
+            continue
+        try:
+            if loader not in bases:
+                bases[loader] = (config_from_checkpoint(host.model_path("diffusion_models", base)), set())
+            plan = plan_lora(read_lora(host.model_path("loras", name)), bases[loader][0])
+        except ModelFileError as err:
+            problems.append(f"node {node_id} ({LORA_LOADER}): lora_name: {err}")
+            continue
+        bases[loader][1].update(plan.layers)
+    return problems, bases
+
+
+def lora_problems(prompt: Mapping[str, dict]) -> list[str]:
+    """Each LoRA node's file against the transformer it changes (layers, widths, depth), from the two headers; the
+    node's own validation has checked the name, the file and its format already."""
+    return _lora_plans(prompt)[0]
+
+
+def lora_bytes(prompt: Mapping[str, dict]) -> int:
+    """Bytes of the layers the workflow's LoRAs change, as each transformer stores its weights (the merged copies)."""
+    total = 0
+    for loader, (config, layers) in _lora_plans(prompt)[1].items():
+        inputs = prompt[loader]["inputs"]
+        weight_dtype = inputs.get("weight_dtype")
+        per_weight = 1 if str(weight_dtype).startswith("fp8") else 2 if weight_dtype in ("bf16", "fp16") else 0
+        if not per_weight:  # as stored: the file's bytes per weight of its block layers
+            checkpoint = open_checkpoint(host.model_path("diffusion_models", inputs["model_name"]))
+            probe = next((k for k in checkpoint.keys() if k.endswith("img_attn.qkv.weight")), None)
+            per_weight = checkpoint.dtype(probe).itemsize if probe is not None else 2
+        shapes = linear_shapes(config)
+        total += sum(shapes[layer][0] * shapes[layer][1] * per_weight for layer in layers)
+    return total

@@ -17,6 +17,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
     "safety_checker": ("safety_checker",),
+    "loras": ("loras",),
 }
 
 # The ComfyUI folder each kind of model file belongs in (model_loader names kinds, never folders).

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from ...model_loader import ModelFileError
+from ...model_loader.checkpoints import file_identity
 from .folders import with_folders
 
 _lock = threading.Lock()
@@ -27,10 +27,7 @@ Build = Callable[[], Any]
 Modules = Callable[[Any], torch.nn.Module]  # a built model -> the module its ModelPatcher manages
 
 
-def file_key(path: Path) -> tuple[str, int, int]:
-    """What tells one model file from another: its resolved path, size and modification time."""
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+file_key = file_identity  # what tells one model file from another: its resolved path, size and modification time
 
 
 class ModelSlot:

@@ -2,7 +2,8 @@
 output folder, the compute device torch offers, and an interrupt event, all set with `configure`.
 
 The loader's MODEL, CLIP and VAE here are handles that load the pack's own modules on first use, through the one
-model cache (standalone_models.py).
+model cache (standalone_models.py); the MODEL merges the LoRAs its workflow puts in front of the sampler
+(LoraLoaderModelOnly).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ Inside ComfyUI the loader hands out ComfyUI's own types instead (comfyui_models.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 
 from ...model_loader import load_autoencoder, load_flux, load_text_encoders
 from ...model_loader.autoencoder.model import InterruptCheck
+from ...model_loader.flux import config_from_checkpoint
+from ...model_loader.lora import LoraChoice, plan_lora, read_lora, set_loras
 from .holding import cached_load, file_key
 
 TileProgress = Callable[[int, int], None]  # update(done, total), once per VAE tile
@@ -24,14 +27,25 @@ Handle = TypeVar("Handle")
 
 @dataclass(frozen=True)
 class TransformerHandle:
-    """MODEL outside ComfyUI: the FLUX transformer file and how to hold its weights, loaded on first use."""
+    """MODEL outside ComfyUI: the FLUX transformer file, how to hold its weights and the LoRAs to merge into them,
+    loaded on first use."""
     path: Path
     weight_dtype: str
     device: torch.device
+    loras: tuple[LoraChoice, ...] = ()  # in the order the workflow applies them
 
     def load(self):
+        # The base is cached without its LoRAs: another set is merged into the same module (set_loras puts the
+        # previous set's layers back first), so changing LoRAs never reads the base file again.
         key = (file_key(self.path), self.weight_dtype, str(self.device))
-        return cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
+        module = cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
+        return set_loras(module, self.loras)
+
+    def with_lora(self, path: Path, strength: float) -> TransformerHandle:
+        """This MODEL with one more LoRA after its others. The file is checked against the base's header (format,
+        layers, shapes) first; nothing loads."""
+        plan_lora(read_lora(path), config_from_checkpoint(self.path))
+        return dataclasses.replace(self, loras=(*self.loras, LoraChoice(path, strength)))
 
 
 @dataclass(frozen=True)
