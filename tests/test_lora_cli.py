@@ -102,7 +102,7 @@ def pixels(stdout: str) -> np.ndarray:
 def test_a_run_with_loras_samples_with_exactly_that_set_merged(models, cli, capsys, tmp_path, monkeypatch):
     model_dir, _ = models
     loads = []
-    host_module = __import__("comfyui_krea.nodes.host.standalone_host", fromlist=["load_flux"])
+    host_module = __import__("comfyui_krea.nodes.host.standalone_models", fromlist=["load_flux"])
     real_load = host_module.load_flux
     monkeypatch.setattr(host_module, "load_flux", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     code, stdout, stderr = run(models, cli, capsys)
@@ -140,7 +140,7 @@ def test_a_run_with_loras_samples_with_exactly_that_set_merged(models, cli, caps
     ("../diffusion_models/flux1-krea-dev.safetensors", "leaves the model folder"),
 ])
 def test_a_bad_lora_is_refused_before_any_weights_load(models, cli, capsys, monkeypatch, name, words):
-    host_module = __import__("comfyui_krea.nodes.host.standalone_host", fromlist=["load_flux"])
+    host_module = __import__("comfyui_krea.nodes.host.standalone_models", fromlist=["load_flux"])
     monkeypatch.setattr(host_module, "load_flux", lambda *a, **k: pytest.fail("the transformer was loaded"))
     forget_loaded()
     code, _, stderr = run(models, cli, capsys, "--lora", "style.safetensors", "--lora", f"{name}:0.5")
