@@ -20,6 +20,11 @@ class KreaModelLoader:
     CATEGORY = "Krea/loaders"
     RETURN_TYPES = ("MODEL", "KREA_TEXT_ENCODER", "KREA_VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The transformer as a standard FLUX.1 MODEL: Krea Sampler, ComfyUI's LoRA loaders and samplers take it.",
+        "CLIP-L and T5-XXL, loaded when first used: Krea Text Encode's text_encoder input.",
+        "The FLUX autoencoder, loaded when first used: Krea Decode's and Krea Encode Image's vae input.",
+    )
     FUNCTION = "load"
 
     @classmethod

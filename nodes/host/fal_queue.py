@@ -22,7 +22,7 @@ from ...fal_api.backend import WorkflowRefused
 from ...fal_api.image_input import InputImage
 from ...fal_api.jobs import CANCELLED, Job
 from ...fal_api.routes import FalService, add_fal_routes
-from ...fal_api.settings import ServiceSettings
+from ...fal_api.settings import API_KEY_ENV, ServiceSettings
 from ...fal_api.workflow import finish
 from .comfyui_errors import refusal_text
 
@@ -147,8 +147,17 @@ def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int], N
         return None
     uploads_folder = Path(folder_paths.get_input_directory()) / "fal-uploads"
     backend = ComfyQueueBackend(server, uploads_folder)
-    service = FalService.create(backend, uploads_folder, ServiceSettings.from_environment(), prefix=PREFIX)
+    settings = ServiceSettings.from_environment()
+    service = FalService.create(backend, uploads_folder, settings, prefix=PREFIX)
     add_fal_routes(server.routes, service)
     add_step_listener(backend.on_step)
-    log.info("fal protocol at %s (FAL_RUN_HOST=HOST:PORT%s)", PREFIX, PREFIX)
+    log.info(startup_line(settings))
     return service
+
+
+def startup_line(settings: ServiceSettings) -> str:
+    """What ComfyUI's log says once at start-up about the routes, for people who never heard of fal too."""
+    key = (f"it requires the key set in {API_KEY_ENV}" if settings.api_key else
+           f"it accepts any key until {API_KEY_ENV} is set")
+    return (f"Krea node pack: fal's image API (fal-ai/flux/krea) is also served by this ComfyUI under {PREFIX}, for "
+            f"programs written for fal's clients; {key} (the pack's docs/fal-server.md).")
