@@ -75,5 +75,6 @@ def serve(options: ServeOptions, host_name: str, port: int, tls: ssl.SSLContext 
         print(f"fal protocol at {scheme}://{shown}:{port}  (API key: {key})\n"
               f"  Python: FAL_RUN_HOST={shown}:{port} FAL_QUEUE_RUN_HOST={shown}:{port}/queue"
               + ("" if tls else "  (the Python client needs https: give --tls-cert/--tls-key)") + "\n"
-              f"  JS:     proxyUrl {scheme}://{shown}:{port}/proxy", flush=True)
+              f"  JS:     fal.config({{ proxyUrl: {{ url: \"{scheme}://{shown}:{port}/proxy\", when: \"always\" }} }})",
+              flush=True)
         web.run_app(app, host=host_name, port=port, ssl_context=tls, print=None, handle_signals=True)
