@@ -82,6 +82,10 @@ command's options."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_krea", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,7 +138,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print what each step does (models loaded, nodes run, the sampler's report)")
     add_serve_commands(sub)
-    return parser.parse_args(argv)
+    return parser
 
 
 class Terminated(BaseException):
