@@ -31,7 +31,7 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"requests waiting or running at most; more are answered 503 (default: {MAX_QUEUE})")
     s.add_argument("--retention-hours", type=float, default=RETENTION_HOURS,
                    help=f"how long results, uploads and request records stay available (default: {RETENTION_HOURS:g})")
-    s.add_argument("-v", "--verbose", action="store_true", help="also print the informational log (models loaded, runs)")
+    s.add_argument("-v", "--verbose", action="store_true", help="also print the informational log (models, runs)")
     c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
     c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
                                             "existing files)")
