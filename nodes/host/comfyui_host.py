@@ -7,6 +7,7 @@ fal_queue.py, the only code of the pack that imports ComfyUI.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,10 @@ class ComfyHost(Host):
         the badges); nothing goes into the history, whose every entry the queue panel counts as an output."""
         from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
         from comfy_execution.utils import get_executing_context  # type: ignore[import-not-found]
-        from server import PromptServer  # type: ignore[import-not-found]
 
-        server, context = getattr(PromptServer, "instance", None), get_executing_context()
+        # The server's module only when ComfyUI's server runs in this process (importing it elsewhere fails).
+        server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+        context = get_executing_context()
         if server is not None and context is not None:
             display = get_progress_state().dynprompt.get_display_node_id(context.node_id)
             server.send_sync(REPORT_EVENT, {"node": context.node_id, "display_node": display or context.node_id,
