@@ -110,10 +110,10 @@ def inside(output: Path, subfolder: object) -> Path:
 async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapping[str, Path],
                         embedded: Callable[[dict], dict | None] | None = None) -> tuple[list[Path],
                                                                                         list[tuple[str, str]]]:
-    """Queue `prompt` (uploading `images`: LoadImage node id -> local file), follow it, download its images into
-    the same sub-folders of `output` as the server saved them in. `embedded(final prompt)`: what the saved images
-    embed beside the prompt (ComfyUI's extra_pnginfo, e.g. the UI workflow). Returns the files written and the
-    nodes' reports ((node id, text), the pack's krea.report messages)."""
+    """Queue `prompt` (uploading `images`: LoadImage or LoadImageMask node id -> local file), follow it, download
+    its images into the same sub-folders of `output` as the server saved them in. `embedded(final prompt)`: what
+    the saved images embed beside the prompt (ComfyUI's extra_pnginfo, e.g. the UI workflow). Returns the files
+    written and the nodes' reports ((node id, text), the pack's krea.report messages)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)

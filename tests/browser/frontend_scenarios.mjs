@@ -8,7 +8,8 @@
 //     node frontend_scenarios.mjs CONFIG_JSON
 //
 // CONFIG_JSON: {url, artifacts, chromium, userDataDir, uploadImage, module, models, output,
-// workflows: {name: path}}.
+//               workflows: {name: path},
+//               conversions: {name: path} (UI workflows only loaded and converted with graphToPrompt)}.
 import { readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 
@@ -26,8 +27,8 @@ const CHANGED = { image_size: "square", num_inference_steps: 5, seed: 1234, guid
 const UNMAPPED_REQUEST = { prompt: "a red fox in the snow", image_url: "https://example.invalid/fox.png",
   sync_mode: true, guidance_scale: 3.5 };
 
-const report = { workflows: {}, pageErrors: [], extensionErrors: [], extensionWarnings: [], consoleErrors: [],
-  menuEntries: {}, screenshots: [] };
+const report = { workflows: {}, conversions: {}, pageErrors: [], extensionErrors: [], extensionWarnings: [],
+  consoleErrors: [], menuEntries: {}, screenshots: [] };
 const started = Date.now();
 
 function elapsed() {
@@ -162,6 +163,15 @@ async function clearToasts() {
 
 async function clipboard() {
   return page.evaluate(() => navigator.clipboard.readText());
+}
+
+// The frontend's own conversion of a UI workflow (graphToPrompt), and the graph as the page serializes it.
+async function convert(path) {
+  return page.evaluate(async (workflow) => {
+    const app = window.comfyAPI.app.app;
+    await app.loadGraphData(structuredClone(workflow));
+    return { workflow: app.graph.serialize(), prompt: (await app.graphToPrompt()).output };
+  }, JSON.parse(readFileSync(path, "utf8")));
 }
 
 async function scenario(name, path) {
@@ -315,6 +325,7 @@ try {
   report.missingModels = await missingModels(page, config, extraScreenshot);
   await ready(); // the frontend read the model folders while they were empty: read them again
   report.templates = await templates(page, config.module, extraScreenshot);
+  for (const [name, path] of Object.entries(config.conversions ?? {})) report.conversions[name] = await convert(path);
   for (const [name, path] of Object.entries(config.workflows)) await scenario(name, path);
   report.ok = true;
 } catch (err) {
