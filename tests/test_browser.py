@@ -35,7 +35,8 @@ from ui_conversion_cases import CASES, case
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 SCRIPT = BROWSER_DIR / "frontend_scenarios.mjs"
-WORKFLOWS = ("krea_text_to_image", "krea_image_to_image")
+WORKFLOWS = ("krea_text_to_image", "krea_image_to_image")  # the ones the scenarios run, copy and paste
+TEMPLATES = tuple(sorted(path.stem for path in (ROOT / "workflows").glob("*.json")))  # every shipped UI workflow
 ARTIFACTS = Path(os.environ.get("KREA_ARTIFACTS") or ROOT / "test-artifacts" / "browser")
 UPLOAD_SIZE = (96, 64)  # the image-to-image input: not square, so the made size shows where it came from
 SMALL_SIDE = 64  # what the scenarios set the sampler to (frontend_scenarios.mjs SMALL)
@@ -109,6 +110,7 @@ def comfyui_http(work: Path, comfyui_dir: str) -> Iterator[tuple[str, Path, Path
     write_comfyui_models(base / "models")
     (base / "input").mkdir()
     Image.new("RGB", (SMALL_SIDE, SMALL_SIDE), (90, 60, 30)).save(base / "input" / "example.png")
+    Image.new("L", (SMALL_SIDE, SMALL_SIDE), 255).save(base / "input" / "example_mask.png")  # the inpainting one's
     settings = base / "user" / "default" / "comfy.settings.json"  # no first-run template dialog over the canvas
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": True}))
@@ -141,6 +143,7 @@ def browser(playwright_installed, tmp_path_factory) -> dict:
                   "userDataDir": str(work / "chromium"), "uploadImage": str(upload), "module": MODULE,
                   "models": str(base / "models"), "output": str(base / "output"),
                   "workflows": {name: str(ROOT / "workflows" / f"{name}.json") for name in WORKFLOWS},
+                  "templates": {name: str(ROOT / "workflows" / f"{name}.json") for name in TEMPLATES},
                   "conversions": conversions}
         (work / "config.json").write_text(json.dumps(config))
         env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
@@ -295,7 +298,7 @@ def test_a_saved_png_dropped_on_the_canvas_restores_its_workflow(name, browser):
     assert entry["dropped"]["image"]["filename"].endswith(".png")
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_without_the_model_files_the_dialog_offers_each_download(name, browser):
     """What ComfyUI's missing-models dialog lists for a shipped workflow on a ComfyUI without the files: each model
     the workflow names ("folder / file") with the download URL of its `properties.models` entry, none refused."""
@@ -314,7 +317,7 @@ def test_without_the_model_files_the_dialog_offers_each_download(name, browser):
 
 def test_the_templates_dialog_shows_the_packs_workflows_with_thumbnails(browser):
     cards = browser["report"]["templates"]
-    assert set(cards) == set(WORKFLOWS)
+    assert set(cards) == set(TEMPLATES) and len(TEMPLATES) == 3
     for name, card in cards.items():
         # frontend 1.27 titles a custom node pack's template by its file name and describes it with its words
         assert card["text"] == [name, name.replace("_", " ")]

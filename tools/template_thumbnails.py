@@ -24,7 +24,7 @@ COLOURS = {"background": (24, 26, 31), "node": (53, 57, 66), "header": (88, 96, 
            "link": (125, 160, 220), "accent": (236, 120, 80)}
 SHORT_NAMES = {"KreaModelLoader": "Model Loader", "KreaTextEncode": "Text Encode", "KreaSampler": "Sampler",
                "KreaDecode": "Decode", "KreaSafetyCheck": "Safety Check", "KreaSaveImage": "Save Image",
-               "KreaEncodeImage": "Encode Image", "LoadImage": "Load Image"}
+               "KreaEncodeImage": "Encode Image", "LoadImage": "Load Image", "LoadImageMask": "Load Mask"}
 
 
 def depths(workflow: dict) -> dict[int, int]:

@@ -8,7 +8,8 @@
 //     node frontend_scenarios.mjs CONFIG_JSON
 //
 // CONFIG_JSON: {url, artifacts, chromium, userDataDir, uploadImage, module, models, output,
-//               workflows: {name: path},
+//               workflows: {name: path} (run, copied and pasted), templates: {name: path} (every shipped one: the
+//               missing-models dialog),
 //               conversions: {name: path} (UI workflows only loaded and converted with graphToPrompt)}.
 import { readFileSync } from "node:fs";
 import { basename, join } from "node:path";

@@ -27,7 +27,7 @@ async function withoutModelFiles(models, action) {
 export async function missingModels(page, config, screenshot) {
   return withoutModelFiles(config.models, async () => {
     const found = {};
-    for (const [name, path] of Object.entries(config.workflows)) {
+    for (const [name, path] of Object.entries(config.templates)) {
       const workflow = JSON.parse(readFileSync(path, "utf8"));
       await page.evaluate((data) => window.comfyAPI.app.app.loadGraphData(data), workflow);
       const list = page.locator(".comfy-missing-models");
