@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..image_io.save import SAFETY_FLAG
 from ..sampling.parameters import CUSTOM_SIZE, round_down_side
 from .endpoints import Endpoint
 from .fields import FIELD_INPUTS, RESULT_PREFIX, write_input, write_inputs
@@ -49,17 +50,14 @@ def workflow_for(endpoint: Endpoint, arguments: FalInput, seed: int, request_id:
 
 
 def saved_images(prompt: Mapping[str, dict], uis: Mapping[str, dict]) -> tuple[list[dict], list[bool]]:
-    """The saved images ({filename, subfolder, type}) and the safety flags, from the nodes' `ui` outputs."""
+    """The saved images ({filename, subfolder, type}) and their safety flags, from the save node's `ui` output:
+    the shipped workflows link the safety check's has_nsfw_concepts into it, so each image entry carries its flag
+    (also when ComfyUI reused a cached safety check that did not run again)."""
     images: list[dict] = []
-    flags: list[bool] = []
     for node_id, ui in uis.items():
-        kind = prompt.get(node_id, {}).get("class_type")
-        if kind == "KreaSaveImage":
+        if prompt.get(node_id, {}).get("class_type") == "KreaSaveImage":
             images += ui.get("images", [])
-        elif kind == "KreaSafetyCheck":
-            for text in ui.get("text", []):
-                flags += [bool(flag) for flag in json.loads(text)]
-    return images, flags
+    return images, [bool(image.get(SAFETY_FLAG, False)) for image in images]
 
 
 def fal_output(job: Job, files: list[Path], flags: list[bool], inference_s: float,

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 # File extension of each output format (the formats offered are sampling.parameters.OUTPUT_FORMAT).
 EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# ComfyUI's frontend restores the workflow of a png or webp dropped on it, not of a jpeg (fal's default format).
+RESTORABLE_FORMAT = "png"
+# A saved image's entry in the save node's `ui` ({filename, subfolder, type}) carries its safety flag under this
+# key when the safety check's has_nsfw_concepts is linked in: what the fal routes answer with, even when ComfyUI
+# took the safety check's result from its cache and the check did not run again.
+SAFETY_FLAG = "has_nsfw_concept"
 _PNG_COMPRESS_LEVEL = 4  # ComfyUI's SaveImage level; PNG is lossless, so `quality` does not apply to it
 _EXIF_PROMPT_TAG = 0x0110  # Model
 _EXIF_FIRST_EXTRA_TAG = 0x010F  # Make ("workflow"); later extra_pnginfo keys count down from here

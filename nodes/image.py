@@ -12,10 +12,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..image_io.save import EXTENSIONS, save_arguments, save_image_no_clobber, to_pil
+from ..image_io.save import (
+    EXTENSIONS,
+    RESTORABLE_FORMAT,
+    SAFETY_FLAG,
+    save_arguments,
+    save_image_no_clobber,
+    to_pil,
+)
 from ..sampling.latents import LATENT_CHANNELS
 from ..sampling.parameters import OUTPUT_FORMAT, SIZE_MULTIPLE, nearest_multiple
 from .host import host
+from .safety import parse_flags
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,9 @@ class KreaEncodeImage:
                    "not multiples of 16 are resized to the nearest multiple of 16.")
     CATEGORY = "Krea/image"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Raw 16-channel FLUX latents (B, 16, H/8, W/8) of the images: Krea Sampler's latent input "
+                       "for image-to-image.",)
     FUNCTION = "encode"
 
     @classmethod
@@ -107,6 +118,8 @@ class KreaDecode:
                    "overlapping tiles when they would not fit in memory.")
     CATEGORY = "Krea/image"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The decoded images, (B, H, W, 3) with values 0..1.",)
     FUNCTION = "decode"
 
     @classmethod
@@ -125,8 +138,9 @@ class KreaDecode:
 
 
 class KreaSaveImage:
-    DESCRIPTION = ("Saves images to the ComfyUI output folder as jpeg (default, as fal), png or webp, with the "
-                   "prompt and workflow embedded so the file can be dropped back into ComfyUI.")
+    DESCRIPTION = ("Saves images to the ComfyUI output folder as png (default), webp or jpeg (fal's default), with "
+                   "the prompt and workflow embedded: a png or webp dropped back into ComfyUI restores the "
+                   "workflow (ComfyUI's editor does not read it from a jpeg).")
     CATEGORY = "Krea/image"
     RETURN_TYPES = ()
     FUNCTION = "save"
@@ -142,10 +156,18 @@ class KreaSaveImage:
                     "tooltip": "File name prefix inside the output folder; a '/' makes sub-folders. "
                                "%batch_num% is replaced by the image's index in the batch."}),
                 "output_format": (list(OUTPUT_FORMAT.choices), {
-                    "default": OUTPUT_FORMAT.default, "tooltip": "jpeg (as fal), png (lossless) or webp."}),
+                    "default": RESTORABLE_FORMAT,
+                    "tooltip": "png (lossless) or webp: dropped back into ComfyUI, the file restores its workflow. "
+                               "jpeg is fal's default; ComfyUI's editor does not read workflows from jpeg."}),
                 "quality": ("INT", {
                     "default": 95, "min": 1, "max": 100, "step": 1,
                     "tooltip": "jpeg and webp quality (1-100). png is lossless and ignores it."}),
+            },
+            "optional": {
+                "has_nsfw_concepts": ("STRING", {
+                    "forceInput": True,
+                    "tooltip": "Optional: Krea Safety Check's has_nsfw_concepts. Each saved image is then listed "
+                               "with its flag (the fal routes answer with it)."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -163,8 +185,8 @@ class KreaSaveImage:
         return problem if problem is not None else True
 
     def save(self, images: torch.Tensor, filename_prefix: str = "krea/krea",
-             output_format: str = OUTPUT_FORMAT.default, quality: int = 95, prompt: Any = None,
-             extra_pnginfo: dict | None = None) -> dict:
+             output_format: str = RESTORABLE_FORMAT, quality: int = 95, prompt: Any = None,
+             extra_pnginfo: dict | None = None, has_nsfw_concepts: str | None = None) -> dict:
         OUTPUT_FORMAT.check(output_format)
         if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
             raise ValueError(f"quality must be an integer from 1 to 100, got {quality!r}.")
@@ -175,6 +197,7 @@ class KreaSaveImage:
         if not host.metadata_enabled():  # ComfyUI's --disable-metadata
             prompt, extra_pnginfo = None, None
         batch = as_image_batch(images, "images")
+        flags = None if has_nsfw_concepts is None else parse_flags(has_nsfw_concepts, batch.shape[0])
         height, width = batch.shape[1], batch.shape[2]
         folder, filename, counter, subfolder = host.save_image_path(filename_prefix, width, height)
         try:
@@ -193,7 +216,8 @@ class KreaSaveImage:
             path, counter = save_image_no_clobber(to_pil(image), folder,
                                                   lambda c, base=base: f"{base}_{c:05}_.{extension}", counter,
                                                   arguments)
-            results.append({"filename": path.name, "subfolder": subfolder, "type": "output"})
+            results.append({"filename": path.name, "subfolder": subfolder, "type": "output",
+                            **({SAFETY_FLAG: flags[index]} if flags is not None else {})})
             counter += 1
         log.info("Saved %d image(s) to %s.", len(results), folder)
         return {"ui": {"images": results}}

@@ -35,6 +35,13 @@ class KreaModelLoader:
     CATEGORY = "Krea/loaders"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The transformer as a standard FLUX.1 MODEL: Krea Sampler, ComfyUI's LoRA loaders and samplers take it.",
+        "CLIP-L and T5-XXL as a FLUX CLIP (T5 reads 512 tokens): Krea Text Encode's text_encoder input; inside "
+        "ComfyUI its own text nodes (CLIPTextEncodeFlux) take it too.",
+        "The FLUX autoencoder as a VAE: Krea Decode's and Krea Encode Image's vae input; inside ComfyUI its own VAE "
+        "nodes (VAEDecode, VAEEncode, the tiled ones, inpainting) take it too.",
+    )
     FUNCTION = "load"
 
     def __init__(self) -> None:

@@ -85,6 +85,19 @@ def _flags_json(flags: list[bool]) -> str:
     return json.dumps(flags)
 
 
+def parse_flags(has_nsfw_concepts: object, count: int) -> list[bool]:
+    """The flags of a has_nsfw_concepts output (a JSON list of true/false) for a batch of `count` images."""
+    try:
+        flags = json.loads(has_nsfw_concepts) if isinstance(has_nsfw_concepts, str) else None
+    except ValueError:
+        flags = None
+    if not isinstance(flags, list) or len(flags) != count or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"has_nsfw_concepts must be Krea Safety Check's output for these {count} image(s): a JSON "
+                         f"list of {count} true/false values; got {str(has_nsfw_concepts)[:200]!r}. Link it from "
+                         "the safety check that checked these images, or leave it unlinked.")
+    return flags
+
+
 class KreaSafetyCheck:
     DESCRIPTION = ("Checks images with an NSFW image classifier (Falconsai/nsfw_image_detection, in "
                    "models/safety_checker), as fal's enable_safety_checker does: an image whose NSFW probability "
@@ -166,7 +179,7 @@ class KreaSafetyCheck:
     def _result(images: torch.Tensor, flags: list[bool], enabled: bool, seconds: float) -> dict:
         has_nsfw_concepts = _flags_json(flags)
         fields = {"has_nsfw_concepts": flags, "enabled": enabled, "seconds": round(seconds, 3)}  # web/krea.js
-        return {"ui": {"text": [has_nsfw_concepts], "krea_report": [fields]}, "result": (images, has_nsfw_concepts)}
+        return {"ui": host.node_report(has_nsfw_concepts, fields), "result": (images, has_nsfw_concepts)}
 
 
 NODE_CLASS_MAPPINGS = {"KreaSafetyCheck": KreaSafetyCheck}

@@ -103,6 +103,9 @@ class KreaSampler:
                    "inpainting when a mask is connected too.")
     CATEGORY = "Krea/sampling"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The generated FLUX latents (B, 16, H/8, W/8), one per image; decode them with Krea Decode "
+                       "or ComfyUI's VAE Decode.",)
     FUNCTION = "sample"
 
     @classmethod
@@ -111,7 +114,8 @@ class KreaSampler:
             "required": {
                 "model": ("MODEL", {"tooltip": "A FLUX.1 model: Krea Model Loader's, or ComfyUI's Load Diffusion "
                                                "Model with a FLUX.1 file (LoRA loaders in between work too)."}),
-                "conditioning": ("CONDITIONING",),
+                "conditioning": ("CONDITIONING", {
+                    "tooltip": "The prompt, encoded: Krea Text Encode's output (or a FLUX CLIP Text Encode's)."}),
                 "image_size": (list(IMAGE_SIZE.choices), {
                     "default": IMAGE_SIZE.default, "tooltip": "fal's sizes; 'custom' uses width and height."}),
                 "width": ("INT", number_options(WIDTH, tooltip="Used when image_size is custom (multiple of 16).")),
@@ -128,9 +132,10 @@ class KreaSampler:
                                         "image that 1 would give.")),
                 "acceleration": (list(ACCELERATION.choices), {
                     "default": ACCELERATION.default,
-                    "tooltip": "none: the reference computation. regular / high: reuse the transformer's work on "
-                               "steps that change little (high reuses more); on GPUs also fp8 matmuls and "
-                               "torch.compile."}),
+                    "tooltip": "none: the reference computation, every step in full. regular / high: steps that "
+                               "change little reuse the transformer's last work: faster, but the image is no longer "
+                               "the reference one and drifts from none's, high more than regular. On GPUs they also "
+                               "turn on fp8 matmuls and torch.compile."}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Image-to-image: the encoded input image."}),
@@ -216,11 +221,11 @@ class KreaSampler:
             report += f"; {', '.join(notes)}"
         log.info(report)
         computed = result.steps if result.cache is None else result.cache.full_steps
-        # The same report as fields, for the browser's badges (web/krea.js): ui values are lists.
+        # The same report as fields, for the browser's badges (web/krea.js) and the command line.
         fields = {"acceleration": acceleration, "steps": result.steps, "computed": computed,
                   "reused": result.steps - computed, "seconds": round(time.perf_counter() - started, 3),
                   "width": width, "height": height, "images": num_images}
-        return {"ui": {"text": [report], "krea_report": [fields]},
+        return {"ui": host.node_report(report, fields),
                 "result": ({"samples": result.latents.to(host.intermediate_device())},)}
 
 

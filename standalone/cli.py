@@ -24,8 +24,6 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from ..model_loader import ModelFileError
 from ..nodes import NODE_DISPLAY_NAME_MAPPINGS
 from ..nodes.host import Interrupted, standalone_host
@@ -49,7 +47,8 @@ from .preflight import lora_problems
 from .runner import WorkflowError, check, structure_problems
 from .sequence_parallel_run import torchrun_problem, torchrun_processes
 from .serve_commands import OptionError, add_serve_commands, make_cert_command, serve_command
-from .ui_workflow import local_definitions
+from .terminal import TERMINAL, LogHandler, StepBar
+from .ui_workflow import is_ui_workflow, local_definitions, with_values
 
 log = logging.getLogger("comfyui_krea")
 
@@ -69,8 +68,26 @@ def range_help(parameter: NumericParameter, default: str | None = None) -> str:
     return f"{parameter.name}, {parameter.min}-{parameter.max} (fal default: {default or parameter.default})"
 
 
+DESCRIPTION = """\
+FLUX.1 Krea [dev] from the command line: run a ComfyUI workflow of the Krea nodes here (no ComfyUI server needed)
+or on a running ComfyUI (--server), or serve fal's API for programs written for fal's clients.
+
+  python -m comfyui_krea run workflows/api/krea_text_to_image.json --demo
+  python -m comfyui_krea run WORKFLOW.json --prompt "a red fox" --seed 7
+  python -m comfyui_krea run WORKFLOW.json --server http://127.0.0.1:8188
+
+Everything that can be checked without the weights (values, model files, the input image, the output folder, the
+memory the run needs) is checked before any model is loaded. Errors are one 'error: ...' message; exit code 2 for
+bad input, 1 for a failed run, 130 for Ctrl-C, 143 for SIGTERM. `python -m comfyui_krea COMMAND --help` lists a
+command's options."""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_krea", description=__doc__,
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_krea", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a workflow (API or UI format) here or on a running ComfyUI (--server)")
@@ -83,8 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="where images are written (default: ComfyUI's output folder when the pack is in its "
                         "custom_nodes, else ./output)")
     p.add_argument("--tokenizers", type=Path, default=None,
-                   help="folder with clip/ (vocab.json, merges.txt) and t5/ (tokenizer.json) tokenizer files")
-    p.add_argument("--prompt")
+                   help="folder with clip/ (vocab.json, merges.txt) and t5/ (tokenizer.json) tokenizer files; "
+                        "not needed when the pack is in ComfyUI's custom_nodes (ComfyUI's own are used)")
+    p.add_argument("--prompt", help="what the image should show (the text of the workflow's Krea Text Encode)")
     p.add_argument("--seed", type=int, help=f"{SEED.name}, {SEED.min}-{SEED.max}")
     side = f"a multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}"
     p.add_argument("--width", type=int, help=f"custom width, {side} (sets image_size to custom; text-to-image)")
@@ -103,7 +121,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mask", type=Path, help="mask of inpainting workflows, the input image's size: white = repaint, "
                                              "black = keep")
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
-                   help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
+                   help=f"{OUTPUT_FORMAT.name} (default: the workflow's, png in the shipped ones: ComfyUI restores "
+                        f"the workflow of a dropped png or webp; fal's default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:STRENGTH]",
                    help="merge a LoRA from the loras folder of --models into the transformer, at STRENGTH (default "
@@ -122,29 +141,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                    help="with --server: an extra HTTP header for every request (repeatable)")
     p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print what each step does (models loaded, nodes run, the sampler's report)")
     add_serve_commands(sub)
-    return parser.parse_args(argv)
-
-
-class TextProgress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self) -> None:
-        self.started = self.first = time.perf_counter()
-        self.line_open = False  # a bar is on screen without its newline: an error message starts below it
-
-    def __call__(self, step: int, total: int, x0: torch.Tensor) -> None:
-        now = time.perf_counter()
-        if step == 1:
-            self.started, self.first = now, now
-        done = int(30 * step / total)
-        rate = f" ({(now - self.first) / (step - 1):.2f} s/step)" if step > 1 else ""
-        sys.stderr.write(f"\r  sampling [{'#' * done}{'.' * (30 - done)}] {step}/{total}{rate}")
-        self.line_open = step != total
-        if step == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+    return parser
 
 
 class Terminated(BaseException):
@@ -184,13 +184,13 @@ BAD_INPUT = (WorkflowError, ModelFileError, OptionError, ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    progress = TextProgress()
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[LogHandler()])
 
     def fail(message: str, code: int) -> int:
+        TERMINAL.end_line()  # never behind an unfinished progress bar
         if getattr(args, "debug", False):
             traceback.print_exc()
-        sys.stderr.write(("\n" if progress.line_open else "") + f"error: {message}\n")
+        TERMINAL.line(f"error: {message}")
         return code
 
     stop = threading.Event()  # set by SIGTERM (sigterm_raises); nothing else sets it
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 return make_cert_command(args)
             if args.server is not None:
                 return run_remote_command(args)
-            return run_command(args, progress, stop)
+            return run_command(args, stop)
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C); the run stopped and nothing more was written.", 130)
     except (Terminated, Interrupted):  # Interrupted: `stop` seen by a check after the raise itself was swallowed
@@ -216,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                     " (run again with --debug for the traceback)"), 1)
 
 
-def run_command(args: argparse.Namespace, progress: TextProgress, stop: threading.Event | None = None) -> int:
+def run_command(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
     """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line); `stop`
     set (SIGTERM) stops the run at the host's next interrupt check, and between nodes."""
     classes = PACK_CLASSES
-    prompt = api_prompt(read_workflow(args.workflow), local_definitions(classes, NODE_DISPLAY_NAME_MAPPINGS))
+    workflow = read_workflow(args.workflow)
+    definitions = local_definitions(classes, NODE_DISPLAY_NAME_MAPPINGS)
+    prompt = api_prompt(workflow, definitions)
     problems = structure_problems(prompt, classes)  # before the options are written into the nodes
     if problems:
         raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
@@ -249,8 +251,9 @@ def run_command(args: argparse.Namespace, progress: TextProgress, stop: threadin
                   "the install, the nodes and the workflow run.", file=sys.stderr)
             models, tokenizers = write_demo_models(Path(scratch_dir))
         host = standalone_host()
-        host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers,
-                       interrupt=stop)
+        # Inside ComfyUI's custom_nodes (root), ComfyUI's tokenizer files are found too.
+        host.configure(models_dir=models, output_dir=output, progress=StepBar(), tokenizer_dir=tokenizers,
+                       interrupt=stop, comfyui_dir=root)
         prompt = processes.same_prompt(prompt)
         checked = check(prompt, classes)
         problems = lora_problems(prompt)  # each LoRA against its base transformer's header
@@ -258,12 +261,20 @@ def run_command(args: argparse.Namespace, progress: TextProgress, stop: threadin
             raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
         processes.preflight(prompt, host.torch_device(), check_memory=not args.no_memory_check)
         started = time.perf_counter()
-        uis = processes.run(checked, on_node=lambda node_id, kind: host.throw_if_interrupted())
+        uis = processes.run(checked, extra_pnginfo=embedded_workflow(workflow, prompt, definitions),
+                            on_node=lambda node_id, kind: host.throw_if_interrupted())
         host.throw_if_interrupted()  # a SIGTERM whose raise was swallowed after the last check is no success
     saved = [Path(output) / img["subfolder"] / img["filename"]
              for ui in uis.values() for img in ui.get("images", [])]
-    report(prompt, uis, saved, started)
+    reports = [(node_id, text) for node_id, ui in uis.items() for text in ui.get("text", [])]
+    report(prompt, reports, saved, started)
     return 0
+
+
+def embedded_workflow(workflow: dict, prompt: dict, definitions: dict[str, dict]) -> dict | None:
+    """What saved images embed beside the prompt, as ComfyUI's editor has them embed: a UI-format workflow with the
+    values of this run (an API-format file has no UI form: the prompt alone is embedded, which ComfyUI loads too)."""
+    return {"workflow": with_values(workflow, prompt, definitions)} if is_ui_workflow(workflow) else None
 
 
 def server_headers(args: argparse.Namespace) -> dict[str, str]:
@@ -323,17 +334,18 @@ def run_remote_command(args: argparse.Namespace) -> int:
     images = {k: files[n["class_type"]] for k, n in prompt.items() if files.get(n.get("class_type"))}
     output = args.output if args.output is not None else Path("output")
     started = time.perf_counter()
-    written, outputs = asyncio.run(run_on_server(prompt, ServerRun(url, headers), output, images))
-    report(prompt, outputs, written, started)
+    server = ServerRun(url, headers)
+    written, reports = asyncio.run(run_on_server(
+        prompt, server, output, images, lambda final: embedded_workflow(workflow, final, definitions)))
+    report(prompt, reports, written, started)
     return 0
 
 
-def report(prompt: dict, uis: dict, saved: list[Path], started: float) -> None:
-    """What the nodes reported and where the images are, as the local run prints it."""
-    for node_id, ui in uis.items():
-        for text in ui.get("text", []):
-            label = "has_nsfw_concepts" if prompt[node_id]["class_type"] == "KreaSafetyCheck" else "sampler"
-            print(f"{label}: {text}")
+def report(prompt: dict, reports: list[tuple[str, str]], saved: list[Path], started: float) -> None:
+    """The nodes' reports ((node id, text): the sampler's steps, the safety check's flags) and where the images are."""
+    for node_id, text in reports:
+        label = "has_nsfw_concepts" if prompt.get(node_id, {}).get("class_type") == "KreaSafetyCheck" else "sampler"
+        print(f"{label}: {text}")
     for path in saved:
         print(f"saved {path}")
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -185,7 +185,8 @@ def serve(options: ServeOptions, host_name: str, port: int, tls: ssl.SSLContext 
             print(f"fal protocol at {scheme}://{shown}:{port}  (API key: {key})\n"
                   f"  Python: FAL_RUN_HOST={shown}:{port} FAL_QUEUE_RUN_HOST={shown}:{port}/queue"
                   + ("" if tls else "  (the Python client needs https: give --tls-cert/--tls-key)") + "\n"
-                  f"  JS:     proxyUrl {scheme}://{shown}:{port}/proxy", flush=True)
+                  f"  JS:     fal.config({{ proxyUrl: {{ url: \"{scheme}://{shown}:{port}/proxy\", "
+                  'when: "always" } })', flush=True)
 
         stopped = asyncio.run(_serve(app, host_name, port, tls, options.max_connections, banner))
     if not stopped:

@@ -1,5 +1,5 @@
 """An API prompt -> a run on a running ComfyUI server (`run --server URL`): queued over HTTP, followed on its
-websocket, its images downloaded through /view.
+websocket, its images downloaded through /view into the same sub-folders of --output as the server saved them in.
 
 Input images are uploaded first (POST /upload/image). A 400 answer's node_errors become one line per problem
 (WorkflowError: exit code 2, as a bad value locally). While it runs, stderr shows each node as it starts, the
@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..nodes.host import REPORT_EVENT
 from ..nodes.host.comfyui_errors import node_problems
 from .runner import WorkflowError
+from .terminal import TERMINAL, Terminal
 
 
 class RunFailed(RuntimeError):
@@ -55,28 +56,20 @@ def node_error_lines(answer: dict, prompt: Mapping[str, dict]) -> list[str]:
 class Progress:
     """Lines on stderr: node starts, cached nodes, one bar per node that reports steps."""
 
-    def __init__(self, prompt: Mapping[str, dict]) -> None:
+    def __init__(self, prompt: Mapping[str, dict], terminal: Terminal = TERMINAL) -> None:
         self.titles = {k: v.get("_meta", {}).get("title") or v.get("class_type", k) for k, v in prompt.items()}
-        self.bar_open = False
-
-    def _line(self, text: str) -> None:
-        sys.stderr.write(("\n" if self.bar_open else "") + text + "\n")
-        sys.stderr.flush()
-        self.bar_open = False
+        self.terminal = terminal
+        self.reports: list[tuple[str, str]] = []  # (node id, text) of the pack's nodes' reports
 
     def message(self, kind: str, data: dict) -> None:
-        if kind == "execution_cached" and data.get("nodes"):
-            self._line("  cached: " + ", ".join(self.titles.get(n, n) for n in data["nodes"]))
+        if kind == REPORT_EVENT and isinstance(data.get("text"), str):
+            self.reports.append((str(data.get("node")), data["text"]))
+        elif kind == "execution_cached" and data.get("nodes"):
+            self.terminal.line("  cached: " + ", ".join(self.titles.get(n, n) for n in data["nodes"]))
         elif kind == "executing" and data.get("node") is not None:
-            self._line(f"  {self.titles.get(data['node'], data['node'])}")
+            self.terminal.line(f"  {self.titles.get(data['node'], data['node'])}")
         elif kind == "progress":
-            value, total = int(data.get("value", 0)), max(1, int(data.get("max", 1)))
-            done = int(30 * value / total)
-            sys.stderr.write(f"\r    [{'#' * done}{'.' * (30 - done)}] {value}/{total}")
-            sys.stderr.flush()
-            self.bar_open = value < total
-            if not self.bar_open:
-                sys.stderr.write("\n")
+            self.terminal.bar("    ", int(data.get("value", 0)), int(data.get("max", 1)))
 
 
 def free_name(folder: Path, name: str) -> Path:
@@ -106,10 +99,21 @@ def write_new(folder: Path, name: str, data: bytes) -> Path:
         partial.unlink(missing_ok=True)
 
 
-async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapping[str, Path]) -> tuple[list[Path],
-                                                                                                      dict]:
+def inside(output: Path, subfolder: object) -> Path:
+    """output/subfolder, as the server named it; a subfolder that would leave `output` is refused."""
+    folder = output / str(subfolder or "")
+    if folder.resolve() != output.resolve() and output.resolve() not in folder.resolve().parents:
+        raise RunFailed(f"the server named an image sub-folder outside the output folder: {subfolder!r}")
+    return folder
+
+
+async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapping[str, Path],
+                        embedded: Callable[[dict], dict | None] | None = None) -> tuple[list[Path],
+                                                                                        list[tuple[str, str]]]:
     """Queue `prompt` (uploading `images`: LoadImage or LoadImageMask node id -> local file), follow it, download
-    its images. Returns the files written and the history outputs (node id -> ui)."""
+    its images into the same sub-folders of `output` as the server saved them in. `embedded(final prompt)`: what
+    the saved images embed beside the prompt (ComfyUI's extra_pnginfo, e.g. the UI workflow). Returns the files
+    written and the nodes' reports ((node id, text), the pack's krea.report messages)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
@@ -127,8 +131,11 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
             name = uploaded["name"]
             prompt[node_id]["inputs"]["image"] = f"{uploaded['subfolder']}/{name}" if uploaded.get("subfolder") \
                 else name
+        extra = embedded(prompt) if embedded is not None else None
+        body = {"prompt": prompt, "client_id": run.client_id, **({"extra_data": {"extra_pnginfo": extra}} if extra
+                                                                 else {})}
         async with session.ws_connect(run.ws_url, heartbeat=30) as socket:
-            async with session.post(f"{run.url}/prompt", json={"prompt": prompt, "client_id": run.client_id}) as answer:
+            async with session.post(f"{run.url}/prompt", json=body) as answer:
                 body = await answer.json(content_type=None)
                 if answer.status == 400:
                     raise WorkflowError("the server refused the workflow:\n  " +
@@ -136,8 +143,9 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
                 if answer.status != 200:
                     raise WorkflowError(f"POST /prompt: HTTP {answer.status} {json.dumps(body)[:300]}")
                 run.prompt_id = body["prompt_id"]
+            progress = Progress(prompt)
             try:
-                await follow(socket, run, Progress(prompt))
+                await follow(socket, run, progress)
             except asyncio.CancelledError:  # Ctrl-C: stop the server's job, then let the interrupt go on
                 await stop_on_server(session, run)
                 raise
@@ -159,8 +167,8 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
                     if answer.status != 200:
                         raise RunFailed(f"downloading {image['filename']} failed: HTTP {answer.status}")
                     data = await answer.read()
-                written.append(write_new(output, image["filename"], data))
-        return written, outputs
+                written.append(write_new(inside(output, image.get("subfolder")), image["filename"], data))
+        return written, progress.reports
 
 
 async def follow(socket, run: ServerRun, progress: Progress) -> None:

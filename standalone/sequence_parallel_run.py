@@ -102,10 +102,12 @@ class Processes:
             raise WorkflowError("the run does not fit: " + "; ".join(short) + ". Make fewer or smaller images, use "
                                 "weight_dtype fp8_e4m3fn (--set), or pass --no-memory-check to try anyway.")
 
-    def run(self, checked: CheckedPrompt, on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
-        """Rank 0 runs the whole workflow; the others what the samplers need, in the same order."""
+    def run(self, checked: CheckedPrompt, extra_pnginfo: dict | None = None,
+            on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
+        """Rank 0 runs the whole workflow (its saved images embed `extra_pnginfo`); the others what the samplers
+        need, in the same order."""
         if self.rank == 0:
-            return run(checked, on_node=on_node)
+            return run(checked, extra_pnginfo=extra_pnginfo, on_node=on_node)
         samplers = [n for n, node in checked.prompt.items() if node.get("class_type") == "KreaSampler"]
         return run(checked, on_node=on_node, only_for=samplers)
 

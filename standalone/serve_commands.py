@@ -58,7 +58,7 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a host name clients reach the server by (Host header), e.g. behind a reverse proxy; IP "
                         "addresses and localhost are always taken, other names refused (repeatable)")
-    s.add_argument("-v", "--verbose", action="store_true")
+    s.add_argument("-v", "--verbose", action="store_true", help="also print the informational log (models, runs)")
     c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
     c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
                                             "existing files)")

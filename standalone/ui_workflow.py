@@ -14,6 +14,7 @@ other frontend-only nodes are left out. Subgraphs (frontend 1.24+) are not expan
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,25 +72,49 @@ def _has_control(name: str, options: dict, kind: str) -> bool:
     return bool(options.get("control_after_generate", name in ("seed", "noise_seed")))
 
 
+def _widget_slots(values: list, definition: dict) -> dict[str, int]:
+    """Input name -> its index in a node's positional widgets_values."""
+    widgets = widget_inputs(definition)
+    upload_after = _upload_button_after(definition)
+    slots: dict[str, int] = {}
+    index = 0
+    for name, options, kind in widgets:
+        if index >= len(values):
+            break
+        slots[name] = index
+        index += 1
+        # The frontend's extra widgets: the "after generate" control of seeds and the upload button of images.
+        if _has_control(name, options, kind) and index < len(values) and values[index] in CONTROL_VALUES:
+            index += 1
+        elif name == upload_after and len(values) - index > len(widgets) - len(slots):
+            index += 1
+    return slots
+
+
 def widget_values(node: dict, definition: dict) -> dict[str, Any]:
     """The node's widget values by input name."""
     values = node.get("widgets_values")
     widgets = widget_inputs(definition)
     if isinstance(values, dict):  # some nodes save their values by name
         return {name: values[name] for name, _, _ in widgets if name in values}
-    values, named, index = list(values or []), {}, 0
-    upload_after = _upload_button_after(definition)
-    for name, options, kind in widgets:
-        if index >= len(values):
-            break
-        named[name] = values[index]
-        index += 1
-        # The frontend's extra widgets: the "after generate" control of seeds and the upload button of images.
-        if _has_control(name, options, kind) and index < len(values) and values[index] in CONTROL_VALUES:
-            index += 1
-        elif name == upload_after and len(values) - index > len(widgets) - len(named):
-            index += 1
-    return named
+    values = list(values or [])
+    return {name: values[index] for name, index in _widget_slots(values, definition).items()}
+
+
+def with_values(workflow: dict, prompt: Mapping[str, dict], definitions: Mapping[str, dict]) -> dict:
+    """A copy of the UI workflow whose widgets hold the values of `prompt` (its API prompt after the command line's
+    options): what a saved image embeds, so that dropped on ComfyUI it restores the values it was made with."""
+    out = copy.deepcopy(workflow)
+    for node in out.get("nodes", []):
+        inputs = prompt.get(str(node.get("id")), {}).get("inputs", {})
+        definition = definitions.get(node.get("type"))
+        values = node.get("widgets_values")
+        if not inputs or definition is None or not isinstance(values, list):
+            continue
+        for name, index in _widget_slots(values, definition).items():
+            if name in inputs and not isinstance(inputs[name], list):  # a list is a link, not a widget value
+                values[index] = inputs[name]
+    return out
 
 
 def _upload_button_after(definition: dict) -> str | None:

@@ -2,13 +2,15 @@
 Debian's Chromium driven by playwright-core (pinned with its lock file in tests/browser; no browser download).
 
 One `node tests/browser/frontend_scenarios.mjs` run against the real ComfyUI (plain http, --cpu, the pack in
-custom_nodes, small models) converts UI workflows with bypassed, muted and rerouted nodes
-(tests/ui_conversion_cases.py) with the frontend's graphToPrompt, and goes through each shipped workflow: load it
-(no missing node types, every link as in the file, graphToPrompt captured), make it small through the sampler's
-widgets, queue it with the Run button (the image and the badges), copy it as a fal request, change the widgets and
-paste the request back, and paste a request with fields that have no widget. Each test asserts on one part of its
-report. Screenshots of each state, the captured graphToPrompt outputs, the server's object_info and the report are
-kept in KREA_ARTIFACTS (default test-artifacts/browser).
+custom_nodes, small models) first opens each shipped workflow while the model files are hidden (the missing-models
+dialog with its downloads) and the templates dialog (the pack's cards), converts UI workflows with bypassed, muted
+and rerouted nodes (tests/ui_conversion_cases.py) with the frontend's graphToPrompt, then goes through each shipped
+workflow: load it (no missing node types, every link as in the file, graphToPrompt captured), make it small through
+the sampler's widgets, queue it with the Run button (the images, the reports and badges, the queue panel's count,
+the saved image dropped back onto the canvas), copy it as a fal request, change the widgets and paste the request
+back, and paste a request with fields that have no widget. Each test asserts on one part of its report. Screenshots
+of each state, the captured graphToPrompt outputs, the server's object_info and the report are kept in
+KREA_ARTIFACTS (default test-artifacts/browser).
 
 Needs ComfyUI (COMFYUI_DIR, skips without it as every host test), Chromium (/usr/bin/chromium: `apt-get install -y
 chromium`) and node (>= 20) with npm: skips without those two, except under CI (which installs them), where the
@@ -33,10 +35,13 @@ from ui_conversion_cases import CASES, case
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 SCRIPT = BROWSER_DIR / "frontend_scenarios.mjs"
-WORKFLOWS = ("krea_text_to_image", "krea_image_to_image")
+WORKFLOWS = ("krea_text_to_image", "krea_image_to_image")  # the ones the scenarios run, copy and paste
+TEMPLATES = tuple(sorted(path.stem for path in (ROOT / "workflows").glob("*.json")))  # every shipped UI workflow
 ARTIFACTS = Path(os.environ.get("KREA_ARTIFACTS") or ROOT / "test-artifacts" / "browser")
 UPLOAD_SIZE = (96, 64)  # the image-to-image input: not square, so the made size shows where it came from
 SMALL_SIDE = 64  # what the scenarios set the sampler to (frontend_scenarios.mjs SMALL)
+SMALL_IMAGES = 2  # and the number of images (more than one: the queue panel shows its count)
+MODULE = "krea"  # the pack's folder in custom_nodes, which the templates dialog names it by
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # What a paste cannot restore because the request does not carry it (frontend_scenarios.mjs CHANGED sets them).
 NOT_CARRIED = {"krea_text_to_image": {"strength"}, "krea_image_to_image": {"image_size", "width", "height"}}
@@ -101,13 +106,14 @@ def comfyui_http(work: Path, comfyui_dir: str) -> Iterator[tuple[str, Path, Path
 
     base = work / "base"
     (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "krea").symlink_to(ROOT)
+    (base / "custom_nodes" / MODULE).symlink_to(ROOT)
     write_comfyui_models(base / "models")
     (base / "input").mkdir()
     Image.new("RGB", (SMALL_SIDE, SMALL_SIDE), (90, 60, 30)).save(base / "input" / "example.png")
+    Image.new("L", (SMALL_SIDE, SMALL_SIDE), 255).save(base / "input" / "example_mask.png")  # the inpainting one's
     settings = base / "user" / "default" / "comfy.settings.json"  # no first-run template dialog over the canvas
     settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": True}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, str(Path(comfyui_dir) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
@@ -134,8 +140,10 @@ def browser(playwright_installed, tmp_path_factory) -> dict:
             conversions[name] = str(work / f"conversion-{name}.json")
             Path(conversions[name]).write_text(json.dumps(case(name).data))
         config = {"url": url, "artifacts": str(ARTIFACTS), "chromium": chromium(),
-                  "userDataDir": str(work / "chromium"), "uploadImage": str(upload),
+                  "userDataDir": str(work / "chromium"), "uploadImage": str(upload), "module": MODULE,
+                  "models": str(base / "models"), "output": str(base / "output"),
                   "workflows": {name: str(ROOT / "workflows" / f"{name}.json") for name in WORKFLOWS},
+                  "templates": {name: str(ROOT / "workflows" / f"{name}.json") for name in TEMPLATES},
                   "conversions": conversions}
         (work / "config.json").write_text(json.dumps(config))
         env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
@@ -169,7 +177,7 @@ def widgets(object_info: dict, workflow: dict, class_type: str) -> dict:
     for group in ("required", "optional"):
         for name in definition.get("input_order", {}).get(group, []):
             kind, *rest = definition["input"][group][name]
-            if isinstance(kind, list) or kind in WIDGET_TYPES:
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not (rest and rest[0].get("forceInput")):
                 names.append(name)
                 if rest and rest[0].get("control_after_generate"):
                     names.append("control_after_generate")
@@ -233,34 +241,87 @@ def test_to_api_resolves_bypassed_muted_and_rerouted_nodes_as_the_frontend(name,
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_queueing_from_the_page_makes_the_image_and_the_badges(name, browser):
+def test_queueing_from_the_page_makes_the_images_and_the_badges(name, browser):
     entry = browser["report"]["workflows"][name]
     history = entry["history"]
     assert history["status"]["status_str"] == "success", history["status"]
     types = {node_id: node["class_type"] for node_id, node in entry["small"]["prompt"].items()}
-    outputs = {types[node_id]: ui for node_id, ui in history["outputs"].items()}
-    (image,) = outputs["KreaSaveImage"]["images"]
-    path = browser["base"] / "output" / image["subfolder"] / image["filename"]
-    with Image.open(path) as saved:
-        assert saved.size == (UPLOAD_SIZE if name == "krea_image_to_image" else (SMALL_SIDE, SMALL_SIDE))
+    # The only outputs are the saved images, each with its safety flag; the reports came as messages.
+    (save_id,) = history["outputs"]
+    assert types[save_id] == "KreaSaveImage" and set(history["outputs"][save_id]) == {"images"}
+    images = history["outputs"][save_id]["images"]
+    assert len(images) == SMALL_IMAGES
+    for image in images:
+        assert image["filename"].endswith(".png") and isinstance(image["has_nsfw_concept"], bool)
+        with Image.open(browser["base"] / "output" / image["subfolder"] / image["filename"]) as saved:
+            assert saved.size == (UPLOAD_SIZE if name == "krea_image_to_image" else (SMALL_SIDE, SMALL_SIDE))
 
-    (sampler,) = outputs["KreaSampler"]["krea_report"]
+    reports = {types[r["node"]]: r for r in entry["reports"]}
+    assert set(reports) == {"KreaSampler", "KreaSafetyCheck"} and len(entry["reports"]) == 2
+    sampler = reports["KreaSampler"]["report"]
+    assert reports["KreaSampler"]["text"].startswith(f"acceleration none: {sampler['steps']} of {sampler['steps']}")
     badges = [badge["text"] for badge in entry["badges"]["KreaSampler"]]
     assert badges[:3] == [f"{sampler['steps']} steps", f"{sampler['computed']} computed",
                           f"{sampler['reused']} reused"]
     assert f"made {sampler['width']}×{sampler['height']}" in badges and badges[-1].endswith(" s")
-    (safety,) = outputs["KreaSafetyCheck"]["krea_report"]
-    flags = safety["has_nsfw_concepts"]
+    flags = reports["KreaSafetyCheck"]["report"]["has_nsfw_concepts"]
+    assert flags == [image["has_nsfw_concept"] for image in images]
+    assert reports["KreaSafetyCheck"]["text"] == json.dumps(flags)
     flagged = sum(map(bool, flags))
     badges = [badge["text"] for badge in entry["badges"]["KreaSafetyCheck"]]
     assert badges[0] == (f"has_nsfw_concepts: {flagged} of {len(flags)}" if flagged else
                          f"has_nsfw_concepts: none of {len(flags)}")
-    assert len(flags) == 1 and badges[-1].endswith(" s")
+    assert len(flags) == SMALL_IMAGES and badges[-1].endswith(" s")
 
     shots = [Path(p) for p in entry["screenshots"]]
     assert [p.name for p in shots] == [f"{name}-{state}.png" for state in (
         "1-loaded", "2-ran", "3-changed", "4-pasted", "5-paste-dialog", "6-unmapped-fields", "7-refused")]
     assert all(p.stat().st_size > 10_000 for p in shots)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_the_queue_panel_counts_the_images_only(name, browser):
+    """Two images: the panel shows 2 outputs (with the reports in the history it showed 6)."""
+    assert browser["report"]["workflows"][name]["panelCount"] == str(SMALL_IMAGES)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_a_saved_png_dropped_on_the_canvas_restores_its_workflow(name, browser):
+    entry = browser["report"]["workflows"][name]
+    dropped = {node["id"]: node for node in entry["dropped"]["nodes"]}
+    queued = entry["small"]["workflow"]
+    assert sorted((i, n["type"]) for i, n in dropped.items()) == sorted((n["id"], n["type"]) for n in queued["nodes"])
+    for class_type, values in entry["smallValues"].items():
+        restored = next(n["widgets"] for n in dropped.values() if n["type"] == class_type)
+        shown = [k for k in values if not k.startswith("$$")]  # the frontend's own preview widget aside
+        assert {k: restored[k] for k in shown} == {k: values[k] for k in shown}, class_type
+    assert entry["dropped"]["image"]["filename"].endswith(".png")
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_without_the_model_files_the_dialog_offers_each_download(name, browser):
+    """What ComfyUI's missing-models dialog lists for a shipped workflow on a ComfyUI without the files: each model
+    the workflow names ("folder / file") with the download URL of its `properties.models` entry, none refused."""
+    workflow = shipped(name)
+    expected = []
+    for node in sorted(workflow["nodes"], key=lambda n: n["id"]):
+        names = {value for value in node["widgets_values"] if isinstance(value, str)}
+        expected += [{"label": f"{m['directory']} / {m['name']}", "url": m["url"], "error": None}
+                     for m in node["properties"].get("models", []) if m["name"] in names]
+    found = browser["report"]["missingModels"][name]
+    assert len(found) == 5 and sorted(found, key=lambda m: m["label"]) == sorted(expected, key=lambda m: m["label"])
+    labels = {m["label"] for m in found}
+    assert {"diffusion_models / flux1-krea-dev.safetensors", "vae / ae.safetensors",
+            "safety_checker / nsfw_image_detection.safetensors"} <= labels
+
+
+def test_the_templates_dialog_shows_the_packs_workflows_with_thumbnails(browser):
+    cards = browser["report"]["templates"]
+    assert set(cards) == set(TEMPLATES) and len(TEMPLATES) == 3
+    for name, card in cards.items():
+        # frontend 1.27 titles a custom node pack's template by its file name and describes it with its words
+        assert card["text"] == [name, name.replace("_", " ")]
+        assert card["images"] and all(image["width"] == image["height"] == 512 for image in card["images"])
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -270,7 +331,7 @@ def test_copy_as_fal_request_gives_the_graphs_values(name, browser):
     expected = expected_request(browser["object_info"], workflow, image_to_image)
     assert entry["copiedShipped"] == expected
     assert list(entry["copiedShipped"]) == list(expected)
-    small = expected | {"num_inference_steps": 2}
+    small = expected | {"num_inference_steps": 2, "num_images": SMALL_IMAGES}
     if not image_to_image:
         small["image_size"] = {"width": SMALL_SIDE, "height": SMALL_SIDE}
     assert entry["copiedSmall"] == small

@@ -3,8 +3,10 @@ it: every option reaches the input it names (`apply_overrides`), and end-to-end 
 random-weight models show each option's effect in the printed lines and written files."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,19 @@ def test_parse_args_defaults_and_refusals(capsys):
     assert "invalid" in capsys.readouterr().err
 
 
+def test_help_speaks_to_users_and_explains_every_option(capsys):
+    from comfyui_krea.standalone.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert ".py" not in top and "python -m comfyui_krea run workflows/api/krea_text_to_image.json --demo" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help"
+    assert ".py" not in commands.choices["run"].format_help()
+
+
 # -------------------------------------------------------------------------------- command line: end to end runs
 
 @pytest.fixture(scope="module")
@@ -204,12 +219,12 @@ def test_cli_no_safety_checker_disables_the_check(demo_models, cli, capsys):
         stdout, stderr = capsys.readouterr()
         assert code == 0, stderr
         (path,) = saved_paths(stdout)
-        assert path.suffix == ".jpg"  # the workflow's format when --format is not given
+        assert path.suffix == ".png"  # the workflow's format when --format is not given
         with Image.open(path) as image:
             results[name] = (printed(stdout, "has_nsfw_concepts"), np.asarray(image),
-                             json.loads(image.getexif()[0x0110].partition(":")[2]))
+                             json.loads(image.info["prompt"]))
     flags, image, embedded = results["checked"]
-    assert flags == ["[true]"] and image.max() <= 8  # black, up to JPEG ringing
+    assert flags == ["[true]"] and image.max() == 0  # black
     assert embedded["5"]["inputs"]["enable_safety_checker"] is True
     flags, image, embedded = results["unchecked"]
     assert flags == ["[false]"] and image.max() > 64
@@ -262,6 +277,47 @@ def test_cli_needs_models_and_tokenizers_where_it_is_told(demo_models, cli, caps
     assert main(["run", str(TEXT_TO_IMAGE), "--tokenizers", str(tokenizers), *small]) == 2
     err = capsys.readouterr().err
     assert "flux1-krea-dev.safetensors" in err and str(cli / "models" / "diffusion_models") in err
+
+
+def test_inside_comfyuis_custom_nodes_comfyuis_models_output_and_tokenizers_are_used(demo_models, cli, capsys,
+                                                                                      monkeypatch):
+    """The pack in ComfyUI/custom_nodes: no --models, --output or --tokenizers needed, and no warning about
+    where the tokenizers came from (ComfyUI ships them in comfy/sd1_tokenizer and comfy/text_encoders/)."""
+    from comfyui_krea.standalone import cli as cli_module
+
+    models, tokenizers = demo_models
+    comfyui = cli / "ComfyUI"
+    shutil.copytree(tokenizers / "clip", comfyui / "comfy" / "sd1_tokenizer")
+    shutil.copytree(tokenizers / "t5", comfyui / "comfy" / "text_encoders" / "t5_tokenizer")
+    (comfyui / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setattr(cli_module, "comfyui_root", lambda: comfyui)
+    code = main(["run", str(TEXT_TO_IMAGE), "--width", "64", "--height", "48", "--steps", "1"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    (path,) = saved_paths(stdout)
+    assert path.parent == comfyui / "output" / "krea" and path.is_file()
+    assert "WARNING" not in stderr and "tokenizer" not in stderr
+
+
+def test_a_ui_workflows_images_embed_it_with_the_runs_values(demo_models, cli, capsys):
+    """Dropped on ComfyUI, the png restores the workflow as it ran: the options' values in its widgets."""
+    from comfyui_krea import NODE_DISPLAY_NAME_MAPPINGS
+    from comfyui_krea.standalone.node_classes import PACK_CLASSES
+    from comfyui_krea.standalone.ui_workflow import local_definitions, to_api
+
+    models, tokenizers = demo_models
+    code = main(["run", str(ROOT / "workflows" / "krea_text_to_image.json"), "--models", str(models),
+                 "--tokenizers", str(tokenizers), "--output", str(cli), "--width", "64", "--height", "48",
+                 "--steps", "1", "--seed", "77", "--prompt", "a fox"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    (path,) = saved_paths(stdout)
+    with Image.open(path) as image:
+        workflow, prompt = json.loads(image.info["workflow"]), json.loads(image.info["prompt"])
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KreaSampler")
+    assert sampler["widgets_values"][:6] == ["custom", 64, 48, 1, 4.5, 77]
+    converted = to_api(workflow, local_definitions(PACK_CLASSES, NODE_DISPLAY_NAME_MAPPINGS))
+    assert {k: n["inputs"] for k, n in converted.items()} == {k: n["inputs"] for k, n in prompt.items()}
 
 
 def test_cli_demo_builds_its_own_models(cli, capsys):

@@ -87,6 +87,7 @@ def test_native_ksampler_with_lora_agrees_on_both_models(native):
 
 def test_acceleration_on_a_native_model_says_it_did_not_apply(native):
     assert "step caching needs the Krea transformer" in native["native_acceleration_report"]
+    assert native["native_sampler_ui"] == {}  # the report is a message to the browser, not a ui output
 
 
 def test_text_encoders_vae_and_classifier_are_under_comfyuis_memory_management(tmp_path_factory):
@@ -119,8 +120,10 @@ def test_inpainting_through_set_latent_noise_mask_equals_the_mask_input(tmp_path
 
 
 def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
-    """The real server with the pack in custom_nodes: the API workflows run, and /free gives the
-    transformer's memory back (resident set of the server before and after)."""
+    """The real server with the pack in custom_nodes: the shipped API workflows run, their history lists only the
+    saved images (each with its safety flag, also when the safety check comes from ComfyUI's cache), the terminal
+    shows the sampler's step bar and the start-up line about /fal once, and /free gives the transformer's memory
+    back (resident set of the server before and after)."""
     import socket
     import time
     import urllib.request
@@ -138,7 +141,10 @@ def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
              "m = Path(sys.argv[1]);"
              "write_random_flux_checkpoint(m / 'diffusion_models' / 'flux1-krea-dev.safetensors', SHALLOW_FLUX_DEV,"
              " seed=1, dtype=torch.bfloat16);"
-             "write_other_models(m, SHALLOW_FLUX_DEV, 't5xxl_fp16.safetensors')")
+             "write_other_models(m, SHALLOW_FLUX_DEV, 't5xxl_fp16.safetensors');"
+             "from comfyui_krea.model_loader.safety_checker import DEMO_SAFETY_CONFIG, write_random_safety_checkpoint;"
+             "write_random_safety_checkpoint(m / 'safety_checker' / 'flags_all.safetensors', DEMO_SAFETY_CONFIG,"
+             " bias_towards='nsfw')")
     subprocess.run([sys.executable, "-c", write, str(models), str(SCENARIOS.parent)], check=True, timeout=600,
                    env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
     model_bytes = (models / "diffusion_models" / "flux1-krea-dev.safetensors").stat().st_size
@@ -176,19 +182,46 @@ def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
         mask.paste(255, (40, 0, 80, 48))
         mask.save(base / "input" / "example_mask.png")
         workflows = Path(__file__).resolve().parent.parent / "workflows" / "api"
-        for name in ("krea_text_to_image", "krea_image_to_image", "krea_inpainting"):  # the shipped ones, as saved
-            prompt = json.loads((workflows / f"{name}.json").read_text())
-            prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2)
+
+        def run(prompt: dict) -> dict:
             prompt_id = call("/prompt", {"prompt": prompt})["prompt_id"]
             for _ in range(600):
                 history = call(f"/history/{prompt_id}").get(prompt_id)
                 if history and history["status"].get("completed") is not None:
-                    break
+                    return history
                 time.sleep(0.5)
+            raise AssertionError(f"prompt {prompt_id} did not finish")
+
+        for name in ("krea_text_to_image", "krea_image_to_image", "krea_inpainting"):  # the shipped ones, as saved
+            prompt = json.loads((workflows / f"{name}.json").read_text())
+            prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2)
+            history = run(prompt)
             assert history["status"]["status_str"] == "success", (name, history["status"])
-            images = [img for out in history["outputs"].values() for img in out.get("images", [])]
-            assert len(images) == 1, name
-            assert (base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+            # The saved images and nothing else: the reports went to the browser as messages.
+            (save,) = [k for k, n in prompt.items() if n["class_type"] == "KreaSaveImage"]
+            assert list(history["outputs"]) == [save] and list(history["outputs"][save]) == ["images"], name
+            (image,) = history["outputs"][save]["images"]
+            assert image["has_nsfw_concept"] is False and image["filename"].endswith(".png")
+            assert (base / "output" / image["subfolder"] / image["filename"]).is_file()
+
+        # A classifier that flags everything, and the same request twice with another file prefix (as two fal
+        # requests): the second reuses ComfyUI's cached safety check, and its image is still listed as flagged.
+        from comfyui_krea.fal_api.workflow import saved_images
+
+        prompt = json.loads((workflows / "krea_text_to_image.json").read_text())
+        prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2, seed=5)
+        prompt["5"]["inputs"]["checker_name"] = "flags_all.safetensors"
+        first = run(prompt)
+        prompt["6"]["inputs"]["filename_prefix"] = "again/krea"
+        second = run(prompt)
+        cached = [data["nodes"] for event, data in second["status"]["messages"] if event == "execution_cached"]
+        assert "5" in cached[0] and "6" not in cached[0], second["status"]
+        for history in (first, second):
+            assert saved_images(prompt, history["outputs"])[1] == [True]
+        log_text = (tmp_path / "server.log").read_text()
+        assert log_text.count("Krea node pack: fal's image API (fal-ai/flux/krea) is also served") == 1
+        assert "it accepts any key until KREA_FAL_API_KEY is set" in log_text
+        assert "2/2 [" in log_text  # tqdm's step bar of the sampler, as ComfyUI's samplers draw it
         before = rss()
         after = before
         for attempt in range(60):

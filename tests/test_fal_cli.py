@@ -35,3 +35,22 @@ def test_make_cert_prints_the_settings_and_never_overwrites(tmp_path):
 def test_serve_refuses_bad_options_before_starting(args, message):
     done = krea("serve", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_serve_prints_the_settings_each_client_honours(tmp_path):
+    """The JS client honours a proxyUrl string only in browsers; Node needs {url, when: "always"}."""
+    pytest.importorskip("aiohttp", reason="serve needs aiohttp: pip install -e '.[serve]'")
+    from fal_protocol.servers import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "comfyui_krea", "serve", "--demo", "--port", str(port),
+                               "--output", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        lines = [server.stdout.readline().strip() for _ in range(3)]
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    assert lines[0].startswith(f"fal protocol at http://127.0.0.1:{port}"), lines
+    assert lines[1].startswith(f"Python: FAL_RUN_HOST=127.0.0.1:{port} FAL_QUEUE_RUN_HOST=127.0.0.1:{port}/queue")
+    assert lines[2] == f'JS:     fal.config({{ proxyUrl: {{ url: "http://127.0.0.1:{port}/proxy", when: "always" }} }})'

@@ -35,7 +35,7 @@ def test_registered_under_krea_image():
     assert hidden == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
     required = KreaSaveImage.INPUT_TYPES()["required"]
     assert required["output_format"][0] == ["jpeg", "png", "webp"]
-    assert required["output_format"][1]["default"] == "jpeg"
+    assert required["output_format"][1]["default"] == "png"  # ComfyUI restores a dropped png, not a jpeg
     assert required["filename_prefix"][1]["default"] == "krea/krea"
     assert (required["quality"][1]["min"], required["quality"][1]["max"], required["quality"][1]["default"]) \
         == (1, 100, 95)

@@ -1,8 +1,8 @@
 """The nodes' inputs as ComfyUI and its frontend see them: every input's type is ComfyUI's or one a pack node
-outputs, and every link of the shipped workflows joins an output to an input of its type; every input with options
-has a tooltip; the sampler's widgets are the parameter table, the other nodes' widgets are as documented, an
-empty model folder offers a placeholder that names it, and a new loader's file inputs default to a file of their
-kind, told from the headers, read once per file version."""
+outputs, and every link of the shipped workflows joins an output to an input of its type; every input and output
+has a tooltip and the outputs lower-case names; the sampler's widgets are the parameter table, the other nodes'
+widgets are as documented, an empty model folder offers a placeholder that names it, and a new loader's file inputs
+default to a file of their kind, told from the headers, read once per file version."""
 from __future__ import annotations
 
 import json
@@ -56,11 +56,16 @@ def test_every_link_of_the_shipped_workflows_joins_an_output_to_an_input_of_its_
 
 # --------------------------------------------------------------------------------------- tooltips and widgets
 
-def test_every_input_with_options_has_a_tooltip():
+def test_every_input_and_every_output_has_a_tooltip_and_a_lower_case_name():
+    # What the editor shows when the pointer rests on a socket or a widget.
     for name, cls in NODE_CLASS_MAPPINGS.items():
         for input_name, spec in _input_types(cls).items():
-            if len(spec) > 1:
-                assert isinstance(spec[1].get("tooltip"), str) and spec[1]["tooltip"], (name, input_name)
+            assert len(spec) > 1 and isinstance(spec[1].get("tooltip"), str) and spec[1]["tooltip"], \
+                (name, input_name)
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), name
+        assert all(isinstance(tip, str) and tip for tip in getattr(cls, "OUTPUT_TOOLTIPS", ())), name
+        names = getattr(cls, "RETURN_NAMES", ())
+        assert len(names) == len(cls.RETURN_TYPES) and all(n == n.lower() for n in names), (name, names)
 
 
 def test_the_samplers_widgets_are_the_parameter_table():

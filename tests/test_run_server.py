@@ -66,9 +66,20 @@ def test_shipped_workflows_run_on_the_server_and_their_images_are_downloaded(com
     code, out, err = finished(krea_run(comfy, workflow, tmp_path, "--seed", seed, *options))
     assert code == 0, err + comfy["log"].read_text()[-2000:]
     (path,) = saved(out)
-    assert path.parent == tmp_path and path.is_file()
+    assert path.parent == tmp_path / "krea" and path.is_file()  # the prefix krea/krea's sub-folder, as locally
     with Image.open(path) as img:
-        assert img.size == ((64, 48) if "text_to_image" in workflow else (80, 64))
+        assert img.size == ((64, 48) if "text_to_image" in workflow else (80, 64)) and img.format == "PNG"
+        embedded = {key: json.loads(value) for key, value in img.info.items() if key in ("prompt", "workflow")}
+    # The image carries what made it: the prompt, and a UI workflow with the run's values (dropped on ComfyUI, it
+    # restores them); an API-format file has no UI form, and ComfyUI loads the prompt alone.
+    (sampler_id,) = [k for k, n in embedded["prompt"].items() if n["class_type"] == "KreaSampler"]
+    assert embedded["prompt"][sampler_id]["inputs"]["seed"] == int(seed)
+    if workflow.startswith("workflows/api/"):
+        assert "workflow" not in embedded
+    else:
+        sampler = next(n for n in embedded["workflow"]["nodes"] if n["type"] == "KreaSampler")
+        assert sampler["widgets_values"][5] == int(seed)
+    # The node reports come as the pack's websocket messages, not as outputs.
     assert "sampler: acceleration none: 2 of 2 steps computed fully" in out and "has_nsfw_concepts: [false]" in out
     assert "Krea Sampler" in err and "2/2" in err  # node names and the step bar
 
@@ -103,6 +114,8 @@ def test_ctrl_c_interrupts_the_servers_job_and_the_server_keeps_serving(comfy, t
     process.send_signal(signal.SIGINT)
     code, _, err = finished(process)
     assert code == 130, seen + err
+    lines = (seen + err).replace("\r", "\n").split("\n")
+    assert [line for line in lines if "error:" in line][0].startswith("error: interrupted")  # not behind the bar
     for _ in range(200):
         queue = get(comfy, "/queue")
         if not queue["queue_running"] and not queue["queue_pending"]:
@@ -124,7 +137,7 @@ def test_two_clients_at_once_each_get_their_own_images(comfy, tmp_path):
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     files_a, files_b = saved(results[0][1]), saved(results[1][1])
     assert len(files_a) == 1 and len(files_b) == 2
-    assert {f.parent.name for f in files_a} == {"a"} and {f.parent.name for f in files_b} == {"b"}
+    assert {f.parent.parent.name for f in files_a} == {"a"} and {f.parent.parent.name for f in files_b} == {"b"}
     with Image.open(files_a[0]) as a, Image.open(files_b[0]) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))  # seed 11 and seed 12
 

@@ -165,9 +165,25 @@ def test_save_defaults_and_batch_numbers_in_names(output_dir):
     KreaSaveImage().save(images)
     KreaSaveImage().save(images, "b/img_%batch_num%", "png")
     files = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
-    assert files == ["b/img_0_00001_.png", "b/img_1_00002_.png", "krea/krea_00001_.jpg", "krea/krea_00002_.jpg"]
-    KreaSaveImage().save(images[:1], "q/explicit", "jpeg", 95)
-    assert (output_dir / "krea/krea_00001_.jpg").read_bytes() == (output_dir / "q/explicit_00001_.jpg").read_bytes()
+    # png by default: ComfyUI's editor restores the workflow of a dropped png (or webp), not of a jpeg
+    assert files == ["b/img_0_00001_.png", "b/img_1_00002_.png", "krea/krea_00001_.png", "krea/krea_00002_.png"]
+    KreaSaveImage().save(images[:1], "q/explicit", "png", 95)
+    assert (output_dir / "krea/krea_00001_.png").read_bytes() == (output_dir / "q/explicit_00001_.png").read_bytes()
+
+
+def test_linked_safety_flags_are_listed_with_each_image(output_dir):
+    images = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+    saved = KreaSaveImage().save(images, "flags/f", "png", has_nsfw_concepts="[true, false]")["ui"]["images"]
+    assert [(entry["filename"], entry["has_nsfw_concept"]) for entry in saved] == [
+        ("f_00001_.png", True), ("f_00002_.png", False)]
+    assert "has_nsfw_concept" not in KreaSaveImage().save(images[:1], "flags/g", "png")["ui"]["images"][0]
+
+
+@pytest.mark.parametrize("flags", ["[true]", "[true, 1]", "not json", '{"a": true}', "[true, false, true]"])
+def test_flags_that_are_not_one_per_image_are_refused_before_anything_is_written(output_dir, flags):
+    with pytest.raises(ValueError, match="has_nsfw_concepts must be Krea Safety Check's output for these 2 image"):
+        KreaSaveImage().save(torch.rand(2, 16, 16, 3), "refused/r", "png", has_nsfw_concepts=flags)
+    assert not (output_dir / "refused").exists()
 
 
 def test_save_gives_the_host_the_images_width_and_height(output_dir, monkeypatch):

@@ -142,6 +142,31 @@ def test_explicit_folder_with_clip_and_t5(tmp_path):
     assert found.clip == tmp_path / "tok" / "clip" and found.t5 == tmp_path / "tok" / "t5"
 
 
+@pytest.mark.parametrize("linked", [False, True], ids=["copies", "links"])
+def test_the_documented_layout_is_used_without_a_warning(tmp_path, caplog, linked):
+    """--tokenizers DIR with clip/ and t5/, as copies or as links to the folders of a model download (resolved,
+    they lie outside DIR): what was given is used, silently."""
+    for kind in ("clip", "t5"):
+        if linked:
+            (tmp_path / "tok").mkdir(exist_ok=True)
+            (tmp_path / "tok" / kind).symlink_to(_copy(kind, tmp_path / "download" / kind), target_is_directory=True)
+        else:
+            _copy(kind, tmp_path / "tok" / kind)
+    with caplog.at_level("WARNING"):
+        found = find_tokenizer_folders(tmp_path / "tok")
+    assert found.clip == tmp_path / "tok" / "clip" and found.t5 == tmp_path / "tok" / "t5"
+    assert caplog.records == []
+
+
+def test_a_tokenizer_found_outside_the_given_folder_is_named(tmp_path, caplog):
+    _copy("clip", tmp_path / "tok" / "clip")
+    with caplog.at_level("WARNING"):
+        found = find_tokenizer_folders(tmp_path / "tok", extra_dirs=[{"t5": _copy("t5", tmp_path / "comfy_t5")}])
+    assert found.t5 == tmp_path / "comfy_t5"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"No T5 tokenizer in {tmp_path / 'tok'}; using the one in {tmp_path / 'comfy_t5'}."]
+
+
 def test_comfyui_layout_and_extra_dirs(tmp_path):
     comfy = tmp_path / "comfy"
     _copy("clip", comfy / "sd1_tokenizer")

@@ -86,7 +86,7 @@ def widget_names(class_type: str) -> list[str]:
     spec = NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
     for name, input_spec in {**spec.get("required", {}), **spec.get("optional", {})}.items():
         kind, options = input_spec[0], (input_spec[1] if len(input_spec) > 1 else {})
-        if isinstance(kind, list) or kind in WIDGET_TYPES:
+        if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
             names.append(name)
             if options.get("control_after_generate"):
                 names.append("control_after_generate")

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from comfyui_krea import NODE_CLASS_MAPPINGS
+from comfyui_krea.fal_api.endpoints import ENDPOINTS
+from comfyui_krea.fal_api.workflow import workflow_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["krea_text_to_image", "krea_image_to_image", "krea_inpainting"]
@@ -92,8 +94,61 @@ def test_fal_defaults():
     assert inpainting[mask]["inputs"]["channel"] == "red"  # a black-and-white mask: white = repaint
     for wf in (t2i, i2i, inpainting):
         save = next(n["inputs"] for n in wf.values() if n["class_type"] == "KreaSaveImage")
-        assert save["output_format"] == "jpeg"
+        assert save["output_format"] == "png"  # what ComfyUI's editor restores when the file is dropped on it
         safety = next(n for n in wf.values() if n["class_type"] == "KreaSafetyCheck")
         assert safety["inputs"]["enable_safety_checker"] is True and safety["inputs"]["threshold"] == 0.5
-        # decode -> safety -> save
-        assert save["images"][0] == next(k for k, n in wf.items() if n["class_type"] == "KreaSafetyCheck")
+        # decode -> safety -> save, the flags beside the images
+        safety_id = next(k for k, n in wf.items() if n["class_type"] == "KreaSafetyCheck")
+        assert save["images"] == [safety_id, 0] and save["has_nsfw_concepts"] == [safety_id, 1]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS.values(), ids=lambda e: e.id)
+def test_a_fal_request_saves_jpeg_unless_it_asks_otherwise(endpoint):
+    """The shipped workflows save png (ComfyUI restores it); a fal request writes its own output_format, whose
+    default is fal's jpeg."""
+    fields = {"prompt": "a fox"} | ({"image_url": "data:image/png;base64,AAAA"} if endpoint.image_fields else {})
+    for body, expected in ((fields, "jpeg"), (fields | {"output_format": "png"}, "png")):
+        prompt = workflow_for(endpoint, endpoint.parse(body), 1, "request",
+                              {name: "in.png" for name in endpoint.image_fields})
+        (save,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "KreaSaveImage"]
+        assert save["output_format"] == expected
+
+
+# The widgets that name a model file, and the model folder each names it in.
+MODEL_WIDGETS = {"KreaModelLoader": {"model_name": "diffusion_models", "clip_name": "text_encoders",
+                                     "t5_name": "text_encoders", "vae_name": "vae"},
+                 "KreaSafetyCheck": {"checker_name": "safety_checker"}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_the_workflow_names_comes_with_its_download(name):
+    """ComfyUI's frontend lists a node's `properties.models` entries whose name a widget holds and that are not in
+    their folder in its missing-models dialog, with a download button (the browser test shows the dialog)."""
+    ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    listed = 0
+    for node in ui["nodes"]:
+        widgets = dict(zip(widget_names(node["type"]), node["widgets_values"])) if node["type"] in MODEL_WIDGETS \
+            else {}
+        models = {entry["name"]: entry for entry in node["properties"].get("models", [])}
+        for widget, folder in MODEL_WIDGETS.get(node["type"], {}).items():
+            entry = models[widgets[widget]]
+            assert entry["directory"] == folder, entry
+            # what the frontend accepts: huggingface.co (or civitai.com), a .safetensors file name
+            assert entry["url"].startswith("https://huggingface.co/") and "/resolve/main/" in entry["url"]
+            assert entry["name"].endswith(".safetensors") and entry["url"].endswith(".safetensors")
+            assert entry["url"] in readme, f"README.md does not link {entry['url']}"
+            listed += 1
+        for entry in models.values():  # the alternatives (fp8) too, for when another file is picked
+            assert entry["directory"] in MODEL_WIDGETS[node["type"]].values() and entry["url"] in readme
+    assert listed == 5
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_every_template_has_its_thumbnail(path):
+    """ComfyUI's template browser shows workflows/<name>.jpg on the card of workflows/<name>.json (made by
+    tools/template_thumbnails.py)."""
+    from PIL import Image
+
+    with Image.open(path.with_suffix(".jpg")) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.size == (512, 512)

@@ -2,13 +2,15 @@
 // show their last reports as compact badges under the node, the sampler's context menu copies its settings as
 // a fal request or pastes one onto the widgets, and a refused prompt lists each problem of a Krea node once.
 // Built on the documented extension API (app.registerExtension with its hooks beforeConfigureGraph,
-// beforeRegisterNodeDef, getNodeMenuItems and setup; the node hooks onExecuted, onDrawForeground and
-// getExtraMenuOptions, the menu hook of frontends older than getNodeMenuItems), with one exception: the frontend
-// has no hook for a refused prompt, so setup wraps api.queuePrompt to rewrite the Krea nodes' node_errors before
-// the frontend shows them (anything else passes through untouched). The mapping itself is in krea_fal.js and the
-// error rule in krea_errors.js (pure, tested under Node).
+// beforeRegisterNodeDef, getNodeMenuItems and setup; the node hooks onDrawForeground and getExtraMenuOptions, the
+// menu hook of frontends older than getNodeMenuItems; api.addEventListener for the pack's krea.report message),
+// with one exception: the frontend has no hook for a refused prompt, so setup wraps api.queuePrompt to rewrite the
+// Krea nodes' node_errors before the frontend shows them (anything else passes through untouched). The mapping
+// itself is in krea_fal.js, the badge layout in krea_badges.js and the error rule in krea_errors.js (pure, tested
+// under Node).
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
+import { PILL, layoutBadges } from "./krea_badges.js";
 import { distinctNodeErrors } from "./krea_errors.js";
 import { migrateOldTypes } from "./krea_migrate.js";
 import {
@@ -31,6 +33,7 @@ const COPY_ITEM = "Copy as fal request";
 const PASTE_ITEM = "Paste fal request";
 const SPECS = {}; // node type -> inputSpecs of its definition, for checking pasted values
 const REPORTING_NODES = new Set([SAMPLER, SAFETY_CHECK]);
+const REPORT_EVENT = "krea.report"; // nodes/host/interface.py REPORT_EVENT
 const TONES = {
   size: ["#2d3b55", "#cfe0ff"],
   info: ["#353535", "#dddddd"],
@@ -61,31 +64,26 @@ app.registerExtension({
 
 // ---- badges ----
 
-// Rounded labels in rows under the node (its title bar has the frontend's own badges), cut to the node's width.
+// Rounded labels in rows under the node (its title bar has the frontend's own badges); a long one (a warning)
+// wraps onto as many lines as it needs within the node's width (krea_badges.js).
 function drawBadges(ctx, node, badges) {
   if (!badges.length || node.flags?.collapsed) return;
-  const height = 18, pad = 6, gap = 4, maxWidth = Math.max(60, node.size[0]);
   ctx.save();
   ctx.font = "11px sans-serif";
   ctx.textBaseline = "middle";
-  let x = 0, y = node.size[1] + 6;
-  for (const { text, tone } of badges) {
-    let label = text;
-    while (label.length > 4 && ctx.measureText(label).width + 2 * pad > maxWidth) label = label.slice(0, -2) + "…";
-    const width = ctx.measureText(label).width + 2 * pad;
-    if (x > 0 && x + width > maxWidth) {
-      x = 0;
-      y += height + gap;
-    }
+  const top = node.size[1] + 6;
+  const placed = layoutBadges(badges, Math.max(60, node.size[0]), (text) => ctx.measureText(text).width);
+  for (const { x, y, width, height, lines, tone } of placed) {
     const [fill, color] = TONES[tone] ?? TONES.info;
     ctx.fillStyle = fill;
     ctx.beginPath();
-    if (ctx.roundRect) ctx.roundRect(x, y, width, height, height / 2);
-    else ctx.rect(x, y, width, height);
+    if (ctx.roundRect) ctx.roundRect(x, top + y, width, height, Math.min(height, PILL.height) / 2);
+    else ctx.rect(x, top + y, width, height);
     ctx.fill();
     ctx.fillStyle = color;
-    ctx.fillText(label, x + pad, y + height / 2 + 1);
-    x += width + gap;
+    lines.forEach((line, i) => {
+      ctx.fillText(line, x + PILL.padding, top + y + PILL.height / 2 + 1 + i * PILL.lineHeight);
+    });
   }
   ctx.restore();
 }
@@ -103,21 +101,26 @@ function nodeBadges(node) {
   return badges.concat(node.krea_badges ?? []);
 }
 
+// The sampler's and the safety check's reports come as a message of their own (nodes/host/comfyui_host.py
+// node_report), not as node outputs: the queue panel counts every output entry, and these are not images.
+function showReport({ detail }) {
+  const node = app.graph?.getNodeById?.(detail?.display_node ?? detail?.node);
+  const type = node?.comfyClass ?? node?.type;
+  if (!node || !REPORTING_NODES.has(type)) return; // e.g. inside a subgraph: no badges there
+  node.krea_badges = reportBadges(type, detail.report, detail.text); // not serialized: the last run only
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "krea.node_reports",
+  async setup() {
+    api.addEventListener(REPORT_EVENT, showReport);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if ([SAMPLER, TEXT_ENCODE, SAFETY_CHECK, SAVE_IMAGE].includes(nodeData.name)) {
       SPECS[nodeData.name] = inputSpecs(nodeData);
     }
     if (!REPORTING_NODES.has(nodeData.name)) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      const report = Array.isArray(message?.krea_report) ? message.krea_report[0] : undefined;
-      const summary = Array.isArray(message?.text) ? message.text[0] : "";
-      this.krea_badges = reportBadges(nodeData.name, report, summary); // not serialized: the last run only
-      this.setDirtyCanvas?.(true, true);
-    };
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       const result = onDrawForeground?.apply(this, arguments);

@@ -215,6 +215,7 @@ def find_tokenizer_folders(
         root = Path(tokenizer_dir)
         clip_candidates += [root / sub for sub in _EXPLICIT_CLIP]
         t5_candidates += [root / sub for sub in _EXPLICIT_T5]
+    given = {"CLIP": list(clip_candidates), "T5": list(t5_candidates)}  # inside the folder the user named
     if clip_path is not None:
         clip_candidates += _diffusers_sibling(Path(clip_path), "text_encoder", "tokenizer")
     if t5_path is not None:
@@ -239,9 +240,9 @@ def find_tokenizer_folders(
             "or run the pack inside ComfyUI, which ships both."
         )
     if tokenizer_dir is not None:
-        root = Path(tokenizer_dir).resolve()
+        # By the folder's place in the list, not by its resolved path: clip/ and t5/ may be links to elsewhere.
         for kind, found in (("CLIP", clip), ("T5", t5)):
-            if root != found.resolve() and root not in found.resolve().parents:
+            if found not in given[kind]:
                 log.warning("No %s tokenizer in %s; using the one in %s.", kind, tokenizer_dir, found)
     return TokenizerFolders(clip=clip, t5=t5)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .folders import KIND_FOLDERS, MODEL_FOLDERS, model_name_problem, with_folders
 from .holding import ModelSlot, file_key, forget_loaded
-from .interface import Host, LoadedTransformer
+from .interface import REPORT_EVENT, Host, LoadedTransformer
 from .standalone_host import Interrupted, StandaloneHost
 from .standalone_models import TextEncoderHandle, TransformerHandle, VaeHandle
 
@@ -41,6 +41,6 @@ def standalone_host() -> StandaloneHost:
     return host
 
 
-__all__ = ["IN_COMFYUI", "KIND_FOLDERS", "MODEL_FOLDERS", "Host", "Interrupted", "LoadedTransformer", "ModelSlot",
-           "StandaloneHost", "TextEncoderHandle", "TransformerHandle", "VaeHandle", "file_key", "forget_loaded", "host",
-           "model_name_problem", "standalone_host", "with_folders"]
+__all__ = ["IN_COMFYUI", "KIND_FOLDERS", "MODEL_FOLDERS", "REPORT_EVENT", "Host", "Interrupted", "LoadedTransformer",
+           "ModelSlot", "StandaloneHost", "TextEncoderHandle", "TransformerHandle", "VaeHandle", "file_key",
+           "forget_loaded", "host", "model_name_problem", "standalone_host", "with_folders"]

@@ -8,6 +8,7 @@ fal_queue.py, the only code of the pack that imports ComfyUI.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,15 @@ import comfy.model_management as model_management  # type: ignore[import-not-fou
 import comfy.utils as comfy_utils  # type: ignore[import-not-found]
 import folder_paths  # type: ignore[import-not-found]
 import torch
+from tqdm import tqdm  # a requirement of ComfyUI's, used for its samplers' terminal bars
 
 from ...model_loader.text_encoders import load_clip_tokenizer, load_t5_tokenizer
 from ...model_loader.text_encoders.tokenization import FixedLengthTokenizer
 from ...sampling.denoise import StepCallback
 from . import comfyui_models
-from .folders import MODEL_EXTENSIONS
+from .folders import MODEL_EXTENSIONS, comfyui_tokenizer_dirs
 from .holding import ModelSlot, UnderPatchers, cached_load, file_key, kept
-from .interface import Host, LoadedTransformer, WorkCallback
+from .interface import REPORT_EVENT, Host, LoadedTransformer, WorkCallback
 
 StepListener = Callable[[str, int, int], None]  # (prompt id, step, total)
 
@@ -56,8 +58,7 @@ class ComfyHost(Host):
         return None
 
     def shipped_tokenizer_dirs(self) -> dict[str, Path] | None:
-        comfy_dir = Path(comfy_utils.__file__).resolve().parent
-        return {"clip": comfy_dir / "sd1_tokenizer", "t5": comfy_dir / "text_encoders" / "t5_tokenizer"}
+        return comfyui_tokenizer_dirs(Path(comfy_utils.__file__).resolve().parent.parent)  # ComfyUI/comfy/utils.py
 
     # -- devices -------------------------------------------------------------------------------------------
     def torch_device(self) -> torch.device:
@@ -90,11 +91,19 @@ class ComfyHost(Host):
 
         bar = comfy_utils.ProgressBar(total, node_id=node_id)
         previewer = latent_preview.get_previewer(self.torch_device(), latent_formats.Flux())
+        # The terminal's step bar, as ComfyUI's own samplers draw it (tqdm), unless progress bars are turned off.
+        terminal = tqdm(total=total, disable=not comfy_utils.PROGRESS_BAR_ENABLED)
 
         def on_step(step: int, total_: int, x0: torch.Tensor) -> None:
             self.throw_if_interrupted()
             preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
             bar.update_absolute(step, total_, preview)
+            terminal.total = total_
+            if step < total_:
+                terminal.update(step - terminal.n)
+            else:  # closing draws the full bar once
+                terminal.n = step
+                terminal.close()
             if self._step_listeners:
                 prompt_id = get_progress_state().prompt_id
                 for listener in self._step_listeners:
@@ -115,6 +124,22 @@ class ComfyHost(Host):
             bar.update_absolute(done, total_)
 
         return update
+
+    def node_report(self, text: str, fields: dict[str, Any]) -> dict[str, list]:
+        """The report goes to the browser that queued the prompt as a `krea.report` message (web/krea.js draws
+        the badges); nothing goes into the history, whose every entry the queue panel counts as an output."""
+        from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
+        from comfy_execution.utils import get_executing_context  # type: ignore[import-not-found]
+
+        # The server's module only when ComfyUI's server runs in this process (importing it elsewhere fails).
+        server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+        context = get_executing_context()
+        if server is not None and context is not None:
+            display = get_progress_state().dynprompt.get_display_node_id(context.node_id)
+            server.send_sync(REPORT_EVENT, {"node": context.node_id, "display_node": display or context.node_id,
+                                            "prompt_id": context.prompt_id, "text": text, "report": fields},
+                             server.client_id)
+        return {}
 
     # -- saving --------------------------------------------------------------------------------------------
     def output_directory(self) -> Path:

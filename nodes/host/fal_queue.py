@@ -28,7 +28,7 @@ from ...fal_api.backend import WorkflowRefused
 from ...fal_api.image_input import InputImage
 from ...fal_api.jobs import CANCELLED, Job
 from ...fal_api.routes import FalService, add_fal_routes
-from ...fal_api.settings import ServiceSettings
+from ...fal_api.settings import API_KEY_ENV, ServiceSettings
 from ...fal_api.tls_key import key_exposure
 from ...fal_api.workflow import finish
 from .comfyui_errors import refusal_text
@@ -162,9 +162,17 @@ def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int], N
     service = FalService.create(backend, uploads_folder, settings, prefix=PREFIX)
     add_fal_routes(server.routes, service)
     add_step_listener(backend.on_step)
-    log.info("fal protocol at %s (FAL_RUN_HOST=HOST:PORT%s)", PREFIX, PREFIX)
+    log.info(startup_line(settings))
     warn_about_tls_key()
     return service
+
+
+def startup_line(settings: ServiceSettings) -> str:
+    """What ComfyUI's log says once at start-up about the routes, for people who never heard of fal too."""
+    key = (f"it requires the key set in {API_KEY_ENV}" if settings.api_key else
+           f"it accepts any key until {API_KEY_ENV} is set")
+    return (f"Krea node pack: fal's image API (fal-ai/flux/krea) is also served by this ComfyUI under {PREFIX}, for "
+            f"programs written for fal's clients; {key} (the pack's docs/fal-server.md).")
 
 
 def warn_about_tls_key() -> None:

@@ -7,6 +7,8 @@ is touched.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...model_loader import FileKind, ModelFileError
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
@@ -19,6 +21,17 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "safety_checker": ("safety_checker",),
     "loras": ("loras",),
 }
+
+# Where a ComfyUI folder keeps the tokenizer files ComfyUI ships (CLIP's vocab.json + merges.txt, T5's
+# tokenizer.json): inside ComfyUI, and for the command line when the pack sits in ComfyUI's custom_nodes.
+COMFYUI_TOKENIZERS: dict[str, tuple[str, ...]] = {"clip": ("comfy", "sd1_tokenizer"),
+                                                  "t5": ("comfy", "text_encoders", "t5_tokenizer")}
+
+
+def comfyui_tokenizer_dirs(comfyui_dir: Path) -> dict[str, Path]:
+    """{"clip": folder, "t5": folder} of the tokenizers the ComfyUI at `comfyui_dir` ships."""
+    return {kind: comfyui_dir.joinpath(*parts) for kind, parts in COMFYUI_TOKENIZERS.items()}
+
 
 # The ComfyUI folder each kind of model file belongs in (model_loader names kinds, never folders).
 KIND_FOLDERS: dict[FileKind, str] = {

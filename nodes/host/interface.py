@@ -21,6 +21,9 @@ from .folders import model_name_problem
 from .holding import ModelHolding, ModelSlot
 
 WorkCallback = Callable[[int, int], None]  # update(done, total) for work without latents (VAE tiles)
+# The websocket message that carries a node report inside ComfyUI: {node, display_node, prompt_id, text, report}
+# (web/krea.js draws it as badges; `run --server` prints its text).
+REPORT_EVENT = "krea.report"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,14 @@ class Host(Protocol):
 
     def work_progress(self, total: int, node_id: str | None = None) -> WorkCallback:
         """update(done, total) for work without latents (VAE tiles): progress and the interrupt check."""
+        ...
+
+    def node_report(self, text: str, fields: dict[str, Any]) -> dict[str, list]:
+        """The `ui` a reporting node (the sampler, the safety check) returns for its report: `text` a line for
+        people, `fields` the same as values (the editor's badges). Outside ComfyUI that is the report itself
+        ({"text": [text], "krea_report": [fields]}); inside ComfyUI the report goes to the browser as a
+        `krea.report` message and the `ui` stays empty, because ComfyUI's queue and history count every `ui`
+        entry as an output beside the images."""
         ...
 
     # -- saving --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...sampling.denoise import StepCallback
-from .folders import MODEL_EXTENSIONS, MODEL_FOLDERS
+from .folders import MODEL_EXTENSIONS, MODEL_FOLDERS, comfyui_tokenizer_dirs
 from .holding import LatestPerKind, ModelSlot
 from .interface import Host, LoadedTransformer, WorkCallback
 from .standalone_models import TextEncoderHandle, TransformerHandle, VaeHandle, as_handle
@@ -33,6 +33,7 @@ class StandaloneSettings:
     models_dir: Path = Path(os.environ.get("KREA_MODELS_DIR", "models"))
     output_dir: Path = Path(os.environ.get("KREA_OUTPUT_DIR", "output"))
     tokenizer_dir: Path | None = None
+    comfyui_dir: Path | None = None  # a ComfyUI folder (the pack in its custom_nodes): its tokenizers, searched last
     progress: StepCallback | None = None  # told of every sampler step (the command line's bar, the fal logs)
     interrupt: threading.Event | None = None  # set: the running workflow stops before the next transformer block
     # The processes that sample each image together (sequence parallelism, sampling/sequence_parallel.py); None: one
@@ -49,9 +50,11 @@ class StandaloneHost(Host):
     def configure(self, models_dir: str | os.PathLike[str] | None = None,
                   output_dir: str | os.PathLike[str] | None = None, progress: StepCallback | None = None,
                   tokenizer_dir: str | os.PathLike[str] | None = None,
-                  interrupt: threading.Event | None = None, process_group: Any = None) -> None:
+                  interrupt: threading.Event | None = None, process_group: Any = None,
+                  comfyui_dir: str | os.PathLike[str] | None = None) -> None:
         """Set what is given (None keeps the current setting)."""
-        given: dict[str, Any] = {"models_dir": models_dir, "output_dir": output_dir, "tokenizer_dir": tokenizer_dir}
+        given: dict[str, Any] = {"models_dir": models_dir, "output_dir": output_dir, "tokenizer_dir": tokenizer_dir,
+                                 "comfyui_dir": comfyui_dir}
         changes = {name: Path(value) for name, value in given.items() if value is not None}
         for name, value in (("progress", progress), ("interrupt", interrupt), ("process_group", process_group)):
             if value is not None:
@@ -90,7 +93,8 @@ class StandaloneHost(Host):
         return self._settings.tokenizer_dir
 
     def shipped_tokenizer_dirs(self) -> dict[str, Path] | None:
-        return None
+        comfyui_dir = self._settings.comfyui_dir
+        return comfyui_tokenizer_dirs(comfyui_dir) if comfyui_dir is not None else None
 
     # -- devices -------------------------------------------------------------------------------------------
     def torch_device(self) -> torch.device:
@@ -126,6 +130,10 @@ class StandaloneHost(Host):
 
     def work_progress(self, total: int, node_id: str | None = None) -> WorkCallback:
         return lambda done, total_: self.throw_if_interrupted()
+
+    def node_report(self, text: str, fields: dict[str, Any]) -> dict[str, list]:
+        # The runner hands it to the command line (which prints the text) and to the tests.
+        return {"text": [text], "krea_report": [fields]}
 
     # -- saving --------------------------------------------------------------------------------------------
     def output_directory(self) -> Path:

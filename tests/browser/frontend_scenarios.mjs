@@ -1,28 +1,35 @@
 // ComfyUI's own frontend (its comfyui-frontend-package, served by the real ComfyUI with the pack in custom_nodes),
-// in Debian's Chromium driven by playwright-core: for each shipped workflow, load it, queue it from the page, copy
-// and paste fal requests through the sampler's context menu. Prints ONE JSON line, the report that
-// tests/test_browser.py asserts on; screenshots of each state go to ARTIFACTS.
+// in Debian's Chromium driven by playwright-core: first the shipped workflows on the server without its model
+// files (the missing-models dialog) and the templates dialog; then for each shipped workflow, load it, queue it
+// from the page (its reports, the queue panel, the saved image dropped back), copy and paste fal requests through
+// the sampler's context menu. Prints ONE JSON line, the report that tests/test_browser.py asserts on; screenshots
+// of each state go to ARTIFACTS. The browser reaches nothing but the server.
 //
 //     node frontend_scenarios.mjs CONFIG_JSON
 //
-// CONFIG_JSON: {url, artifacts, chromium, userDataDir, uploadImage, workflows: {name: path},
+// CONFIG_JSON: {url, artifacts, chromium, userDataDir, uploadImage, module, models, output,
+//               workflows: {name: path} (run, copied and pasted), templates: {name: path} (every shipped one: the
+//               missing-models dialog),
 //               conversions: {name: path} (UI workflows only loaded and converted with graphToPrompt)}.
 import { readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 
 import { chromium } from "playwright-core";
 
+import { dropImage, missingModels, queuePanelCount, templates } from "./pack_scenarios.mjs";
+
 const config = JSON.parse(readFileSync(process.argv[2], "utf8"));
 const BASE = config.url.replace(/\/+$/, "");
 const MESSAGE_PREFIX = "Krea node pack: ";
-const SMALL = { image_size: "custom", width: 64, height: 64, num_inference_steps: 2, control_after_generate: "fixed" };
-const CHANGED = { image_size: "square", num_inference_steps: 5, seed: 1234, guidance_scale: 7.5, num_images: 2,
+const SMALL = { image_size: "custom", width: 64, height: 64, num_inference_steps: 2, num_images: 2,
+  control_after_generate: "fixed" };
+const CHANGED = { image_size: "square", num_inference_steps: 5, seed: 1234, guidance_scale: 7.5, num_images: 3,
   acceleration: "high", strength: 0.5 };
 const UNMAPPED_REQUEST = { prompt: "a red fox in the snow", image_url: "https://example.invalid/fox.png",
   sync_mode: true, guidance_scale: 3.5 };
 
 const report = { workflows: {}, conversions: {}, pageErrors: [], extensionErrors: [], extensionWarnings: [],
-  consoleErrors: [], menuEntries: {} };
+  consoleErrors: [], menuEntries: {}, screenshots: [] };
 const started = Date.now();
 
 function elapsed() {
@@ -67,6 +74,7 @@ const context = await chromium.launchPersistentContext(config.userDataDir, {
     "--disable-component-update", "--disable-sync"],
 });
 await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: BASE });
+await context.route((url) => url.origin !== BASE, (route) => route.abort()); // e.g. the dialog's size lookups
 const page = context.pages()[0] ?? (await context.newPage());
 const messages = [];
 page.on("console", (message) => {
@@ -89,6 +97,12 @@ async function screenshot(name, state) {
   const path = join(config.artifacts, `${name}-${state}.png`);
   await page.screenshot({ path, animations: "disabled" }); // toasts shown whole, not mid fade-in
   report.workflows[name].screenshots.push(path);
+}
+
+async function extraScreenshot(label) {
+  const path = join(config.artifacts, `${label}.png`);
+  await page.screenshot({ path, animations: "disabled" });
+  report.screenshots.push(path);
 }
 
 // The next message the extension writes to the console, after `action` ran.
@@ -217,15 +231,20 @@ async function scenario(name, path) {
   }, null, { timeout: 30000 });
   entry.badges = await page.evaluate(() => Object.fromEntries(window.comfyAPI.app.app.graph.nodes
     .filter((n) => n.krea_badges).map((n) => [n.type, n.krea_badges])));
+  entry.reports = await page.evaluate((id) => window.__kreaReports.filter((r) => r.prompt_id === id), history.id);
   await clearToasts();
   await screenshot(name, "2-ran");
+  entry.panelCount = await queuePanelCount(page, extraScreenshot, name);
+  const [image] = Object.values(history.outputs).find((ui) => ui.images).images;
+  entry.dropped = { image, nodes: await dropImage(page, join(config.output, image.subfolder, image.filename),
+    "image/png") };
   step("ran");
 
   // Change the widgets, then paste the copied request back (from the clipboard, as the menu reads it).
   await setWidgets("KreaSampler", CHANGED);
   await setWidgets("KreaTextEncode", { prompt: "something else" });
   await setWidgets("KreaSafetyCheck", { enable_safety_checker: false });
-  await setWidgets("KreaSaveImage", { output_format: "png" });
+  await setWidgets("KreaSaveImage", { output_format: "jpeg" });
   entry.changedValues = await widgetValues();
   await screenshot(name, "3-changed");
   await page.evaluate((text) => navigator.clipboard.writeText(text), JSON.stringify(entry.copiedSmall));
@@ -281,13 +300,15 @@ async function scenario(name, path) {
   step("refused");
 }
 
-try {
+// The page loaded, the server's node definitions registered (the pack's among them), a probe listening.
+async function ready() {
   await page.goto(`${BASE}/`);
-  // Ready when the server's node definitions are registered (the pack's among them).
   await page.waitForFunction(
     () => window.LiteGraph?.registered_node_types?.KreaSampler && window.comfyAPI?.app?.app?.graph,
     null, { timeout: 120000 });
   await page.evaluate(() => {
+    window.__kreaReports = []; // the pack's krea.report messages, as the extension receives them
+    window.comfyAPI.api.api.addEventListener("krea.report", ({ detail }) => window.__kreaReports.push(detail));
     window.comfyAPI.app.app.registerExtension({
       name: "krea.browser_test.probe",
       afterConfigureGraph(missingNodeTypes) {
@@ -295,8 +316,16 @@ try {
       },
     });
   });
+  await page.keyboard.press("Escape");
+}
+
+try {
+  await ready();
   report.pageReady = elapsed();
   report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  report.missingModels = await missingModels(page, config, extraScreenshot);
+  await ready(); // the frontend read the model folders while they were empty: read them again
+  report.templates = await templates(page, config.module, extraScreenshot);
   for (const [name, path] of Object.entries(config.conversions ?? {})) report.conversions[name] = await convert(path);
   for (const [name, path] of Object.entries(config.workflows)) await scenario(name, path);
   report.ok = true;

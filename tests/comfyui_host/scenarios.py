@@ -223,10 +223,19 @@ def native(work: Path) -> dict:
     result["ksampler_lora_rel"] = rel(outs[0], outs[1])
     plain = comfy_nodes.common_ksampler(ours, 7, 2, 1.0, "euler", "simple", cond, cond, latent)[0]["samples"]
     result["lora_changed_ksampler"] = rel(outs[0], plain)
-    # Step caching cannot apply to ComfyUI's own transformer: the report says so.
-    sampler = NODE_CLASS_MAPPINGS["KreaSampler"]()
-    report = sampler.sample(theirs, cond, "custom", 32, 32, 2, 4.5, 1, 1, "regular")["ui"]["text"][0]
-    result["native_acceleration_report"] = report
+    # Step caching cannot apply to ComfyUI's own transformer: the report says so. Inside ComfyUI the report is not
+    # a `ui` output (ComfyUI's queue panel would count it): it goes through the host, as a message to the browser.
+    from comfyui_krea.nodes.host import host
+
+    reports = []
+    send = host.node_report
+    host.node_report = lambda text, fields: (reports.append(text), send(text, fields))[1]
+    try:
+        out = NODE_CLASS_MAPPINGS["KreaSampler"]().sample(theirs, cond, "custom", 32, 32, 2, 4.5, 1, 1, "regular")
+    finally:
+        host.node_report = send
+    result["native_acceleration_report"] = reports[-1]
+    result["native_sampler_ui"] = out["ui"]
     return result
 
 
