@@ -80,11 +80,10 @@ PACKAGES: dict[str, list[str]] = {
               "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
               "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "runner": ["standalone/runner.py"],
-    "image_io": ["image_io/load.py", "image_io/save.py",
-                 "tests/test_image_nodes.py", "tests/test_save_image.py", "tests/test_inpainting.py",
-                 "tests/test_hostile_input.py", "tests/test_validate_and_decode_once.py", "tests/test_runner.py",
-                 "tests/test_cli_run.py", "tests/test_fal_hostile.py", "tests/test_fal_limits.py",
-                 "tests/test_end_to_end.py"],
+    "image_io": ["image_io/load.py", "image_io/save.py", "tests/test_image_nodes.py", "tests/test_save_image.py",
+                 "tests/test_inpainting.py", "tests/test_hostile_input.py", "tests/test_validate_and_decode_once.py",
+                 "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_fal_hostile.py",
+                 "tests/test_fal_limits.py", "tests/test_end_to_end.py"],
 }
 
 ROOT = Path(__file__).resolve().parent.parent
