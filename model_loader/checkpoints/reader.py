@@ -115,8 +115,8 @@ class SafetensorsFile:
         hint = ""
         if self.path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
             hint = " Pickled checkpoints are not loaded; use the .safetensors release of the model."
-        elif self.path.suffix == ".gguf":
-            hint = " GGUF files are not supported yet; use the .safetensors release."
+        elif self.path.suffix.lower() == ".gguf":
+            hint = " A .gguf file must start with GGUF's magic bytes; this one does not: download it again."
         return f"{self.path} is not a safetensors file ({size} bytes, no valid safetensors header).{hint}"
 
     def keys(self) -> list[str]:
