@@ -3,8 +3,9 @@
 The estimate is deliberately simple and errs on the generous side of what a run holds at its peak outside
 ComfyUI (where every model stays loaded once used):
 
-- weights: the bytes of every model file the workflow names (read off the safetensors headers), the
-  transformer at 1 byte per weight for the fp8 weight_dtypes and 2 for bf16/fp16;
+- weights: the bytes of every model file the workflow names (read off the safetensors or GGUF headers), the
+  transformer at 1 byte per weight for the fp8 weight_dtypes and 2 for bf16/fp16; a GGUF transformer kept
+  quantized adds its largest layer dequantized (float32 and a compute-dtype copy, 6 bytes a weight);
 - the transformer's activations: per token (image tokens (H/16)(W/16) plus 512 text tokens, per image) about
   14 hidden-size vectors (the single block's fused projections: q, k, v, the 4x MLP, its output, the residual)
   in 4 bytes, plus the step cache's two residuals per image token with acceleration on (step_cache.cache_bytes);
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..model_loader import ModelFileError, memory, open_checkpoint
+from ..model_loader.checkpoints import GGUFFile
 from ..nodes.host import host
 from ..sampling.parameters import IMAGE_SIZES, nearest_multiple
 from ..sampling.step_cache import cache_bytes
@@ -67,13 +69,21 @@ def _file_bytes(folder: str, name: object, weight_dtype: str | None = None) -> t
         return 0, 0
     size = checkpoint.nbytes()
     hidden = checkpoint.shape("img_in.weight")[0] if "img_in.weight" in checkpoint else 0
+    counts = [_count(checkpoint.shape(k)) for k in checkpoint.keys()]
     if weight_dtype and weight_dtype.startswith("fp8"):
-        elements = sum((i.end - i.start) // i.dtype.itemsize for f in checkpoint.files for i in f.tensors.values())
-        size = min(size, elements)
+        size = min(size, sum(counts))
     elif weight_dtype in ("bf16", "fp16"):
-        elements = sum((i.end - i.start) // i.dtype.itemsize for f in checkpoint.files for i in f.tensors.values())
-        size = 2 * elements
+        size = 2 * sum(counts)
+    elif isinstance(checkpoint, GGUFFile) and any(checkpoint.quant_type(k) for k in checkpoint.keys()):
+        size += 6 * max(counts)  # one layer dequantized at a time: float32, then the compute dtype
     return size, hidden
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def _image_size(path: object) -> tuple[int, int] | None:

@@ -45,26 +45,30 @@ def _bits(raw: Tensor) -> Tensor:
     return ((raw.unsqueeze(-1) >> shifts) & 1).flatten(-2)
 
 
+# The float steps run in place on the one float32 tensor each kernel makes; IEEE products commute, so
+# q *= d is the reference's d * q bit for bit.
+
+
 def _q8_0(blocks: Tensor) -> Tensor:
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16(blocks[:, :2])
+    return blocks.view(torch.int8)[:, 2:].float().mul_(_f16(blocks[:, :2]))
 
 
 def _q4_0(blocks: Tensor) -> Tensor:
-    return _f16(blocks[:, :2]) * (_nibbles(blocks[:, 2:]).float() - 8)
+    return _nibbles(blocks[:, 2:]).float().sub_(8).mul_(_f16(blocks[:, :2]))
 
 
 def _q4_1(blocks: Tensor) -> Tensor:
-    return _f16(blocks[:, :2]) * _nibbles(blocks[:, 4:]).float() + _f16(blocks[:, 2:4])
+    return _nibbles(blocks[:, 4:]).float().mul_(_f16(blocks[:, :2])).add_(_f16(blocks[:, 2:4]))
 
 
 def _q5_0(blocks: Tensor) -> Tensor:
     q = _nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6]) << 4)
-    return _f16(blocks[:, :2]) * (q.float() - 16)
+    return q.float().sub_(16).mul_(_f16(blocks[:, :2]))
 
 
 def _q5_1(blocks: Tensor) -> Tensor:
     q = _nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8]) << 4)
-    return _f16(blocks[:, :2]) * q.float() + _f16(blocks[:, 2:4])
+    return q.float().mul_(_f16(blocks[:, :2])).add_(_f16(blocks[:, 2:4]))
 
 
 def _k_scales(packed: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,7 +94,7 @@ def _q4_k(blocks: Tensor) -> Tensor:
     scales, mins = _k_scales(blocks[:, 4:16])
     d = (_f16(blocks[:, 0:2]) * scales).unsqueeze(-1)
     dm = (_f16(blocks[:, 2:4]) * mins).unsqueeze(-1)
-    return (d * _sub_blocks_of_32(blocks[:, 16:]).float() - dm).reshape(-1, QK_K)
+    return _sub_blocks_of_32(blocks[:, 16:]).float().mul_(d).sub_(dm).reshape(-1, QK_K)
 
 
 def _q5_k(blocks: Tensor) -> Tensor:
@@ -101,7 +105,7 @@ def _q5_k(blocks: Tensor) -> Tensor:
     shifts = torch.arange(8, device=blocks.device, dtype=torch.uint8).reshape(1, 8, 1)
     high = (blocks[:, 16:48].unsqueeze(1) >> shifts) & 1
     q = _sub_blocks_of_32(blocks[:, 48:]) | (high << 4)
-    return (d * q.float() - dm).reshape(-1, QK_K)
+    return q.float().mul_(d).sub_(dm).reshape(-1, QK_K)
 
 
 def _q6_k(blocks: Tensor) -> Tensor:
@@ -112,8 +116,7 @@ def _q6_k(blocks: Tensor) -> Tensor:
     low = torch.cat([low & 0x0F, low >> 4], dim=2).reshape(-1, 8, 32)
     shifts = torch.tensor([0, 2, 4, 6], device=blocks.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
     high = ((qh.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 8, 32)
-    q = ((low | (high << 4)).float() - 32).reshape(-1, 16, 16)
-    return (d * q).reshape(-1, QK_K)
+    return (low | (high << 4)).float().sub_(32).reshape(-1, 16, 16).mul_(d).reshape(-1, QK_K)
 
 
 def _q3_k(blocks: Tensor) -> Tensor:
@@ -128,8 +131,8 @@ def _q3_k(blocks: Tensor) -> Tensor:
     ql = ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 16, 16)
     bit_shifts = torch.arange(8, device=blocks.device, dtype=torch.uint8).reshape(1, 8, 1)
     qh = ((hmask.unsqueeze(1) >> bit_shifts) & 1).reshape(-1, 16, 16)
-    q = ql.float() - ((qh ^ 1) << 2).float()  # the high bit SET means no offset of -4
-    return (dl * q).reshape(-1, QK_K)
+    q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)  # the high bit SET means no offset of -4
+    return q.float().mul_(dl).reshape(-1, QK_K)
 
 
 def _q2_k(blocks: Tensor) -> Tensor:
@@ -138,7 +141,7 @@ def _q2_k(blocks: Tensor) -> Tensor:
     ml = (_f16(blocks[:, 82:84]) * (packed >> 4).float()).unsqueeze(-1)
     shifts = torch.tensor([0, 2, 4, 6], device=blocks.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
     q = ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 16, 16).float()
-    return (dl * q - ml).reshape(-1, QK_K)
+    return q.mul_(dl).sub_(ml).reshape(-1, QK_K)
 
 
 DECODERS: dict[str, BlockDecoder] = {

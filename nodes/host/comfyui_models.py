@@ -5,6 +5,12 @@ stored) onto ComfyUI's offload device, and put at `diffusion_model` of a `comfy.
 its weights read `diffusion_model.double_blocks.N...` and ComfyUI's LoRA key maps, partial loading, `/free`
 and out-of-memory recovery treat it as they treat ComfyUI's own FLUX. Nothing here subclasses or patches
 ModelPatcher or model_management, and the pack keeps no reference of its own to the model it hands out.
+
+A GGUF file's quantized weights are held by the pack's QuantizedLinear (ComfyUI has no GGUF layers), which
+follows comfy.ops' contract; ComfyUI streams them like its own, and applies a LoRA to a streamed layer's
+dequantized weight at each call. A LoRA on a resident quantized layer cannot be merged into its blocks, so
+the MODEL carries two ModelPatcher callbacks (kept by its clones): after each load, every patched quantized
+layer gets ComfyUI's own patch function to apply at each call; on detach they are removed.
 Imported only inside ComfyUI (by comfyui_host.py).
 """
 from __future__ import annotations
@@ -16,12 +22,15 @@ import comfy.model_base  # type: ignore[import-not-found]
 import comfy.model_management as model_management  # type: ignore[import-not-found]
 import comfy.model_patcher  # type: ignore[import-not-found]
 import comfy.ops  # type: ignore[import-not-found]
+import comfy.patcher_extension  # type: ignore[import-not-found]
 import comfy.supported_models  # type: ignore[import-not-found]
 import torch
 
 from ...model_loader import FluxTransformer, load_flux
-from ...model_loader.operations import OperationsFor, WeightStorage
+from ...model_loader.operations import OperationsFor, QuantizedLinear, QuantizedOps, WeightStorage
 from .interface import LoadedTransformer
+
+_CALLBACK_KEY = "krea_gguf_lora"
 
 
 def comfy_operations(load_device: torch.device) -> OperationsFor:
@@ -30,6 +39,8 @@ def comfy_operations(load_device: torch.device) -> OperationsFor:
     layers for fp8_e4m3fn_fast, casting layers where storage and compute dtypes differ."""
 
     def choose(storage: WeightStorage) -> Any:
+        if storage.quantized:  # GGUF blocks: the pack's layers (comfy.ops contract)
+            return QuantizedOps
         fp8_compute = storage.fast_fp8 and model_management.supports_fp8_compute(load_device)
         if storage.scaled:
             return comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fp8_compute, scale_input=False)
@@ -70,7 +81,34 @@ def transformer_model(path: str | os.PathLike[str], weight_dtype: str) -> Any:
     holder = comfy.model_base.Flux(model_config, device=offload_device)
     transformer.dtype = transformer.storage_dtype  # BaseModel.get_dtype() reads diffusion_model.dtype
     holder.diffusion_model = transformer
-    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+    if any(isinstance(m, QuantizedLinear) and m.quant_type is not None for m in transformer.modules()):
+        patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, _CALLBACK_KEY, _patch_resident)
+        patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, _CALLBACK_KEY, _unpatch_resident)
+    return patcher
+
+
+def _quantized_layers(patcher: Any) -> list[tuple[str, QuantizedLinear]]:
+    return [(f"{name}.weight", m) for name, m in patcher.model.named_modules()
+            if isinstance(m, QuantizedLinear) and m.quant_type is not None]
+
+
+def _patch_resident(patcher: Any, *load_args: Any) -> None:
+    """After a load: every quantized layer with patches in this MODEL applies ComfyUI's own patch function
+    (LowVramPatch: the same calculate_weight) to its dequantized weight at each call, where ComfyUI's merge
+    (set_weight) could not; a layer ComfyUI streams uses the one it put in weight_function instead."""
+    for key, layer in _quantized_layers(patcher):
+        layer.resident_weight_function = []
+        if key in patcher.patches:
+            layer.resident_weight_function = [comfy.model_patcher.LowVramPatch(
+                key, patcher.patches, layer.convert_weight, layer.set_weight)]
+        layer.merge_requested = False
+
+
+def _unpatch_resident(patcher: Any, *detach_args: Any) -> None:
+    for _, layer in _quantized_layers(patcher):
+        layer.resident_weight_function = []
+        layer.merge_requested = False
 
 
 def describe_model(model: Any) -> str:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from ...model_loader import FileKind, ModelFileError
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+GGUF_EXTENSIONS = (".gguf",)
+# Folders whose models may also be GGUF files (ComfyUI-GGUF's quantized transformers).
+GGUF_FOLDERS = ("diffusion_models",)
 
 # Our folder name -> the sub-folders of a models folder searched for it (ComfyUI's names and aliases).
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -35,6 +38,11 @@ KIND_FOLDERS: dict[FileKind, str] = {
     FileKind.CLIP_VISION: "clip_vision",
     FileKind.VIT_CLASSIFIER: "safety_checker",
 }
+
+
+def model_extensions(folder: str) -> tuple[str, ...]:
+    """The file endings listed as models of `folder`."""
+    return MODEL_EXTENSIONS + GGUF_EXTENSIONS if folder in GGUF_FOLDERS else MODEL_EXTENSIONS
 
 
 def model_name_problem(name: object) -> str | None:

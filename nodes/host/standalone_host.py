@@ -17,7 +17,7 @@ import torch
 
 from ...model_loader import load_flux
 from ...sampling.denoise import StepCallback
-from .folders import MODEL_EXTENSIONS, MODEL_FOLDERS
+from .folders import MODEL_FOLDERS, model_extensions
 from .holding import LatestPerKind, cached_load
 from .interface import Host, LoadedTransformer, WorkCallback
 
@@ -86,11 +86,12 @@ class StandaloneHost(Host):
 
     def list_models(self, folder: str) -> list[str]:
         names: set[str] = set()
+        extensions = model_extensions(folder)
         for root in self.model_search_paths(folder):
             if not root.is_dir():
                 continue
             for path in root.rglob("*"):
-                if path.is_file() and path.suffix in MODEL_EXTENSIONS:
+                if path.is_file() and path.suffix.lower() in extensions:
                     names.add(path.relative_to(root).as_posix())
         return sorted(names)
 
