@@ -19,6 +19,9 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     s.add_argument("--models", type=Path, default=None, help="models folder with ComfyUI's layout (as for run)")
+    s.add_argument("--model", default=None, metavar="NAME",
+                   help="the transformer file in the models' diffusion_models folder, e.g. "
+                        "flux1-krea-dev-Q8_0.gguf (default: the workflows' flux1-krea-dev.safetensors)")
     s.add_argument("--output", type=Path, default=Path("output"),
                    help="where result images (fal/) and uploads (fal-uploads/) go (default: ./output)")
     s.add_argument("--tokenizers", type=Path, default=None, help="tokenizer folder (as for run)")
@@ -57,7 +60,8 @@ def serve_command(args: argparse.Namespace) -> int:
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     service = ServiceSettings(retention_hours=args.retention_hours, max_queue=args.max_queue,
                               allow_remote_images=args.allow_remote_images, api_key=api_key_from_env())
-    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, service=service)
+    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, model=args.model,
+                           service=service)
     serve(options, args.host, args.port, tls, args.demo)
     return 0
 
