@@ -15,6 +15,7 @@ from comfyui_krea.model_loader import FileKind, ModelFileError, identify, load_f
 from comfyui_krea.model_loader.checkpoints import GGUFFile, StateDictSource  # noqa: E402
 from comfyui_krea.model_loader.flux import (  # noqa: E402
     FluxConfig,
+    RandomFluxSource,
     config_from_checkpoint,
     load_flux_from_source,
     write_random_flux_checkpoint,
@@ -72,6 +73,22 @@ def test_architecture_from_shapes_in_either_key_layout(tmp_path, prefix):
     model = load_flux(path)
     assert len(quantized_layers(model)) == 13  # 10 Linears of the double block, 3 of the single; embedders BF16
     assert model.storage_dtype == torch.uint8 and model.compute_dtype == torch.float32
+
+
+def test_a_diffusers_layout_gguf_fuses_its_blocks_and_equals_the_bfl_one(tmp_path):
+    # Each row of blocks is independent, so q/k/v fuse (and the final modulation's halves swap) as bytes.
+    def every_matrix_q8_0(path, source):
+        return write_gguf(path, [(k, lambda k=k: source.tensor(k), "Q8_0" if len(source.shape(k)) == 2 else "F32")
+                                 for k in source.keys()], "flux")
+
+    bfl = load_flux(every_matrix_q8_0(tmp_path / "bfl.gguf", RandomFluxSource(GGUF_FLUX, 3, torch.float32)))
+    diffusers = open_checkpoint(write_random_flux_checkpoint(tmp_path / "d.safetensors", GGUF_FLUX, seed=3,
+                                                             layout="diffusers"))
+    model = load_flux(every_matrix_q8_0(tmp_path / "d.gguf", diffusers))
+    assert len(quantized_layers(model)) == len(quantized_layers(bfl)) == 23
+    inputs = flux_inputs(GGUF_FLUX)
+    with torch.no_grad():
+        assert torch.equal(model.forward_orig(**inputs), bfl.forward_orig(**inputs))
 
 
 def test_quantized_weights_stay_the_files_bytes(files):

@@ -189,6 +189,7 @@ def _plan_diffusers(source: TensorSource, keys: list[str], name: str) -> FluxLay
     if extra:
         raise ModelFileError(f"{name} (diffusers layout) holds {len(extra)} tensors a FLUX.1 transformer does not "
                              f"have (e.g. {', '.join(extra[:3])}).")
+    quant_type = getattr(source, "quant_type", None)  # GGUF files: which tensors are block-quantized
     plan: dict[str, PlannedTensor] = {}
     for r in renames:
         shapes = [source.shape(p) for p in r.diffusers]
@@ -196,12 +197,17 @@ def _plan_diffusers(source: TensorSource, keys: list[str], name: str) -> FluxLay
             raise ModelFileError(f"{name}: tensors {', '.join(r.diffusers)} have shapes {shapes} that do not fit "
                                  "together; the file is damaged or not a FLUX.1 transformer.")
         shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-        plan[r.bfl] = PlannedTensor(shape, source.dtype(r.diffusers[0]), lambda r=r: _read_fused(source, r))
+        # GGUF parts of one block type fuse as their rows of blocks (each row is whole blocks): kept quantized.
+        quants = {quant_type(p) for p in r.diffusers} if quant_type is not None else {None}
+        quant = quants.pop() if len(quants) == 1 else None
+        raw = (lambda r=r: _read_fused(source.raw, r)) if quant is not None else None
+        plan[r.bfl] = PlannedTensor(shape, source.dtype(r.diffusers[0]), lambda r=r: _read_fused(source.tensor, r),
+                                    quant=quant, raw=raw)
     return FluxLayout("diffusers", plan)
 
 
-def _read_fused(source: TensorSource, rename: Rename) -> Tensor:
-    parts = [source.tensor(p) for p in rename.diffusers]
+def _read_fused(read: Callable[[str], Tensor], rename: Rename) -> Tensor:
+    parts = [read(p) for p in rename.diffusers]
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     return swap_halves(t) if rename.swap_halves else t
 
