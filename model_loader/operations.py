@@ -179,8 +179,9 @@ class QuantizedLinear(CastLinear):
             out = super().forward(x)
         else:
             if self.merge_requested:
-                raise RuntimeError("A LoRA was merged into a GGUF layer but its per-call patches were not wired "
-                                   "up; this host does not support LoRA on GGUF weights.")
+                raise RuntimeError("A patch was merged into a GGUF layer where its per-call application was not "
+                                   "wired up (e.g. ComfyUI's LoRA hooks); GGUF blocks take LoRAs from the LoRA "
+                                   "loaders only (LoraLoaderModelOnly and the like).")
             w = self.dequantized_weight(x.device, x.dtype)
             for patch in self.weight_function or self.resident_weight_function:
                 w = patch(w)

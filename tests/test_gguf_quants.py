@@ -183,3 +183,23 @@ def test_quantized_linear_computes_with_the_numpy_dequantized_weight(name):
     down, up = torch.randn(2, 512), torch.randn(24, 2)
     layer.adapters = [lambda t: 0.5 * (t @ down.T @ up.T)]
     assert torch.allclose(layer(x), F.linear(x, reference_weight, bias) + 0.5 * x @ down.T @ up.T, atol=1e-4)
+
+
+def test_comfyuis_weight_hooks_on_a_quantized_layer():
+    """convert_weight / set_weight, which ComfyUI's ModelPatcher calls around a LoRA merge (get_key_weight)."""
+    qtype = QUANT_TYPES["Q4_K"]
+    blocks = random_blocks(qtype, 8 * 512 // 256, np.random.default_rng(3)).reshape(8, qtype.row_bytes(512))
+    layer = QuantizedLinear(512, 8, bias=False, device="meta").requires_grad_(False)
+    layer.hold_quantized(qtype)
+    layer.load_state_dict({"weight": torch.from_numpy(blocks)}, assign=True)
+    weight = layer.dequantized_weight(torch.device("cpu"), torch.float32)
+    # a resident layer's weight arrives as its bytes cast to float32; a streamed one's already dequantized
+    assert torch.equal(layer.convert_weight(layer.weight.float(), inplace=True), weight)
+    assert layer.convert_weight(weight) is weight
+    assert layer.set_weight(weight + 1, return_weight=True) is not None
+    layer.set_weight(weight + 1)  # a merge: blocks cannot take it; the layer is marked, its bytes unchanged
+    assert torch.equal(layer.weight, torch.from_numpy(blocks))
+    with pytest.raises(RuntimeError, match="LoRA loaders only"):
+        layer(torch.randn(1, 512))  # never computes silently without the merged patch
+    dense = QuantizedLinear(512, 8)
+    assert not hasattr(dense, "convert_weight") and not hasattr(dense, "set_weight")  # ComfyUI merges it itself
