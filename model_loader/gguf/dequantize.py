@@ -36,7 +36,17 @@ def _f16(raw: Tensor) -> Tensor:
 
 def _nibbles(qs: Tensor) -> Tensor:
     """(n, k) bytes -> (n, 2k): the k low nibbles, then the k high nibbles (the order GGML packs them in)."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+    k = qs.shape[-1]
+    out = torch.empty((*qs.shape[:-1], 2 * k), dtype=torch.uint8, device=qs.device)
+    torch.bitwise_and(qs, 0x0F, out=out[..., :k])
+    torch.bitwise_right_shift(qs, 4, out=out[..., k:])
+    return out
+
+
+def _signed(raw: Tensor) -> Tensor:
+    """int8 bytes (as uint8) -> their float32 values: (u ^ 0x80) - 128, by way of uint8 (whose conversion to
+    float is the fast one on CPUs)."""
+    return (raw ^ 0x80).float().sub_(128)
 
 
 def _bits(raw: Tensor) -> Tensor:
@@ -50,7 +60,7 @@ def _bits(raw: Tensor) -> Tensor:
 
 
 def _q8_0(blocks: Tensor) -> Tensor:
-    return blocks.view(torch.int8)[:, 2:].float().mul_(_f16(blocks[:, :2]))
+    return _signed(blocks[:, 2:]).mul_(_f16(blocks[:, :2]))
 
 
 def _q4_0(blocks: Tensor) -> Tensor:
@@ -110,7 +120,7 @@ def _q5_k(blocks: Tensor) -> Tensor:
 
 def _q6_k(blocks: Tensor) -> Tensor:
     ql, qh = blocks[:, :128], blocks[:, 128:192]
-    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+    scales = _signed(blocks[:, 192:208])
     d = (_f16(blocks[:, 208:210]) * scales).unsqueeze(-1)  # (n, 16, 1)
     low = ql.reshape(-1, 2, 1, 64)
     low = torch.cat([low & 0x0F, low >> 4], dim=2).reshape(-1, 8, 32)
@@ -131,8 +141,8 @@ def _q3_k(blocks: Tensor) -> Tensor:
     ql = ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 16, 16)
     bit_shifts = torch.arange(8, device=blocks.device, dtype=torch.uint8).reshape(1, 8, 1)
     qh = ((hmask.unsqueeze(1) >> bit_shifts) & 1).reshape(-1, 16, 16)
-    q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)  # the high bit SET means no offset of -4
-    return q.float().mul_(dl).reshape(-1, QK_K)
+    q = ql + (qh << 2)  # q - 4 + 4 * bit: a set high bit means no offset of -4
+    return q.float().sub_(4).mul_(dl).reshape(-1, QK_K)
 
 
 def _q2_k(blocks: Tensor) -> Tensor:
