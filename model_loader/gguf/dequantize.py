@@ -24,6 +24,7 @@ from torch import Tensor
 from .types import QuantType
 
 QK_K = 256
+CPU_CHUNK = 1 << 17  # weights dequantized at a time on a CPU
 
 # (n_blocks, block_bytes) uint8 -> (n_blocks, block_size) float32
 BlockDecoder = Callable[[Tensor], Tensor]
@@ -168,4 +169,13 @@ def dequantize(raw: Tensor, qtype: QuantType, shape: Sequence[int], dtype: torch
         values = raw if raw.dtype == qtype.dense else raw.contiguous().view(qtype.dense)
         return values.reshape(shape).to(dtype)
     blocks = raw.reshape(-1, qtype.block_bytes)
-    return DECODERS[qtype.name](blocks).reshape(shape).to(dtype)
+    decode = DECODERS[qtype.name]
+    if blocks.device.type != "cpu" or blocks.shape[0] * qtype.block_size <= CPU_CHUNK:
+        return decode(blocks).reshape(shape).to(dtype)
+    # On a CPU, piece by piece: the temporaries stay small (a large layer's would be several times its float32
+    # size) and only the output is a large allocation.
+    out = torch.empty((blocks.shape[0], qtype.block_size), dtype=dtype)
+    step = max(1, CPU_CHUNK // qtype.block_size)
+    for start in range(0, blocks.shape[0], step):
+        out[start:start + step] = decode(blocks[start:start + step])
+    return out.reshape(shape)
