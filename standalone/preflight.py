@@ -18,6 +18,7 @@ It is compared with what the machine has free: on a GPU, torch.cuda.mem_get_info
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ def _file_bytes(folder: str, name: object, weight_dtype: str | None = None) -> t
         return 0, 0
     size = checkpoint.nbytes()
     hidden = checkpoint.shape("img_in.weight")[0] if "img_in.weight" in checkpoint else 0
-    counts = [_count(checkpoint.shape(k)) for k in checkpoint.keys()]
+    counts = [math.prod(checkpoint.shape(k)) for k in checkpoint.keys()]
     if weight_dtype and weight_dtype.startswith("fp8"):
         size = min(size, sum(counts))
     elif weight_dtype in ("bf16", "fp16"):
@@ -77,13 +78,6 @@ def _file_bytes(folder: str, name: object, weight_dtype: str | None = None) -> t
     elif isinstance(checkpoint, GGUFFile) and any(checkpoint.quant_type(k) for k in checkpoint.keys()):
         size += 6 * max(counts)  # one layer dequantized at a time: float32, then the compute dtype
     return size, hidden
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count
 
 
 def _image_size(path: object) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ModelFileError
 from ..gguf.dequantize import dequantize
-from ..gguf.types import QuantType, quant_type
+from ..gguf.types import SUPPORTED_NAMES, QuantType, quant_type
 
 GGUF_MAGIC = b"GGUF"
 ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF: the torch shape of a tensor stored reshaped
@@ -90,8 +90,7 @@ class GGUFFile:
         if refused:
             listed = "; ".join(f"{name} ({len(keys)} tensors, e.g. {keys[0]})" for name, keys in refused.items())
             raise ModelFileError(f"{self.path} stores tensors in GGUF types this loader does not read: {listed}. "
-                                 "Supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K-Q6_K; use a file "
-                                 "quantized to one of them.")
+                                 f"Supported: {SUPPORTED_NAMES}; use a file quantized to one of them.")
         if end > size:
             raise ModelFileError(f"{self.path} is truncated: its tensor table needs {end} bytes but the file has "
                                  f"{size}. Download the file again.")

@@ -7,6 +7,7 @@ are not a whole number of blocks (as llama.cpp's quantizer falls back for K-quan
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -24,10 +25,7 @@ SMALL = 1024  # values: at most this many stay F32
 
 def flux_gguf_type(key: str, shape: tuple[int, ...], qtype: str, base: str = "BF16") -> str:
     """The block type ComfyUI-GGUF's tools give one FLUX tensor in a `qtype` file made from a `base` source."""
-    count = 1
-    for d in shape:
-        count *= d
-    if len(shape) <= 1 or count <= SMALL:
+    if len(shape) <= 1 or math.prod(shape) <= SMALL:
         return "F32"
     if key.startswith(KEPT_IN_BASE_TYPE):
         return base

@@ -5,7 +5,7 @@
   comfy_fp8_scaled  ComfyUI scaled fp8: float8_e4m3fn Linear weights plus per-tensor `*.scale_weight`
   diffusers         `transformer_blocks.N.attn.to_q` ...: q/k/v (and the single blocks' MLP input) fused on load
 
-GGUF files (ComfyUI-GGUF's layout) carry the bfl or comfy keys; their block-quantized tensors are planned
+GGUF files carry the same keys (ComfyUI-GGUF's layout is bfl's); their block-quantized tensors are planned
 with their type and bytes, so a loader can keep them quantized.
 """
 from __future__ import annotations
