@@ -177,3 +177,48 @@ def test_full_width_rows_fall_back_as_the_quantizer_does():
 def test_write_flux_gguf_refuses_unknown_types(tmp_path):
     with pytest.raises(ValueError, match="Unknown GGUF type 'Q7_0'"):
         write_flux_gguf(tmp_path / "x.gguf", StateDictSource({}), "Q7_0")
+
+
+class MetaGGUFSource:
+    """The full-size FLUX.1 transformer as a GGUF file of `qtype` would hold it (ComfyUI-GGUF's layout), on the
+    meta device: shapes, types and block bytes, no data."""
+
+    def __init__(self, qtype: str) -> None:
+        from comfyui_krea.model_loader.flux import FLUX_DEV, FluxTransformer
+        from comfyui_krea.model_loader.gguf import QUANT_TYPES
+
+        with torch.device("meta"):
+            self.shapes = {k: tuple(v.shape) for k, v in FluxTransformer(FLUX_DEV).state_dict().items()}
+        self.types = {k: QUANT_TYPES[flux_gguf_type(k, s, qtype)] for k, s in self.shapes.items()}
+
+    def keys(self):
+        return list(self.shapes)
+
+    def shape(self, key):
+        return self.shapes[key]
+
+    def dtype(self, key):
+        return self.types[key].dense or torch.float32
+
+    def quant_type(self, key):
+        return None if self.types[key].dense is not None else self.types[key]
+
+    def raw(self, key):
+        rows, cols = self.shapes[key]
+        return torch.empty(rows, self.types[key].row_bytes(cols), dtype=torch.uint8, device="meta")
+
+    def tensor(self, key):
+        return torch.empty(self.shapes[key], dtype=self.dtype(key), device="meta")
+
+
+ROW_BYTES_AT_3072 = {"Q8_0": 3072 // 32 * 34, "Q4_K": 3072 // 256 * 144, "Q2_K": 3072 // 256 * 84}
+
+
+@pytest.mark.parametrize("qtype, gigabytes", [("Q8_0", 12.71), ("Q4_K", 6.80), ("Q2_K", 4.02)])
+def test_the_full_size_model_holds_its_blocks_as_the_memory_table_says(qtype, gigabytes):
+    model = load_flux_from_source(MetaGGUFSource(qtype), device="meta", name=f"flux1-dev-{qtype}")
+    layers = quantized_layers(model)
+    assert len(layers) == 19 * 10 + 38 * 3  # every Linear of the blocks; embedders and final layer in BF16
+    assert model.single_blocks[37].linear1.weight.shape == (21504, ROW_BYTES_AT_3072[qtype])
+    held = sum(t.nbytes for t in model.state_dict().values())
+    assert round(held / 1e9, 2) == gigabytes  # docs/gguf.md's table
