@@ -21,6 +21,7 @@ from comfyui_krea.model_loader.checkpoints import GGUFFile  # noqa: E402
 from comfyui_krea.model_loader.flux import RandomFluxSource  # noqa: E402
 from comfyui_krea.model_loader.flux.gguf_files import write_flux_gguf  # noqa: E402
 from comfyui_krea.model_loader.gguf.writing import write_gguf  # noqa: E402
+from comfyui_krea.model_loader.text_encoders.t5 import llama_cpp_name  # noqa: E402
 from comfyui_krea.nodes import model_files  # noqa: E402
 from comfyui_krea.nodes.host import forget_loaded, host  # noqa: E402
 from comfyui_krea.standalone import preflight  # noqa: E402
@@ -30,6 +31,7 @@ from comfyui_krea.standalone.demo import DEMO_FLUX, write_demo_models  # noqa: E
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TO_IMAGE = ROOT / "workflows" / "api" / "krea_text_to_image.json"
 GGUF_NAME = "flux1-krea-dev-Q8_0.gguf"
+T5_GGUF_NAME = "t5-v1_1-xxl-encoder-Q8_0.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,11 @@ def models(tmp_path_factory):
     write_gguf(models / "diffusion_models" / "t5xxl-Q8_0.gguf",
                [("encoder.block.0.layer.0.SelfAttention.q.weight", lambda: torch.zeros(64, 64), "Q8_0"),
                 ("shared.weight", lambda: torch.zeros(32, 64), "F16")], "t5encoder")
+    # the demo's T5 as an encoder-only GGUF in llama.cpp's names, where it belongs
+    t5 = open_checkpoint(models / "text_encoders" / "t5xxl_fp16.safetensors")
+    write_gguf(models / "text_encoders" / T5_GGUF_NAME,
+               [(llama_cpp_name(k), lambda k=k: t5.tensor(k), "Q8_0" if len(t5.shape(k)) == 2 and
+                 "relative_attention_bias" not in k else "F32") for k in t5.keys()], "t5encoder")
     yield models, tokenizers
     forget_loaded()
 
@@ -76,6 +83,10 @@ def test_run_with_a_gguf_transformer_makes_the_bf16_files_image_closely(models, 
     a, b = (np.asarray(Image.open(p[0]), dtype=np.float32) for p in (bf16, gguf_images))
     assert a.shape == b.shape == (48, 64, 3)
     assert 0 < np.abs(a - b).mean() < 2.0  # 8-bit blocks: a few levels at most, not another image
+    code, both = run(models, cli / "both", "--set", f"1.model_name={GGUF_NAME}", "--set", f"1.t5_name={T5_GGUF_NAME}")
+    assert code == 0, capsys.readouterr().err
+    c = np.asarray(Image.open(both[0]), dtype=np.float32)
+    assert 0 < np.abs(c - a).mean() < 3.0  # the T5 from GGUF blocks too
 
 
 def test_the_loaders_validation_names_a_gguf_of_another_model(models, host_state):

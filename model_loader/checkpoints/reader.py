@@ -200,6 +200,14 @@ class RenamedSource:
     def tensor(self, key: str) -> torch.Tensor:
         return self._source.tensor(self._names[key])
 
+    def quant_type(self, key: str) -> object | None:
+        """A GGUF source's block type of the tensor (None: not block-quantized, or not a GGUF source)."""
+        quant_type = getattr(self._source, "quant_type", None)
+        return quant_type(self._names[key]) if quant_type is not None else None
+
+    def raw(self, key: str) -> torch.Tensor:
+        return self._source.raw(self._names[key])
+
 
 class Checkpoint:
     """One model stored in one or more safetensors files (shards): key -> lazy tensor.

@@ -8,8 +8,10 @@ in fp16) and leaves nothing behind for the transformer to compete with.
 
 Accepted files: `clip_l.safetensors` (keys under `text_model.`, maybe `text_projection.weight`, ignored),
 a transformers 5.x CLIPTextModel state dict (no prefix), `t5xxl_fp16.safetensors` (`shared.weight` only),
-ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (fp8 weights with per-tensor `scale_weight`), and the
-`text_encoder/` / `text_encoder_2/` folders of a diffusers model (sharded, with an index), or its root.
+ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (fp8 weights with per-tensor `scale_weight`), encoder-only
+T5 GGUF files (`t5-v1_1-xxl-encoder-Q8_0.gguf`: llama.cpp's names; block-quantized Linear weights stay
+quantized, a quantized embedding is dequantized to fp16), and the `text_encoder/` / `text_encoder_2/`
+folders of a diffusers model (sharded, with an index), or its root.
 """
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..checkpoints import Checkpoint, FileKind, first_keys, identify, open_checkpoint
+from ..checkpoints import Checkpoint, FileKind, RenamedSource, first_keys, identify, open_checkpoint
 from ..compute_dtypes import text_encoder_compute_dtype
 from ..errors import ModelFileError
-from ..operations import CastOps
+from ..operations import CastOps, QuantizedLinear, QuantizedOps
 from .clip import CLIPTextModel, build_clip
 from .clip import config_from_checkpoint as clip_config_from_checkpoint
-from .t5 import EMBEDDING_KEYS, T5EncoderModel, build_t5
+from .t5 import EMBEDDING_KEYS, T5EncoderModel, build_t5, transformers_name
 from .t5 import config_from_checkpoint as t5_config_from_checkpoint
 from .tokenization import FixedLengthTokenizer, find_tokenizer_folders, load_clip_tokenizer, load_t5_tokenizer
 
@@ -80,6 +82,8 @@ def _load_weights(model: nn.Module, ckpt: Checkpoint, key_in_file: Callable[[str
             f"(first: {', '.join(missing[:3])}). The file is incomplete or another variant; download it again."
         )
     scalable = {name: m for name, m in model.named_modules() if hasattr(m, "set_scale")}
+    modules = dict(model.named_modules())
+    quant_type = getattr(ckpt, "quant_type", None)  # GGUF files: which tensors are block-quantized
     state: dict[str, torch.Tensor] = {}
     scales: list[tuple[nn.Module, torch.Tensor]] = []
     for name, meta in expected.items():
@@ -89,8 +93,17 @@ def _load_weights(model: nn.Module, ckpt: Checkpoint, key_in_file: Callable[[str
                 f"{ckpt.path}: {file_key} has shape {tuple(ckpt.shape(file_key))}, {what} needs "
                 f"{tuple(meta.shape)}. The file is damaged or of another model."
             )
-        tensor = ckpt.tensor(file_key)
         owner, _, leaf = name.rpartition(".")
+        quant = quant_type(file_key) if quant_type is not None else None
+        if quant is not None:
+            module = modules.get(owner)
+            if leaf == "weight" and isinstance(module, QuantizedLinear):
+                module.hold_quantized(quant)  # kept as the file's blocks, dequantized per call
+                state[name] = ckpt.raw(file_key)
+            else:  # an embedding: looked up, not multiplied; dequantized once, in fp16 (T5's own dtype)
+                state[name] = ckpt.tensor(file_key).to(torch.float16)
+            continue
+        tensor = ckpt.tensor(file_key)
         stem = file_key[: -len(leaf)]
         scale_key = next((stem + s for s in _SCALE_NAMES if stem + s in ckpt), None)
         if leaf == "weight" and scale_key is not None:
@@ -133,6 +146,9 @@ def load_t5_model(path: str | os.PathLike[str], operations=CastOps) -> T5Encoder
 
 
 def _t5_from(ckpt: Checkpoint, operations) -> T5EncoderModel:
+    if any(k.startswith("enc.blk.") for k in ckpt.keys()):  # a GGUF file in llama.cpp's names
+        ckpt = RenamedSource(ckpt, {transformers_name(k): k for k in ckpt.keys()})
+        operations = QuantizedOps
     keys = ckpt.keys()
     prefix = _prefix_of(keys, _T5_MARK, ckpt, _T5_BLOCK)
     if prefix is None:

@@ -11,8 +11,8 @@ from ...model_loader import FileKind, ModelFileError
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 GGUF_EXTENSIONS = (".gguf",)
-# Folders whose models may also be GGUF files (ComfyUI-GGUF's quantized transformers).
-GGUF_FOLDERS = ("diffusion_models",)
+# Folders whose models may also be GGUF files (quantized transformers, encoder-only T5 files).
+GGUF_FOLDERS = ("diffusion_models", "text_encoders")
 
 # Our folder name -> the sub-folders of a models folder searched for it (ComfyUI's names and aliases).
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
