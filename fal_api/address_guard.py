@@ -226,8 +226,8 @@ async def checked_addresses(host: str, port: int, resolver: Resolver) -> list[st
         return [literal]
     try:
         addresses = await resolver(host, port)
-    except OSError as exc:
-        raise RemoteImageError(f"image_url host {host!r} could not be resolved: {exc}") from exc
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a label IDNA cannot encode (empty, over 63 characters)
+        raise RemoteImageError(f"image_url host {host[:100]!r} could not be resolved: {exc}") from exc
     if not addresses:
         raise RemoteImageError(f"image_url host {host!r} resolves to no address")
     # One refused address refuses the host: the connector may try any of them, in any order.

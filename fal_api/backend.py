@@ -14,6 +14,11 @@ class WorkflowRefused(Exception):
     """The server cannot run the workflow (its models are missing, ...): the operator's problem, not the input's."""
 
 
+class RequestTooLarge(Exception):
+    """The request would not fit in the memory this server has (the message gives the numbers): refused with a 422
+    on the field that sets its size, before it is queued."""
+
+
 class Backend(Protocol):
     output_dir: Path  # where the workflows' images are saved (results are served from there)
 
@@ -23,7 +28,8 @@ class Backend(Protocol):
         ...
 
     async def submit(self, job: Job, prompt: dict) -> None:
-        """Validate the API `prompt` and queue it; raises WorkflowRefused."""
+        """Validate the API `prompt` and queue it; raises WorkflowRefused, or RequestTooLarge when the backend can
+        tell that its run would not fit in memory."""
         ...
 
     def position(self, job: Job) -> int | None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-SAMPLER, TEXT_ENCODE, SAFETY_CHECK, SAVE_IMAGE, LOAD_IMAGE = (
-    "KreaSampler", "KreaTextEncode", "KreaSafetyCheck", "KreaSaveImage", "LoadImage")
+SAMPLER, TEXT_ENCODE, SAFETY_CHECK, SAVE_IMAGE, LOAD_IMAGE, LOAD_IMAGE_MASK = (
+    "KreaSampler", "KreaTextEncode", "KreaSafetyCheck", "KreaSaveImage", "LoadImage", "LoadImageMask")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ FIELD_INPUTS: dict[str, NodeInput] = {
     "enable_safety_checker": NodeInput(SAFETY_CHECK, "enable_safety_checker"),
     "output_format": NodeInput(SAVE_IMAGE, "output_format"),
     "image_url": NodeInput(LOAD_IMAGE, "image"),  # the image, once fetched and checked: a file LoadImage reads
+    "mask_url": NodeInput(LOAD_IMAGE_MASK, "image"),  # inpainting's mask (white = repaint), likewise
 }
 # A custom image_size ({"width", "height"}) is the sampler's image_size "custom" with these two inputs.
 CUSTOM_SIZE_INPUTS: dict[str, NodeInput] = {"width": NodeInput(SAMPLER, "width"),

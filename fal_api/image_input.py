@@ -4,7 +4,8 @@ Accepted: a data URI (what fal_client.encode_file and the JS client make), a URL
 upload or an earlier result), and, only when the operator enabled it, an http(s) URL of another host fetched by
 remote_fetch (never from a private address). The bytes are checked as an image (format, size, a complete decode)
 and the decoded image is handed on to the backend, which gives it to the workflow's LoadImage without decoding it
-again (or writes the bytes where a host's own LoadImage reads them). Every refusal is a 422 on `image_url`.
+again (or writes the bytes where a host's own LoadImage reads them). An image that would make a larger image than the
+server's cap (size_limit.py) is refused from its header, before it is decoded. Every refusal is a 422 on `image_url`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from PIL import Image
 from ..image_io.load import ImageFileError, decoded_image
 from .remote_fetch import RemoteImageError, fetch_image_bytes
 from .schema import field_error
+from .size_limit import check_input_size
 from .storage import MAX_UPLOAD_BYTES, new_token
 
 MAX_INPUT_PIXELS = 25_000_000  # 5000 x 5000: far above what FLUX makes, far below what would exhaust memory
@@ -65,25 +67,43 @@ def decode_data_uri(url: str) -> bytes:
     return data
 
 
-def checked_image(data: bytes) -> InputImage:
+def checked_image(data: bytes, max_pixels: int | None = None) -> InputImage:
     """The bytes once they prove to be an image within limits (told from the header, then one complete decode),
-    else InputError."""
+    else InputError; `max_pixels`: the most pixels the image it makes may have (the server's cap)."""
+    if max_pixels is not None:
+        size = header_size(data)
+        if size is not None:  # not an image: the decode below says so
+            check_input_size(FIELD, *size, max_pixels)
     try:
         return InputImage(data, decoded_image(io.BytesIO(data), "image_url's data", max_pixels=MAX_INPUT_PIXELS))
     except ImageFileError as err:
         raise field_error(FIELD, str(err)) from None
 
 
-async def image_for(url: str, local: LocalLookup, allow_remote: bool, fetch: Fetch = fetch_image_bytes) -> InputImage:
-    """The image of `url`, checked and decoded."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header alone; None when the bytes are not an image PIL can open."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+async def image_for(url: str, local: LocalLookup, allow_remote: bool, fetch: Fetch = fetch_image_bytes,
+                    max_pixels: int | None = None) -> InputImage:
+    """The image of `url`, checked (within `max_pixels` once made a multiple of 16) and decoded."""
     if url.startswith("data:"):
-        return checked_image(decode_data_uri(url))
-    parts = urllib.parse.urlsplit(url)
+        return checked_image(decode_data_uri(url), max_pixels)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not one)
+    except ValueError as err:
+        raise field_error(FIELD, f"image_url is not a valid URL: {err}", value=url[:200]) from None
     if parts.scheme not in ("http", "https"):
         raise field_error(FIELD, "image_url must be a data URI or an http(s) URL", value=url[:200])
     served = local(url)
     if served is not None:
-        return checked_image(served.read_bytes())
+        return checked_image(served.read_bytes(), max_pixels)
     if not allow_remote:
         raise field_error(FIELD, "this server does not fetch images from other hosts: upload the image to it "
                                  "(fal_client.upload_file / fal.storage.upload) or send a data URI; the operator "
@@ -92,4 +112,4 @@ async def image_for(url: str, local: LocalLookup, allow_remote: bool, fetch: Fet
         data = await fetch(url)
     except RemoteImageError as err:
         raise field_error(FIELD, str(err), value=url[:200]) from None
-    return checked_image(data)
+    return checked_image(data, max_pixels)

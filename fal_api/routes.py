@@ -14,12 +14,17 @@ Python client's direct calls and the JS client's proxy calls (POST|GET|PUT <pref
 
 With an API key set (KREA_FAL_API_KEY), every call but the file GETs (unguessable URLs, as fal's CDN) and the slot
 PUT (one-time token in its URL) needs `Authorization: Key <it>`. The endpoints served are the rows of endpoints.py;
-what runs their workflows is a Backend (backend.py).
+what runs their workflows is a Backend (backend.py); the file calls are in file_routes.py.
+
+Before any work, every call passes the checks of http_limits.py (the Host header, the declared body size), a run or
+submit also its body's type, size and deadline, its fields, the image size cap (size_limit.py), a slot in the queue
+(taken in one step) and its images; every refusal is fal's JSON error shape, and nothing unexpected reaches a plain
+500 with a traceback: what no check foresaw is a 500 in the same shape, logged once.
 """
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
+import contextlib
 import hmac
 import json
 import logging
@@ -31,15 +36,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .backend import Backend, WorkflowRefused
-from .endpoints import APPS, ENDPOINTS
+from .backend import Backend, RequestTooLarge, WorkflowRefused
+from .endpoints import APPS, ENDPOINTS, Endpoint
+from .file_routes import result_file, served_result, storage_call
+from .http_limits import Refusal, check_declared_length, host_problem, read_body, require_json
 from .image_input import image_for
 from .jobs import CANCELLED, COMPLETED, Job, JobStore
+from .records import RecordFolder
 from .remote_fetch import fetch_image_bytes
 from .schema import InputError, field_error
-from .settings import API_KEY_ENV, ServiceSettings, truthy
-from .storage import Uploads, UploadTooLarge, clean_name, read_limited
-from .workflow import workflow_for
+from .settings import API_KEY_ENV, BODY_GRACE_S, BODY_MIN_RATE, ServiceSettings, truthy
+from .size_limit import SIZE_FIELD, check_requested_size
+from .storage import Uploads
+from .workflow import RESULTS_SUBFOLDER, workflow_for
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,16 @@ def json_error(status: int, detail: object, **extra: object) -> web.Response:
     return web.json_response({"detail": detail, **extra}, status=status)
 
 
+def parsed_json(raw: bytes) -> object:
+    """A request body as JSON, or InputError (422 json_invalid) for anything json.loads cannot take: bad JSON, an
+    integer past Python's digit limit, nesting past the recursion limit."""
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, RecursionError) as err:
+        raise InputError([{"type": "json_invalid", "loc": ["body", getattr(err, "pos", 0)],
+                           "msg": "JSON decode error", "input": {}, "ctx": {"error": str(err)[:200]}}]) from None
+
+
 @dataclass
 class FalService:
     """The protocol's state: requests, uploads, the backend, the options; `handle` is the aiohttp handler."""
@@ -62,34 +81,67 @@ class FalService:
     api_key: str | None = None
     allow_remote_images: bool = False
     fetch: Callable[[str], Awaitable[bytes]] = field(default=fetch_image_bytes)
+    max_pixels: int = ServiceSettings().max_pixels  # per image made
+    allowed_hosts: frozenset[str] = frozenset()  # Host names taken besides IP addresses and localhost
+    body_grace_s: float = BODY_GRACE_S
+    body_min_rate: float = BODY_MIN_RATE
 
     @classmethod
     def create(cls, backend: Backend, uploads_folder: Path, settings: ServiceSettings, prefix: str = "") -> FalService:
-        """The service over `backend` with `settings`; the uploads folder is made and emptied of earlier runs'."""
-        uploads = Uploads(uploads_folder, settings.retention_s)
+        """The service over `backend` with `settings`: the uploads folder is made and emptied of earlier runs', the
+        records of requests that ended in earlier runs (within retention) are read back from the results folder."""
+        uploads = Uploads(uploads_folder, settings.retention_s, quota_bytes=settings.upload_quota_bytes)
         uploads.prepare()
-        return cls(backend=backend, uploads=uploads, jobs=JobStore(settings.retention_s, settings.max_queue),
-                   prefix=prefix, api_key=settings.api_key, allow_remote_images=settings.allow_remote_images)
+        jobs = JobStore(settings.retention_s, settings.max_queue,
+                        records=RecordFolder(backend.output_dir / RESULTS_SUBFOLDER))
+        restored = jobs.load()
+        if restored:
+            log.info("fal: %d finished requests of earlier runs are served again", restored)
+        return cls(backend=backend, uploads=uploads, jobs=jobs, prefix=prefix, api_key=settings.api_key,
+                   allow_remote_images=settings.allow_remote_images, max_pixels=settings.max_pixels,
+                   allowed_hosts=frozenset(settings.allowed_hosts))
 
     # -- dispatch -------------------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        tail = request.match_info.get("tail", "")
-        query = request.rel_url.query
-        if tail == "proxy":
-            target = request.headers.get("x-fal-target-url", "")
-            parts = urllib.parse.urlsplit(target)
-            if parts.scheme != "https" or parts.hostname not in PROXY_TARGETS:
-                return json_error(400, f"x-fal-target-url {target[:200]!r} is not a fal URL this server answers "
-                                       f"(hosts: {', '.join(PROXY_TARGETS)})")
-            tail = PROXY_TARGETS[parts.hostname] + parts.path.lstrip("/")
-            query = dict(urllib.parse.parse_qsl(parts.query))
-        segments = [s for s in tail.split("/") if s]
         try:
+            problem = host_problem(request.headers.get("Host"), self.allowed_hosts)
+            if problem is not None:
+                raise Refusal(400, problem, error_type="host_refused")
+            check_declared_length(request, MAX_BODY_BYTES)
+            segments, query = self.target(request)
             return await self.route(request, segments, query)
         except InputError as err:
             return json_error(422, err.detail)
-        except UploadTooLarge as err:
-            return json_error(413, str(err))
+        except Refusal as refusal:
+            response = refusal.response()
+            if refusal.close:  # answered now and closed: aiohttp would otherwise linger reading the rest (10 s)
+                with contextlib.suppress(ConnectionError):
+                    await response.prepare(request)
+                    await response.write_eof()
+                request.protocol.force_close()
+            return response
+        except Exception as err:  # what no check foresaw: fal's error shape, one log entry
+            log.exception("fal: %s %s failed", request.method, request.path[:200])
+            return json_error(500, f"the server failed on this request ({type(err).__name__}); it is logged",
+                              error_type="internal_error")
+
+    def target(self, request: web.Request) -> tuple[list[str], dict[str, str]]:
+        """The call's path segments and query; for the JS client's proxy calls, those of x-fal-target-url."""
+        tail = request.match_info.get("tail", "")
+        query: dict[str, str] = dict(request.rel_url.query)
+        if tail == "proxy":
+            target = request.headers.get("x-fal-target-url", "")
+            try:
+                parts = urllib.parse.urlsplit(target)
+                hostname = parts.hostname
+            except ValueError:
+                hostname = None
+            if hostname is None or parts.scheme != "https" or hostname not in PROXY_TARGETS:
+                raise Refusal(400, f"x-fal-target-url {target[:200]!r} is not a fal URL this server answers "
+                                   f"(hosts: {', '.join(PROXY_TARGETS)})")
+            tail = PROXY_TARGETS[hostname] + parts.path.lstrip("/")
+            query = dict(urllib.parse.parse_qsl(parts.query))
+        return [s for s in tail.split("/") if s], query
 
     async def route(self, request: web.Request, segments: list[str], query) -> web.StreamResponse:
         method = request.method
@@ -101,76 +153,85 @@ class FalService:
             return json_error(401, f"missing or wrong credentials: send 'Authorization: Key <key>' with the key "
                                    f"this server was given ({API_KEY_ENV})")
         if segments[:1] == ["results"] and method == "GET":
-            return self.result_file(segments[1:])
+            return result_file(self, segments[1:])
         if segments[:1] == ["storage"] or segments[:1] == ["files"]:
-            return await self.storage(request, segments, query)
+            return await storage_call(self, request, segments)
         if segments[:1] == ["queue"]:
             rest = segments[1:]
             if method == "POST":
                 return await self.submit(request, "/".join(rest))
             if "/".join(rest[:2]) in APPS and len(rest) >= 4 and rest[2] == "requests":
                 return await self.request_call(request, rest[3], rest[4:], query)
-            return json_error(404, f"no queue endpoint {'/'.join(rest)!r} (this server runs {', '.join(ENDPOINTS)})")
+            return json_error(404, f"no queue endpoint {'/'.join(rest)[:200]!r} (this server runs "
+                                   f"{', '.join(ENDPOINTS)})")
         if method == "POST":
             return await self.run(request, "/".join(segments))
         return json_error(405 if "/".join(segments) in ENDPOINTS else 404,
-                          f"{method} /{'/'.join(segments)} is not served here (POST {', '.join(ENDPOINTS)})")
+                          f"{method} /{'/'.join(segments)[:200]} is not served here (POST {', '.join(ENDPOINTS)})")
 
     def authorized(self, request: web.Request) -> bool:
         if not self.api_key:
             return True
         given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Key {self.api_key}".encode())
+        # Header values may hold any character (aiohttp keeps undecodable bytes as surrogates): compare bytes.
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Key {self.api_key}".encode())
+
+    async def read_body(self, request: web.Request, limit: int) -> bytes:
+        return await read_body(request, limit, self.body_grace_s, self.body_min_rate)
 
     # -- taking a request -----------------------------------------------------------------------------------
     def base_url(self, request: web.Request) -> str:
+        """scheme://host[:port]<prefix> as the client reached the server; the Host passed host_problem."""
         return f"{request.scheme}://{request.host}{self.prefix}"
+
+    def file_url(self, request: web.Request, file_id: str, name: str) -> str:
+        return f"{self.base_url(request)}/storage/files/{file_id}/{name}"
 
     def queue_urls(self, job: Job) -> dict[str, str]:
         url = f"{job.base_url}/queue/{ENDPOINTS[job.endpoint].app}/requests/{job.id}"
         return {"response_url": url, "status_url": url + "/status", "cancel_url": url + "/cancel"}
 
     async def accept(self, request: web.Request, endpoint_id: str) -> Job | web.Response:
-        """Checks from the cheapest on (body, fields, room in the queue, the images); then queues the workflow.
-        Each input image is decoded once, here, and handed to the backend as it is."""
+        """Checks from the cheapest on (body, fields, the size cap, a slot in the queue, the images, what the backend
+        checks); then queues the workflow. Each input image is decoded once, here, and handed to the backend as it
+        is."""
         endpoint = ENDPOINTS.get(endpoint_id)
         if endpoint is None:
-            return json_error(404, f"no endpoint {endpoint_id!r}: this server runs {', '.join(ENDPOINTS)}")
-        raw = await read_limited(request.content, MAX_BODY_BYTES)
-        try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError([{"type": "json_invalid", "loc": ["body", getattr(err, "pos", 0)],
-                               "msg": "JSON decode error", "input": {}, "ctx": {"error": str(err)[:200]}}]) from None
-        arguments = endpoint.parse(body)
+            return json_error(404, f"no endpoint {endpoint_id[:200]!r}: this server runs {', '.join(ENDPOINTS)}")
+        require_json(request)
+        arguments = endpoint.parse(parsed_json(await self.read_body(request, MAX_BODY_BYTES)))
+        check_requested_size(arguments, self.max_pixels)
         self.jobs.expire()
         self.uploads.expire()
-        if self.jobs.active() >= self.jobs.max_active:
+        seed = arguments.seed if arguments.seed is not None else secrets.randbelow(2**32)
+        job = Job(endpoint=endpoint.id, arguments=arguments, seed=seed, base_url=self.base_url(request),
+                  keep_output=not getattr(arguments, "sync_mode", False))
+        if not self.jobs.add_if_room(job):  # the slot is taken before anything is awaited
             return json_error(503, f"the queue is full ({self.jobs.max_active} requests waiting or running); try "
                                    "again when some have finished", error_type="queue_full")
-        seed = arguments.seed if arguments.seed is not None else secrets.randbelow(2**32)
-        job = Job(endpoint=endpoint.id, arguments=arguments, seed=seed, base_url=self.base_url(request))
-        images: dict[str, str] = {}
         try:
+            images: dict[str, str] = {}
             for name in endpoint.image_fields:
                 image = await image_for(getattr(arguments, name), self.local_file, self.allow_remote_images,
-                                        self.fetch)
+                                        self.fetch, self.max_pixels)
                 images[name] = self.backend.image_reference(job, image)
-        except BaseException:
-            job.complete(error="the request was refused", error_type="refused")  # gives back what was handed on
-            raise
-        prompt = workflow_for(endpoint, arguments, seed, job.id, images)
-        self.jobs.add(job)
-        try:
-            await self.backend.submit(job, prompt)
+            await self.backend.submit(job, workflow_for(endpoint, arguments, seed, job.id, images))
+        except RequestTooLarge as err:
+            self.refused(job)
+            raise field_error(size_field(endpoint), str(err)) from None
         except WorkflowRefused as err:
-            job.complete(error=str(err), error_type="workflow_refused")
+            self.refused(job)
             return json_error(500, f"this server cannot run the workflow: {err}", error_type="workflow_refused")
-        except Exception as err:  # the record must not wait forever for a run that never started
-            job.complete(error=f"{type(err).__name__}: {err}", error_type="internal_error")
+        except BaseException:
+            self.refused(job)
             raise
-        log.info("fal request %s (%s) queued", job.id, endpoint)
+        log.info("fal request %s (%s) queued", job.id, endpoint.id)
         return job
+
+    def refused(self, job: Job) -> None:
+        """A request refused after its slot was taken: no record, and what was handed on for it is given back."""
+        self.jobs.discard(job)
+        job.complete(error="the request was refused", error_type="refused")
 
     def local_file(self, url: str) -> Path | None:
         """The file this server serves at `url` (an upload or a result), None when the URL is not this server's."""
@@ -187,7 +248,7 @@ class FalService:
                                                f"{self.uploads.retention_s / 3600:g} h)", value=url[:200])
             return stored.path
         if rest[:1] == ["results"] and len(rest) == 3:
-            served = self.served_result(rest[1], rest[2])
+            served = served_result(self, rest[1], rest[2])
             if served is None:
                 raise field_error("image_url", "no result image at this URL on this server (results are kept "
                                                f"{self.jobs.retention_s / 3600:g} h)", value=url[:200])
@@ -228,7 +289,7 @@ class FalService:
             self.backend.cancel(job)
             return web.json_response({"status": "CANCELLATION_REQUESTED"}, status=202)
         return json_error(404 if request.method in ("GET", "PUT") else 405,
-                          f"{request.method} .../requests/<id>/{'/'.join(action)} is not a queue call")
+                          f"{request.method} .../requests/<id>/{'/'.join(action)[:200]} is not a queue call")
 
     def result(self, job: Job) -> web.Response:
         headers = {"x-fal-request-id": job.id}
@@ -239,95 +300,46 @@ class FalService:
             status = 400 if job.error_type == CANCELLED else 500
             return web.json_response({"detail": job.error, "error_type": job.error_type}, status=status,
                                      headers={**headers, "x-fal-error-type": job.error_type or "error"})
-        return web.json_response(job.output, headers=headers)
+        with job.lock:
+            output = job.output
+            if not job.keep_output:
+                job.output = None  # sync_mode: handed out once; fal keeps no copy either
+        if output is None:
+            return json_error(404, "the output of a sync_mode request is handed out once and not kept (fal keeps "
+                                   "none either)", error_type="not_kept")
+        return web.json_response(output, headers=headers)
 
     async def stream_status(self, request: web.Request, job: Job, logs: bool) -> web.StreamResponse:
         """Server-sent events: one status JSON per change (new log lines only), `: ping` while waiting, closed
-        after COMPLETED."""
+        after COMPLETED. A client that goes away ends it quietly."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "x-fal-request-id": job.id})
-        await response.prepare(request)
         sent_logs, last, quiet = 0, None, 0.0
-        while True:
-            body = job.status_json(self.queue_urls(job), logs, self.backend.position(job), since_log=sent_logs)
-            key = (body["status"], body.get("queue_position"), len(body["logs"] or []))
-            if key != last or body["status"] == COMPLETED:
-                await response.write(f"data: {json.dumps(body)}\n\n".encode())
-                sent_logs += len(body["logs"] or [])
-                last, quiet = key, 0.0
-            if body["status"] == COMPLETED:
-                break
-            await asyncio.sleep(STREAM_POLL_S)
-            quiet += STREAM_POLL_S
-            if quiet >= STREAM_PING_S:
-                await response.write(b": ping\n\n")
-                quiet = 0.0
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            while True:
+                body = job.status_json(self.queue_urls(job), logs, self.backend.position(job), since_log=sent_logs)
+                key = (body["status"], body.get("queue_position"), len(body["logs"] or []))
+                if key != last or body["status"] == COMPLETED:
+                    await response.write(f"data: {json.dumps(body)}\n\n".encode())
+                    sent_logs += len(body["logs"] or [])
+                    last, quiet = key, 0.0
+                if body["status"] == COMPLETED:
+                    break
+                await asyncio.sleep(STREAM_POLL_S)
+                quiet += STREAM_POLL_S
+                if quiet >= STREAM_PING_S:
+                    await response.write(b": ping\n\n")
+                    quiet = 0.0
+            await response.write_eof()
+        except ConnectionError:  # aiohttp's ClientConnectionResetError is one: the client closed the stream
+            log.debug("fal: the status stream of %s was closed by its client", job.id)
         return response
 
-    # -- files ----------------------------------------------------------------------------------------------
-    def served_result(self, request_id: str, name: str) -> tuple[Path, str] | None:
-        job = self.jobs.get(request_id)
-        stem, dot, suffix = name.partition(".")
-        if job is None or not stem.isdigit() or int(stem) >= len(job.files):
-            return None
-        served = job.files[int(stem)]
-        return (served.path, served.content_type) if served.suffix == dot + suffix else None
 
-    def result_file(self, rest: list[str]) -> web.StreamResponse:
-        served = self.served_result(rest[0], rest[1]) if len(rest) == 2 else None
-        if served is None or not served[0].is_file():
-            return json_error(404, "no such result image (results are kept "
-                                   f"{self.jobs.retention_s / 3600:g} h after their request)")
-        return web.FileResponse(served[0], headers={"Content-Type": served[1]})
-
-    async def storage(self, request: web.Request, segments: list[str], query) -> web.StreamResponse:
-        method = request.method
-        if method == "POST" and segments == ["storage", "auth", "token"]:
-            token, expires = self.uploads.issue_token()
-            stamp = dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat()
-            return web.json_response({"token": token, "token_type": "Bearer", "base_url": self.base_url(request),
-                                      "expires_at": stamp})
-        if method == "POST" and segments == ["files", "upload"]:
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if not (scheme == "Bearer" and self.uploads.token_valid(token)) and not self.authorized(request):
-                return json_error(401, "upload without a valid token: get one from /storage/auth/token")
-            data = await read_limited(request.content, self.uploads.max_bytes)
-            file_id, stored = self.uploads.store(data, request.content_type, request.headers.get("X-Fal-File-Name"))
-            return web.json_response({"access_url": self.file_url(request, file_id, stored.name)})
-        if method == "POST" and segments == ["storage", "upload", "initiate"]:
-            try:
-                body = json.loads(await read_limited(request.content, 64 * 1024) or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                body = None
-            if not isinstance(body, dict) or not isinstance(body.get("content_type", ""), str) \
-                    or not isinstance(body.get("file_name", ""), str):
-                raise InputError([{"type": "model_attributes_type", "loc": ["body"], "msg":
-                                   "expected {\"content_type\": str, \"file_name\": str}", "input": None}])
-            slot = self.uploads.open_slot(body.get("content_type") or "application/octet-stream",
-                                          body.get("file_name"))
-            base = self.base_url(request)
-            upload_url = f"{base}/storage/upload/slot/{slot}"
-            file_url = f"{base}/storage/files/{slot}/{clean_name(body.get('file_name'))}"
-            return web.json_response({"upload_url": upload_url, "file_url": file_url})
-        if method == "PUT" and segments[:3] == ["storage", "upload", "slot"] and len(segments) == 4:
-            slot = self.uploads.take_slot(segments[3])
-            if slot is None:
-                return json_error(404, "no open upload at this URL (each upload URL takes one PUT)")
-            data = await read_limited(request.content, self.uploads.max_bytes)
-            self.uploads.store(data, request.content_type or slot[0], slot[1], file_id=segments[3])
-            return web.Response(status=200)
-        if method == "GET" and segments[:2] == ["storage", "files"] and len(segments) == 4:
-            stored = self.uploads.get(segments[2])
-            if stored is None or not stored.path.is_file():
-                return json_error(404, "no such uploaded file (uploads are kept "
-                                       f"{self.uploads.retention_s / 3600:g} h)")
-            return web.FileResponse(stored.path, headers={"Content-Type": stored.content_type})
-        return json_error(404, f"{method} /{'/'.join(segments)} is not a storage call this server answers")
-
-    def file_url(self, request: web.Request, file_id: str, name: str) -> str:
-        return f"{self.base_url(request)}/storage/files/{file_id}/{name}"
+def size_field(endpoint: Endpoint) -> str:
+    """The request field that sets the size of what an endpoint makes: its input image, or image_size."""
+    return endpoint.image_fields[0] if endpoint.image_fields else SIZE_FIELD
 
 
 def add_fal_routes(routes: web.RouteTableDef | web.UrlDispatcher, service: FalService) -> None:

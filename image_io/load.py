@@ -1,4 +1,5 @@
-"""An image file -> IMAGE (1, H, W, 3) and MASK (1, H, W), as ComfyUI's LoadImage node reads it.
+"""An image file -> IMAGE (1, H, W, 3) and MASK (1, H, W), as ComfyUI's LoadImage node reads it, or one channel of
+it -> MASK (1, H, W), as ComfyUI's LoadImageMask reads it.
 
 An image is decoded once: `decoded_image` reads the header, refuses what is too large before decoding, then
 decodes everything (a damaged or truncated file is found there), and `image_and_mask` turns the decoded image into
@@ -13,7 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..sampling.inpaint import NO_ALPHA_MASK_SIDE
 from ..sampling.parameters import MAX_SIDE
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5 to 8 turn the image a quarter (sides swap)
+QUARTER_TURNS = (5, 6, 7, 8)
+# LoadImageMask's channel choices, in ComfyUI's order.
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
 
 
 class ImageFileError(ValueError):
@@ -54,12 +61,28 @@ def decoded_image(source: Path | BinaryIO, name: str, max_pixels: int | None = N
 
 def image_and_mask(img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoded image turned upright by its EXIF orientation, as float32 RGB in 0..1, and its mask: 1 where the
-    image is transparent (ComfyUI's convention: the mask marks what to repaint), 0 for opaque images."""
+    image is transparent (ComfyUI's convention: the mask marks what to repaint); an image without transparency
+    gets ComfyUI's all-zero 64x64 mask."""
     upright = ImageOps.exif_transpose(img)
+    has_alpha = "A" in upright.getbands() or (upright.mode == "P" and "transparency" in upright.info)
     rgba = np.asarray(upright.convert("RGBA"), dtype=np.float32) / 255.0
     pixels = torch.from_numpy(rgba[..., :3].copy())[None]
-    mask = 1.0 - torch.from_numpy(rgba[..., 3].copy())[None]
-    return pixels, mask
+    if not has_alpha:
+        return pixels, torch.zeros(1, NO_ALPHA_MASK_SIDE, NO_ALPHA_MASK_SIDE)
+    return pixels, 1.0 - torch.from_numpy(rgba[..., 3].copy())[None]
+
+
+def channel_mask(img: Image.Image, channel: str) -> torch.Tensor:
+    """One channel of a decoded image (turned upright) as a (1, H, W) float32 mask in 0..1: red, green or blue as
+    they are (white = 1 = repaint), alpha inverted (transparent = 1), as ComfyUI's LoadImageMask reads it."""
+    if channel not in MASK_CHANNELS:
+        raise ValueError(f"channel must be one of {', '.join(MASK_CHANNELS)}, got {channel!r}")
+    upright = ImageOps.exif_transpose(img)
+    if upright.mode == "I":  # 32-bit integer images (16-bit PNGs): to 0..255 first, as ComfyUI does
+        upright = upright.point(lambda value: value * (1 / 255))
+    values = np.asarray(upright.convert("RGBA").getchannel(channel[0].upper()), dtype=np.float32) / 255.0
+    mask = torch.from_numpy(values.copy())[None]
+    return 1.0 - mask if channel == "alpha" else mask
 
 
 def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +91,26 @@ def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise ImageFileError(_missing(path))
     with decoded_image(path, f"input image {path}") as img:
         return image_and_mask(img)
+
+
+def load_mask_file(path: Path, channel: str) -> torch.Tensor:
+    """MASK (1, H, W) of one channel of an image file (ImageFileError when it cannot be used)."""
+    if not path.is_file():
+        raise ImageFileError(_missing(path))
+    with decoded_image(path, f"input image {path}") as img:
+        return channel_mask(img, channel)
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image file as the loaders see it (EXIF orientation applied), from its header alone;
+    None when it cannot be read (image_file_problem says why)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return (height, width) if orientation in QUARTER_TURNS else (width, height)
 
 
 def image_file_problem(path: Path) -> str | None:

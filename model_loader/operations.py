@@ -40,6 +40,32 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w32 / scale).to(torch.float8_e4m3fn), scale
 
 
+def real_weight(layer: nn.Linear) -> torch.Tensor:
+    """A Linear's weight in real units: float32 on its device, the stored weight times its `scale_weight` (a new
+    tensor; the layer is not touched). What LoRA merging adds to."""
+    scale = getattr(layer, "scale_weight", None)
+    w = layer.weight.detach().to(torch.float32, copy=True)
+    return w.mul_(scale.to(w.device, torch.float32)) if scale is not None else w
+
+
+def stored_weight(real: torch.Tensor, dtype: torch.dtype,
+                  scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A real-unit weight as a layer storing `dtype` (with per-tensor `scale`, fp8 only) holds it: (weight, scale).
+
+    fp8 keeps the scale, so values that did not change round back to their own codes, unless the new values
+    would leave fp8's range under it: then the scale grows just enough (a layer stored without a scale gets one).
+    """
+    if dtype not in FP8_DTYPES:
+        return real.to(dtype), scale
+    largest = torch.finfo(dtype).max
+    amax = real.abs().amax()
+    if float(amax) > largest * (float(scale) if scale is not None else 1.0):
+        scale = (amax / largest).reshape(())
+    if scale is None:
+        return real.to(dtype), None
+    return (real / scale.to(real.device, torch.float32)).to(dtype), scale
+
+
 def fp8_matmul_supported(device: torch.device) -> bool:
     """True on GPUs with fp8 matrix units (compute capability 8.9 and newer) and a torch that exposes them."""
     if device.type != "cuda" or not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
@@ -234,3 +260,8 @@ QuantizedOps = types.SimpleNamespace(
     GroupNorm=nn.GroupNorm,
     Embedding=nn.Embedding,
 )
+def unfilled_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An Embedding whose (num_embeddings, dim) table is left unfilled, for models built on the meta device and
+    then assigned their weights. nn.Embedding(...) itself draws normal values, which on the meta device goes
+    through torch's reference ops and imports its compiler stack: seconds at every start, for nothing."""
+    return nn.Embedding.from_pretrained(torch.empty(num_embeddings, dim), freeze=True)

@@ -1,7 +1,8 @@
 """Image in, image out: KreaEncodeImage (IMAGE -> LATENT), KreaDecode (LATENT -> IMAGE), KreaSaveImage.
 
 LATENT holds raw 16-channel FLUX latents (as native VAEEncode/VAEDecode), IMAGE is float32 (B, H, W, 3) in
-0..1. The nodes check their inputs and call the autoencoder and image_io.save (file writing and metadata).
+0..1. The nodes check their inputs and call the VAE they are given through the host (Krea Model Loader's, or
+inside ComfyUI any FLUX VAE) and image_io.save (file writing and metadata).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from ..image_io.save import EXTENSIONS, save_arguments, save_image_no_clobber, to_pil
 from ..sampling.latents import LATENT_CHANNELS
 from ..sampling.parameters import OUTPUT_FORMAT, SIZE_MULTIPLE, nearest_multiple
-from .handles import VaeHandle
 from .host import host
 
 log = logging.getLogger(__name__)
+
+VAE_TOOLTIP = "FLUX's autoencoder: the vae output of Krea Model Loader, or inside ComfyUI VAELoader's ae.safetensors."
 
 
 def as_image_batch(image: Any, name: str) -> torch.Tensor:
@@ -63,25 +65,23 @@ class KreaEncodeImage:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "vae": ("KREA_VAE", {"tooltip": "The autoencoder from Krea Model Loader."}),
+                "vae": ("VAE", {"tooltip": VAE_TOOLTIP}),
                 "image": ("IMAGE", {"tooltip": "RGB images; an alpha channel is dropped."}),
             },
         }
 
-    def encode(self, vae: VaeHandle, image: torch.Tensor) -> tuple[dict]:
+    def encode(self, vae: Any, image: torch.Tensor) -> tuple[dict]:
         images = as_image_batch(image, "image")
         host.throw_if_interrupted()
         _, height, width, _ = images.shape
-        pixels = images.permute(0, 3, 1, 2)  # (B, 3, H, W)
         new_h, new_w = nearest_multiple(height), nearest_multiple(width)
         if (new_h, new_w) != (height, width):
             log.info("Krea Encode Image: resizing %dx%d to %dx%d (sides must be multiples of %d).",
                      width, height, new_w, new_h, SIZE_MULTIPLE)
-            pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False,
-                                   antialias=True).clamp_(0.0, 1.0)
-        model = vae.load()
-        vae.ready(model.pass_bytes("encode", pixels.shape[0], new_h // 8, new_w // 8, host.model_devices("vae")[0]))
-        latents = model.encode(pixels * 2.0 - 1.0, callback=host.work_progress(1))
+            pixels = F.interpolate(images.permute(0, 3, 1, 2), size=(new_h, new_w), mode="bicubic",
+                                   align_corners=False, antialias=True).clamp_(0.0, 1.0)
+            images = pixels.permute(0, 2, 3, 1)
+        latents = host.encode_pixels(vae, images)
         return ({"samples": latents.to(host.intermediate_device())},)
 
 
@@ -113,20 +113,15 @@ class KreaDecode:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "vae": ("KREA_VAE", {"tooltip": "The autoencoder from Krea Model Loader."}),
+                "vae": ("VAE", {"tooltip": VAE_TOOLTIP}),
                 "samples": ("LATENT", {"tooltip": "16-channel FLUX latents, e.g. from Krea Sampler."}),
             },
         }
 
-    def decode(self, vae: VaeHandle, samples: dict) -> tuple[torch.Tensor]:
+    def decode(self, vae: Any, samples: dict) -> tuple[torch.Tensor]:
         latent = _latent_tensor(samples)
         host.throw_if_interrupted()
-        model = vae.load()
-        b, _, h, w = latent.shape
-        vae.ready(model.pass_bytes("decode", b, h, w, host.model_devices("vae")[0]))
-        pixels = model.decode(latent.float(), callback=host.work_progress(1))  # (B, 3, H, W) in [-1, 1]
-        images = ((pixels + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1)
-        return (images.to("cpu", torch.float32).contiguous(),)
+        return (host.decode_latents(vae, latent.float()),)
 
 
 class KreaSaveImage:

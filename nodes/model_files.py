@@ -1,10 +1,15 @@
-"""A model name picked in a node -> found in its model folder and of the right kind, told from the header alone.
+"""A model name picked in a node -> found in its model folder and of the right kind, told from the header alone;
+and a model folder's files -> the first of a kind (a new node's default).
 
 The nodes' VALIDATE_INPUTS run this before any weights are read (inside ComfyUI when a prompt is queued, and in
 the command line's pre-flight), so a missing file, a name that leaves the model folder, a truncated download or
-a file of another model is refused before minutes of loading.
+a file of another model is refused before minutes of loading. The defaults are read on every INPUT_TYPES call,
+so the kind of each file is remembered by path, size and modification time.
 """
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 from ..model_loader import FileKind, ModelFileError, identify, open_checkpoint
 from .host import host, with_folders
@@ -50,3 +55,29 @@ def model_file_problems(checks: list[tuple[str, str | None, frozenset[FileKind],
         except ModelFileError as err:
             problems.append(str(err))
     return problems
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind_of(path: str, size: int, mtime_ns: int) -> FileKind | None:
+    """What the file holds, from its header (None: not a readable model file). Size and mtime are the cache key."""
+    try:
+        return identify(open_checkpoint(path).keys())
+    except (ModelFileError, OSError):
+        return None
+
+
+def first_of_kind(folder: str, names: list[str], kinds: frozenset[FileKind]) -> str | None:
+    """The first of `names` (files of the `folder` model folders) that holds one of `kinds` itself (not inside a
+    full checkpoint), e.g. the T5 file of a folder that lists clip_l.safetensors first; None when none does."""
+    wanted = kinds - {FileKind.BUNDLE}
+    for name in names:
+        path = host.find_model(folder, name)
+        if path is None:
+            continue
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            continue
+        if _kind_of(str(path), stat.st_size, stat.st_mtime_ns) in wanted:
+            return name
+    return None

@@ -7,8 +7,10 @@ import time
 
 import torch
 
+from ..model_loader.flux import variant_problem
 from ..sampling.denoise import GenerationSettings, generate
 from ..sampling.gpu_acceleration import gpu_acceleration
+from ..sampling.inpaint import as_mask_batch, mask_problem
 from ..sampling.interrupt import interrupt_between_blocks
 from ..sampling.latents import LATENT_CHANNELS
 from ..sampling.parameters import (
@@ -76,9 +78,29 @@ def side_problem(name: str, value: object) -> str | None:
     return None
 
 
+def inpainting_mask(mask: object, latent: dict | None, num_images: int) -> torch.Tensor | None:
+    """The mask to inpaint with, checked against the latent before anything loads: the mask input, else the
+    latent's noise_mask (SetLatentNoiseMask), else None (no inpainting)."""
+    noise_mask = latent.get("noise_mask") if isinstance(latent, dict) else None
+    if mask is None and noise_mask is None:
+        return None
+    if latent is None:
+        raise ValueError("mask needs the image to inpaint: connect its latent (Krea Encode Image) to latent.")
+    if mask is not None and noise_mask is not None:
+        log.info("Krea Sampler: the mask input is used; the latent's noise mask (SetLatentNoiseMask) is not.")
+    name = "mask" if mask is not None else "the latent's noise_mask"
+    batch = as_mask_batch(mask if mask is not None else noise_mask, name)
+    samples = latent["samples"]
+    problem = mask_problem(batch, samples.shape[2], samples.shape[3], num_images)
+    if problem:
+        raise ValueError(f"{name}: {problem}.")
+    return batch
+
+
 class KreaSampler:
     DESCRIPTION = ("Generates FLUX.1 Krea [dev] latents exactly as the reference pipeline: text-to-image, or "
-                   "image-to-image when a latent is connected (the output then has the input image's size).")
+                   "image-to-image when a latent is connected (the output then has the input image's size), "
+                   "inpainting when a mask is connected too.")
     CATEGORY = "Krea/sampling"
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
@@ -114,6 +136,10 @@ class KreaSampler:
                 "latent": ("LATENT", {"tooltip": "Image-to-image: the encoded input image."}),
                 "strength": ("FLOAT", number_options(
                     STRENGTH, tooltip="Image-to-image: how much of the image is redrawn.")),
+                "mask": ("MASK", {"tooltip": "Inpainting (with a latent): the region to repaint, white (1), at the "
+                                             "input image's size; the rest of the image is kept. Values from 0.5 up "
+                                             "count as white. Takes the place of a noise mask the latent carries "
+                                             "(SetLatentNoiseMask), which is used when this is not connected."}),
             },
         }
 
@@ -135,7 +161,8 @@ class KreaSampler:
 
     def sample(self, model: object, conditioning: list, image_size: str, width: int, height: int,
                num_inference_steps: int, guidance_scale: float, seed: int, num_images: int, acceleration: str,
-               latent: dict | None = None, strength: float = STRENGTH.default) -> dict:
+               latent: dict | None = None, strength: float = STRENGTH.default,
+               mask: torch.Tensor | None = None) -> dict:
         check_ranges(num_inference_steps, guidance_scale, seed, num_images, strength)
         ACCELERATION.check(acceleration)
         init = None
@@ -153,16 +180,16 @@ class KreaSampler:
             if init.shape[0] not in (1, num_images):
                 raise ValueError(f"latent holds {init.shape[0]} images but num_images is {num_images}.")
             height, width = init.shape[2] * 8, init.shape[3] * 8
+        mask = inpainting_mask(mask, latent, num_images)
         txt, pooled = unpack_conditioning(conditioning)
         settings = GenerationSettings(width=width, height=height, num_steps=num_inference_steps,
                                       guidance=guidance_scale, seed=seed, num_images=num_images, strength=strength)
         threshold = THRESHOLDS[acceleration]
         latent_shape = (num_images, LATENT_CHANNELS, height // 8, width // 8)
         flux = host.loaded_transformer(model, latent_shape, _step_cache_bytes(latent_shape) if threshold > 0 else 0)
-        channels = flux.module.img_in.weight.shape[1]
-        if channels != 4 * LATENT_CHANNELS:
-            raise ValueError(f"the model is a FLUX variant with {channels} input channels (e.g. FLUX Fill or "
-                             f"Kontext); Krea Sampler runs text-to-image FLUX.1 models ({4 * LATENT_CHANNELS}).")
+        problem = variant_problem(flux.module.img_in.weight.shape[1])  # (ComfyUI's host refuses before loading)
+        if problem is not None:
+            raise ValueError(problem)
         notes = []
         if threshold > 0 and not flux.is_pack_model:
             notes.append("step caching needs the Krea transformer (Krea Model Loader); this model ran every step")
@@ -174,12 +201,17 @@ class KreaSampler:
                     gpu_acceleration(flux.module, flux.device, compile_blocks=not flux.streamed))
             stack.enter_context(interrupt_between_blocks(flux.module, host.block_interrupt_check()))
             result = generate(flux.module, txt, pooled, settings, flux.device, flux.compute_dtype, init_latent=init,
-                              callback=host.progress_callback(num_inference_steps), cache_threshold=threshold)
+                              callback=host.progress_callback(num_inference_steps), cache_threshold=threshold,
+                              mask=mask)
         report = f"acceleration {acceleration}: "
         if result.cache is None:
             report += f"{result.steps} of {result.steps} steps computed fully"
         else:
             report += result.cache.summary()
+        if result.repainted is not None:
+            report += f"; inpainting: {result.repainted:.0%} of the image repainted"
+            if result.repainted == 0:
+                report += " (the mask is empty: the image is kept as it is)"
         if notes:
             report += f"; {', '.join(notes)}"
         log.info(report)

@@ -1,8 +1,14 @@
-"""KreaTextEncode: a prompt -> FLUX conditioning (T5-XXL sequence + CLIP-L pooled vector)."""
+"""KreaTextEncode: a prompt -> FLUX conditioning (T5-XXL sequence + CLIP-L pooled vector).
+
+The prompt is tokenized as diffusers' FluxPipeline does (fal's exact ids: T5 512 tokens, CLIP 77, the text taken
+literally) whichever CLIP computes it: Krea Model Loader's, or inside ComfyUI any FLUX CLIP (DualCLIPLoader).
+"""
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 from ..sampling.parameters import MAX_PROMPT_CHARS
-from .handles import TextEncoderHandle
 from .host import host
 
 
@@ -32,10 +38,17 @@ class KreaTextEncode:
                        "ComfyUI's own FLUX conditioning nodes too.",)
     FUNCTION = "encode"
 
+    def __init__(self) -> None:
+        # The last (text encoder, prompt, conditioning). ComfyUI keeps one instance per graph node and re-runs it
+        # whenever anything upstream changed, even when only the loader's transformer did: the loader then hands
+        # out the same text encoder, and the prompt is not encoded again. Held weakly: no model is kept alive.
+        self.last: tuple[weakref.ref, str, list] | None = None
+
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "text_encoder": ("KREA_TEXT_ENCODER", {"tooltip": "The text_encoder output of Krea Model Loader."}),
+            "text_encoder": ("CLIP", {"tooltip": "The text_encoder output of Krea Model Loader, or inside ComfyUI "
+                                                 "a FLUX CLIP from DualCLIPLoader (type flux)."}),
             "prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": True,
                                   "tooltip": "What the image should show. An empty prompt is allowed."}),
         }}
@@ -50,15 +63,15 @@ class KreaTextEncode:
         problem = prompt_problem(prompt)
         return problem if problem is not None else True
 
-    def encode(self, text_encoder: TextEncoderHandle, prompt: str) -> tuple[list]:
+    def encode(self, text_encoder: Any, prompt: str) -> tuple[list]:
         problem = prompt_problem(prompt)
         if problem is not None:
             raise ValueError(problem)
-        encoders = text_encoder.load()
-        text_encoder.ready()
-        sequence, pooled = encoders.encode([prompt])
-        device = host.intermediate_device()
-        return ([[sequence.to(device), {"pooled_output": pooled.to(device)}]],)
+        if self.last is not None and self.last[0]() is text_encoder and self.last[1] == prompt:
+            return (self.last[2],)
+        conditioning = host.encode_prompt(text_encoder, prompt)
+        self.last = (weakref.ref(text_encoder), prompt, conditioning)
+        return (conditioning,)
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {"KreaTextEncode": KreaTextEncode}

@@ -22,6 +22,15 @@ def cache_bytes(batch: int, image_tokens: int, hidden: int) -> int:
     return 2 * batch * image_tokens * hidden * 4
 
 
+def l1_change_sums(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """(sum |current - previous|, sum |previous|) in float64: the relative L1 change is their ratio. Sums, not
+    means, so that partial sums over token shards add up (a sequence-parallel model all-reduces them)."""
+    previous = previous.float()
+    dtype = torch.float32 if previous.device.type == "mps" else torch.float64  # MPS has no float64
+    return torch.stack((torch.sum((current.float() - previous).abs(), dtype=dtype),
+                        torch.sum(previous.abs(), dtype=dtype)))
+
+
 @dataclass
 class CacheReport:
     full_steps: int = 0
@@ -42,6 +51,9 @@ class StepCache:
         self.total_steps = total_steps
         self.step = 0
         self.report = CacheReport()
+        # The model may sum over its own tokens (a sequence-parallel one sums over every rank's): the split
+        # forward's optional `l1_change_sums`.
+        self._change_sums = getattr(model, "l1_change_sums", l1_change_sums)
         self._first_residual: torch.Tensor | None = None  # (B, L, hidden) at the last full step
         self._rest_residual: torch.Tensor | None = None   # (B, L, hidden) what blocks 2.. added then
 
@@ -52,9 +64,8 @@ class StepCache:
             return False
         if self._first_residual.shape != first_residual.shape:
             return False
-        previous = self._first_residual.float()
-        change = (first_residual.float() - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12)
-        return change.item() < self.threshold
+        changed, before = self._change_sums(first_residual, self._first_residual).tolist()
+        return changed / max(before, 1e-12) < self.threshold
 
     def forward_orig(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
                      timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:

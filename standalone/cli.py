@@ -28,7 +28,7 @@ import torch
 
 from ..model_loader import ModelFileError
 from ..nodes import NODE_DISPLAY_NAME_MAPPINGS
-from ..nodes.host import standalone_host
+from ..nodes.host import Interrupted, standalone_host
 from ..sampling.parameters import (
     ACCELERATION,
     GUIDANCE_SCALE,
@@ -45,8 +45,9 @@ from ..sampling.parameters import (
 )
 from .node_classes import PACK_CLASSES
 from .overrides import api_prompt, apply_overrides, is_image_to_image, option_problems, read_workflow, unused_options
-from .preflight import memory_problem
-from .runner import WorkflowError, check, run, structure_problems
+from .preflight import lora_problems
+from .runner import WorkflowError, check, structure_problems
+from .sequence_parallel_run import torchrun_problem, torchrun_processes
 from .serve_commands import OptionError, add_serve_commands, make_cert_command, serve_command
 from .ui_workflow import local_definitions
 
@@ -99,9 +100,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"{ACCELERATION.name} (fal default: {ACCELERATION.default})")
     p.add_argument("--strength", type=float, help=f"image-to-image {range_help(STRENGTH)}")
     p.add_argument("--image", type=Path, help="input image of image-to-image workflows")
+    p.add_argument("--mask", type=Path, help="mask of inpainting workflows, the input image's size: white = repaint, "
+                                             "black = keep")
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMAT.choices,
                    help=f"{OUTPUT_FORMAT.name} (fal default: {OUTPUT_FORMAT.default})")
     p.add_argument("--no-safety-checker", action="store_true", help="disable the safety checker")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:STRENGTH]",
+                   help="merge a LoRA from the loras folder of --models into the transformer, at STRENGTH (default "
+                        "1; -100 to 100); repeatable. Written into the workflow as LoraLoaderModelOnly nodes")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
                    help="set any input of a node, e.g. --set 6.quality=80 (value parsed as JSON, else a string)")
     p.add_argument("--demo", action="store_true",
@@ -146,12 +152,22 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises(stop: threading.Event | None = None) -> Iterator[None]:
+    """While inside, SIGTERM sets `stop` and raises Terminated wherever the main thread is.
+
+    The raise alone can be lost: Python runs the handler between any two bytecodes, and library code that catches
+    every exception swallows it (a bare `except:`, as in mpmath's backend probe that torch's lazy import of
+    torch._dynamo runs while the demo builds its models; a `__del__`, whose exceptions are only printed). `run`
+    hands `stop` to the host as its interrupt event, which the nodes check between nodes, before every
+    transformer block, every step, VAE tile and saved image: a swallowed raise stops the run at the next check.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum: int, frame: object) -> None:
+        if stop is not None:
+            stop.set()
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -177,18 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(("\n" if progress.line_open else "") + f"error: {message}\n")
         return code
 
+    stop = threading.Event()  # set by SIGTERM (sigterm_raises); nothing else sets it
     try:
-        with sigterm_raises():
+        with sigterm_raises(stop):
+            if problem := torchrun_problem(args):
+                raise WorkflowError(problem)
             if args.command == "serve":
                 return serve_command(args)
             if args.command == "make-cert":
                 return make_cert_command(args)
             if args.server is not None:
                 return run_remote_command(args)
-            return run_command(args, progress)
+            return run_command(args, progress, stop)
     except KeyboardInterrupt:
         return fail("interrupted (Ctrl-C); the run stopped and nothing more was written.", 130)
-    except Terminated:
+    except (Terminated, Interrupted):  # Interrupted: `stop` seen by a check after the raise itself was swallowed
         return fail("terminated (SIGTERM); the run stopped and nothing more was written.", 143)
     except (*BAD_INPUT, FileExistsError) as err:
         return fail(str(err), 2)
@@ -197,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                     " (run again with --debug for the traceback)"), 1)
 
 
-def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
-    """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line)."""
+def run_command(args: argparse.Namespace, progress: TextProgress, stop: threading.Event | None = None) -> int:
+    """`run`: read, override, pre-flight, run, report. Raises on every error (main turns it into a line); `stop`
+    set (SIGTERM) stops the run at the host's next interrupt check, and between nodes."""
     classes = PACK_CLASSES
     prompt = api_prompt(read_workflow(args.workflow), local_definitions(classes, NODE_DISPLAY_NAME_MAPPINGS))
     problems = structure_problems(prompt, classes)  # before the options are written into the nodes
@@ -221,7 +241,7 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
     output = args.output if args.output is not None else (root / "output" if root else Path("output"))
     # Only --demo makes a temporary folder; it is removed on exit, on Ctrl-C and on SIGTERM (main).
     scratch = tempfile.TemporaryDirectory(prefix="krea-demo-") if args.demo else contextlib.nullcontext(None)
-    with scratch as scratch_dir:
+    with scratch as scratch_dir, torchrun_processes() as processes:  # one process, or torchrun's N
         models = args.models if args.models is not None else (root / "models" if root else Path("models"))
         tokenizers = args.tokenizers
         if args.demo:
@@ -229,14 +249,17 @@ def run_command(args: argparse.Namespace, progress: TextProgress) -> int:
                   "the install, the nodes and the workflow run.", file=sys.stderr)
             models, tokenizers = write_demo_models(Path(scratch_dir))
         host = standalone_host()
-        host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers)
+        host.configure(models_dir=models, output_dir=output, progress=progress, tokenizer_dir=tokenizers,
+                       interrupt=stop)
+        prompt = processes.same_prompt(prompt)
         checked = check(prompt, classes)
-        if not args.no_memory_check:
-            problem = memory_problem(prompt, host.torch_device())
-            if problem:
-                raise WorkflowError(problem)
+        problems = lora_problems(prompt)  # each LoRA against its base transformer's header
+        if problems:
+            raise WorkflowError("the workflow cannot run:\n  " + "\n  ".join(problems))
+        processes.preflight(prompt, host.torch_device(), check_memory=not args.no_memory_check)
         started = time.perf_counter()
-        uis = run(checked)
+        uis = processes.run(checked, on_node=lambda node_id, kind: host.throw_if_interrupted())
+        host.throw_if_interrupted()  # a SIGTERM whose raise was swallowed after the last check is no success
     saved = [Path(output) / img["subfolder"] / img["filename"]
              for ui in uis.values() for img in ui.get("images", [])]
     report(prompt, uis, saved, started)
@@ -296,7 +319,8 @@ def run_remote_command(args: argparse.Namespace) -> int:
     for node in prompt.values():
         node.setdefault("inputs", {})
     apply_overrides(prompt, args)
-    images = {k: args.image for k, n in prompt.items() if n.get("class_type") == "LoadImage" and args.image}
+    files = {"LoadImage": args.image, "LoadImageMask": args.mask}
+    images = {k: files[n["class_type"]] for k, n in prompt.items() if files.get(n.get("class_type"))}
     output = args.output if args.output is not None else Path("output")
     started = time.perf_counter()
     written, outputs = asyncio.run(run_on_server(prompt, ServerRun(url, headers), output, images))

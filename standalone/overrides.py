@@ -7,8 +7,18 @@ import argparse
 import json
 from pathlib import Path
 
-from ..fal_api.fields import LOAD_IMAGE, SAFETY_CHECK, SAMPLER, SAVE_IMAGE, TEXT_ENCODE, write_inputs
-from ..image_io.load import image_file_problem
+from ..fal_api.fields import (
+    LOAD_IMAGE,
+    LOAD_IMAGE_MASK,
+    SAFETY_CHECK,
+    SAMPLER,
+    SAVE_IMAGE,
+    TEXT_ENCODE,
+    write_inputs,
+)
+from ..fal_api.lora_nodes import MODEL_SOURCES, STRENGTH_RANGE, add_loras
+from ..image_io.load import image_file_problem, image_size
+from ..sampling.inpaint import mask_size_problem
 from ..sampling.parameters import (
     CUSTOM_SIZE,
     GUIDANCE_SCALE,
@@ -17,6 +27,7 @@ from ..sampling.parameters import (
     SEED,
     STRENGTH,
     check_side,
+    nearest_multiple,
 )
 from .node_classes import PACK_CLASSES
 from .runner import WorkflowError, is_link
@@ -43,6 +54,7 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
     wants = {  # option -> (given, the workflow uses it, what it needs)
         "--prompt": (args.prompt, TEXT_ENCODE in classes, "a Krea Text Encode node"),
         "--image": (args.image, LOAD_IMAGE in classes, "a LoadImage node (an image-to-image workflow)"),
+        "--mask": (args.mask, LOAD_IMAGE_MASK in classes, "a LoadImageMask node (an inpainting workflow)"),
         "--strength": (args.strength, image_to_image, "an image-to-image sampler (a latent connected)"),
         "--width": (args.width, samplers and not image_to_image,
                     "a text-to-image sampler (image-to-image keeps the input image's size)"),
@@ -53,6 +65,8 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
         "--format": (args.output_format, SAVE_IMAGE in classes, "a Krea Save Image node"),
         "--no-safety-checker": (args.no_safety_checker or None, SAFETY_CHECK in classes,
                                 "a Krea Safety Check node"),
+        "--lora": (getattr(args, "lora", None) or None, bool(classes & set(MODEL_SOURCES)),
+                   "a model loader (Krea Model Loader) whose MODEL the LoRAs change"),
     }
     for option, name in (("--seed", "seed"), ("--steps", "steps"), ("--guidance", "guidance"),
                          ("--num-images", "num_images"), ("--acceleration", "acceleration")):
@@ -68,17 +82,20 @@ def unused_options(prompt: dict, args: argparse.Namespace) -> list[str]:
 
 def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, type] | None = None) -> None:
     """Write the command-line options into the inputs of the nodes they belong to; refuse options the
-    workflow does not use and --set inputs its nodes do not have."""
+    workflow does not use, a --mask that does not fit --image and --set inputs its nodes do not have."""
     classes = classes if classes is not None else PACK_CLASSES
     unused = unused_options(prompt, args)
     if unused:
         raise WorkflowError("; ".join(unused) + ".")
     values: dict[str, object] = {field: getattr(args, option) for option, field in OPTION_FIELDS.items()}
     values["image_url"] = str(args.image) if args.image else None  # the file LoadImage reads
+    values["mask_url"] = str(args.mask) if args.mask else None  # the file LoadImageMask reads
     values["enable_safety_checker"] = False if args.no_safety_checker else None
     if args.width is not None or args.height is not None:
         values.update(image_size=CUSTOM_SIZE, width=args.width, height=args.height)
+    mask_file_problem(args)
     write_inputs(prompt, values)
+    add_loras(prompt, lora_options(getattr(args, "lora", None) or []))
     for item in args.set:
         target, _, raw = item.partition("=")
         node_id, _, name = target.partition(".")
@@ -97,6 +114,23 @@ def apply_overrides(prompt: dict, args: argparse.Namespace, classes: dict[str, t
         except json.JSONDecodeError:
             value = raw
         prompt[node_id]["inputs"][name] = value
+
+
+def lora_options(values: list[str]) -> list[tuple[str, float]]:
+    """`--lora NAME[:STRENGTH]` values -> (file name in the loras folder, strength; 1 when not given)."""
+    loras = []
+    low, high = STRENGTH_RANGE
+    for value in values:
+        name, colon, tail = value.rpartition(":")
+        try:
+            name, strength = (name, float(tail)) if colon else (value, 1.0)
+        except ValueError:  # a colon inside the name itself
+            name, strength = value, 1.0
+        if not name or not (low <= strength <= high):
+            raise WorkflowError(f"--lora {value!r}: expected NAME[:STRENGTH], a file in the loras folder and a "
+                                f"strength from {low:g} to {high:g} (e.g. --lora style.safetensors:0.8)")
+        loras.append((name, strength))
+    return loras
 
 
 def read_workflow(path: Path) -> dict:
@@ -132,7 +166,22 @@ def option_problems(args: argparse.Namespace) -> None:
     for name, value in (("width", args.width), ("height", args.height)):
         if value is not None:
             check_side(name, value)
-    if args.image is not None:
-        problem = image_file_problem(args.image)
+    for path in (args.image, args.mask):
+        problem = image_file_problem(path) if path is not None else None
         if problem:
             raise WorkflowError(problem)
+    mask_file_problem(args)
+
+
+def mask_file_problem(args: argparse.Namespace) -> None:
+    """--mask against --image, from their headers, before any model loads: the mask must fit the image as the
+    sampler will check it (the image is sampled at its sides rounded to multiples of 16)."""
+    if args.image is None or args.mask is None:
+        return
+    sizes = [image_size(path) for path in (args.image, args.mask)]
+    if None in sizes:  # not readable: the loaders' own checks say why
+        return
+    (width, height), (mask_width, mask_height) = sizes
+    problem = mask_size_problem(mask_height, mask_width, nearest_multiple(height), nearest_multiple(width))
+    if problem:
+        raise WorkflowError(f"--mask {args.mask}: {problem}.")

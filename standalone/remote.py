@@ -108,8 +108,8 @@ def write_new(folder: Path, name: str, data: bytes) -> Path:
 
 async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapping[str, Path]) -> tuple[list[Path],
                                                                                                       dict]:
-    """Queue `prompt` (uploading `images`: LoadImage node id -> local file), follow it, download its images.
-    Returns the files written and the history outputs (node id -> ui)."""
+    """Queue `prompt` (uploading `images`: LoadImage or LoadImageMask node id -> local file), follow it, download
+    its images. Returns the files written and the history outputs (node id -> ui)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,10 +133,24 @@ def check(prompt: Mapping[str, dict], classes: Mapping[str, type]) -> CheckedPro
     return CheckedPrompt(prompt, classes)
 
 
+def _needed_by(prompt: Mapping[str, dict], targets: Collection[str]) -> set[str]:
+    """The targets and every node they read from, directly or not."""
+    needed: set[str] = set()
+    todo = list(targets)
+    while todo:
+        node_id = todo.pop()
+        if node_id not in needed:
+            needed.add(node_id)
+            todo += [v[0] for v in prompt[node_id].get("inputs", {}).values() if is_link(v)]
+    return needed
+
+
 def run(prompt: Mapping[str, dict] | CheckedPrompt, classes: Mapping[str, type] | None = None,
-        extra_pnginfo: dict | None = None, on_node: Callable[[str, str], None] | None = None) -> dict[str, dict]:
+        extra_pnginfo: dict | None = None, on_node: Callable[[str, str], None] | None = None,
+        only_for: Collection[str] | None = None) -> dict[str, dict]:
     """Run a CheckedPrompt, or validate a prompt with `classes` and run it; returns the `ui` dicts of the nodes
-    that gave one, by node id. `on_node(id, class)` is told as each node starts."""
+    that gave one, by node id. `on_node(id, class)` is told as each node starts. `only_for`: run only these nodes
+    and what they need, in the order of the whole run (a sequence-parallel helper process runs the samplers)."""
     if not isinstance(prompt, CheckedPrompt):
         if classes is None:
             raise TypeError("run() needs the node classes to validate a prompt with")
@@ -144,7 +158,11 @@ def run(prompt: Mapping[str, dict] | CheckedPrompt, classes: Mapping[str, type] 
     prompt, classes = prompt.prompt, prompt.classes
     results: dict[str, tuple] = {}
     uis: dict[str, dict] = {}
-    for node_id in _order(prompt, classes):
+    order = _order(prompt, classes)
+    if only_for is not None:
+        needed = _needed_by(prompt, only_for)
+        order = [node_id for node_id in order if node_id in needed]
+    for node_id in order:
         node = prompt[node_id]
         cls = classes[node["class_type"]]
         kwargs = {}

@@ -1,10 +1,12 @@
 """Queued fal requests -> workflow runs on the in-process runner, one at a time, in a worker thread (`serve`).
 
 The aiohttp event loop takes requests; this thread runs them in order. A queued request that is cancelled is
-ended at once; a running one is stopped through the host's interrupt event before the next transformer block.
-Progress reaches the request's logs as "step k/N" lines, each node's start as "running <node type>". A request's
-input image reaches the workflow's LoadImage as the protocol decoded it, and its workflow is validated once, when
-it is submitted.
+ended at once; a running one is stopped through the host's interrupt event before the next transformer or
+autoencoder block. Progress reaches the request's logs as "step k/N" lines, each node's start as "running <node
+type>". A request's input image reaches the workflow's LoadImage as the protocol decoded it, and its workflow is
+validated once, when it is submitted, together with the command line's memory pre-flight (preflight.py) against
+what was free when the server started. `shutdown` ends every waiting request as cancelled and interrupts the
+running one.
 """
 from __future__ import annotations
 
@@ -18,21 +20,25 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..fal_api.backend import WorkflowRefused
+from ..fal_api.backend import RequestTooLarge, WorkflowRefused
 from ..fal_api.image_input import InputImage
 from ..fal_api.jobs import CANCELLED, Job
 from ..fal_api.workflow import finish
 from ..nodes.host import Interrupted, standalone_host
+from ..sampling.parameters import nearest_multiple
 from .node_classes import PACK_CLASSES, decoded_image_loader
+from .preflight import available_memory, memory_problem
 from .runner import CheckedPrompt, WorkflowError, run, validate
 
 log = logging.getLogger(__name__)
+
+SERVER_ADVICE = "Ask for fewer or smaller images."
 
 
 class RunnerBackend:
     """One worker thread over a FIFO of (job, workflow)."""
 
-    def __init__(self, output_dir: Path, model_name: str | None = None) -> None:
+    def __init__(self, output_dir: Path, model_name: str | None = None, memory_check: bool = True) -> None:
         self.output_dir = output_dir
         self.model_name = model_name  # the transformer file every request runs (None: the workflow's own)
         self.interrupt = threading.Event()
@@ -40,9 +46,14 @@ class RunnerBackend:
         self._names = itertools.count()
         self.classes = {**PACK_CLASSES, "LoadImage": decoded_image_loader(self._images)}
         self._waiting: queue.Queue[tuple[Job, CheckedPrompt] | None] = queue.Queue()
-        self._order: list[str] = []  # ids of waiting jobs, oldest first
+        self._order: list[Job] = []  # waiting jobs, oldest first
         self._running: Job | None = None
+        self._closed = False
         self._lock = threading.Lock()
+        # What one run may use: measured now, before any model is loaded (the models stay loaded between runs).
+        self.device = standalone_host().torch_device()
+        free, where = available_memory(self.device)
+        self.memory = (free, f"{where} (free when the server started)") if memory_check else None
         self._thread = threading.Thread(target=self._work, name="krea-fal-runner", daemon=True)
         self._thread.start()
 
@@ -52,6 +63,11 @@ class RunnerBackend:
         job.on_end(lambda: self._images.pop(name, None))
         return name
 
+    def image_size(self, value: object) -> tuple[int, int] | None:
+        """The size Krea Encode Image makes of a request's image (what the pre-flight needs)."""
+        image = self._images.get(value) if isinstance(value, str) else None
+        return None if image is None else (nearest_multiple(image.width), nearest_multiple(image.height))
+
     async def submit(self, job: Job, prompt: dict) -> None:
         if self.model_name is not None:
             for node in prompt.values():
@@ -60,27 +76,57 @@ class RunnerBackend:
         problems = validate(prompt, self.classes)  # the models are there and of the right kind, before it waits
         if problems:
             raise WorkflowRefused("; ".join(problems))
+        if self.memory is not None:
+            problem = memory_problem(prompt, self.device, self.image_size, self.memory, SERVER_ADVICE)
+            if problem is not None:
+                raise RequestTooLarge(problem)
         with self._lock:
-            self._order.append(job.id)
+            if self._closed:
+                raise WorkflowRefused("the server is shutting down")
+            self._order.append(job)
         self._waiting.put((job, CheckedPrompt(prompt, self.classes)))
 
     def position(self, job: Job) -> int | None:
         with self._lock:
-            return self._order.index(job.id) if job.id in self._order else None
+            return next((index for index, waiting in enumerate(self._order) if waiting is job), None)
 
     def cancel(self, job: Job) -> None:
         with self._lock:
-            if job.id in self._order:
-                self._order.remove(job.id)
+            if self._take_waiting(job):
                 job.complete(error="the request was cancelled while it waited", error_type=CANCELLED)
                 return
             running = self._running is job
         if running:
             self.interrupt.set()
 
-    def close(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def shutdown(self) -> None:
+        """No more runs: every waiting request ends cancelled (its record says so), the running one is interrupted
+        before its next block."""
+        with self._lock:
+            self._closed = True
+            waiting, self._order = self._order, []
+            running = self._running
+        for job in waiting:
+            job.complete(error="the server shut down before the request ran", error_type=CANCELLED)
+        if running is not None:
+            self.interrupt.set()
+
+    def _take_waiting(self, job: Job) -> bool:
+        """Remove `job` from the waiting list (by identity; the caller holds the lock); False when it is not there."""
+        kept = [waiting for waiting in self._order if waiting is not job]
+        found = len(kept) != len(self._order)
+        self._order = kept
+        return found
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Let the worker finish and stop; False when it is still running after `timeout_s`."""
         self._waiting.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
 
     def _work(self) -> None:
         while True:
@@ -89,9 +135,8 @@ class RunnerBackend:
                 return
             job, prompt = item
             with self._lock:
-                if job.id not in self._order:  # cancelled while it waited
+                if not self._take_waiting(job):  # cancelled while it waited
                     continue
-                self._order.remove(job.id)
                 self._running = job
                 self.interrupt.clear()
             try:

@@ -3,9 +3,24 @@ one of them runs, so that `run` needs neither aiohttp nor cryptography)."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 from pathlib import Path
 
-from ..fal_api.settings import DEFAULT_PORT, MAX_QUEUE, RETENTION_HOURS, ServiceSettings, api_key_from_env
+from ..fal_api.settings import (
+    DEFAULT_PORT,
+    MAX_CONNECTIONS,
+    MAX_MEGAPIXELS,
+    MAX_QUEUE,
+    RETENTION_HOURS,
+    UPLOAD_QUOTA_MB,
+    ServiceSettings,
+    api_key_from_env,
+    host_list,
+)
+from ..fal_api.tls_key import key_exposure
+
+log = logging.getLogger(__name__)
 
 
 class OptionError(ValueError):
@@ -34,6 +49,18 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"requests waiting or running at most; more are answered 503 (default: {MAX_QUEUE})")
     s.add_argument("--retention-hours", type=float, default=RETENTION_HOURS,
                    help=f"how long results, uploads and request records stay available (default: {RETENTION_HOURS:g})")
+    s.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
+                   help=f"largest image a request may make, in megapixels of 1024x1024 (default: {MAX_MEGAPIXELS:g}, "
+                        "fal's own limit); larger sizes and input images are refused with 422")
+    s.add_argument("--no-memory-check", action="store_true",
+                   help="queue requests even when their estimated memory exceeds what was free at start")
+    s.add_argument("--upload-quota-mb", type=float, default=UPLOAD_QUOTA_MB,
+                   help=f"all uploads kept at once, in MiB (default: {UPLOAD_QUOTA_MB}); past it uploads get 413")
+    s.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help=f"open connections at most; more are answered 503 (default: {MAX_CONNECTIONS})")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients reach the server by (Host header), e.g. behind a reverse proxy; IP "
+                        "addresses and localhost are always taken, other names refused (repeatable)")
     s.add_argument("-v", "--verbose", action="store_true")
     c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
     c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
@@ -55,15 +82,35 @@ def serve_command(args: argparse.Namespace) -> int:
         raise OptionError("--tls-cert and --tls-key go together")
     if args.max_queue < 1 or args.retention_hours <= 0:
         raise OptionError("--max-queue must be at least 1 and --retention-hours above 0")
+    if args.max_megapixels <= 0 or args.upload_quota_mb <= 0 or args.max_connections < 1:
+        raise OptionError("--max-megapixels and --upload-quota-mb must be above 0, --max-connections at least 1")
     if args.demo and (args.models is not None or args.tokenizers is not None):
         raise OptionError("--demo builds its own models and tokenizers: leave out --models and --tokenizers")
+    if args.tls_key is not None:
+        exposure = key_exposure(args.tls_key)
+        if exposure is not None and exposure[0]:
+            raise OptionError(exposure[1])
+        if exposure is not None:
+            log.warning("%s", exposure[1])
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     service = ServiceSettings(retention_hours=args.retention_hours, max_queue=args.max_queue,
-                              allow_remote_images=args.allow_remote_images, api_key=api_key_from_env())
+                              allow_remote_images=args.allow_remote_images, api_key=api_key_from_env(),
+                              max_megapixels=args.max_megapixels, upload_quota_mb=args.upload_quota_mb,
+                              allowed_hosts=allowed_hosts(args.host, args.allowed_host))
     options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, model=args.model,
-                           service=service)
-    serve(options, args.host, args.port, tls, args.demo)
-    return 0
+                           service=service, max_connections=args.max_connections,
+                           memory_check=not args.no_memory_check)
+    return serve(options, args.host, args.port, tls, args.demo)
+
+
+def allowed_hosts(bind: str, given: list[str]) -> tuple[str, ...]:
+    """The names the Host header may carry: those given, and the bound address when it is a name."""
+    names = list(host_list(",".join(given)))
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        names += host_list(bind)
+    return tuple(dict.fromkeys(names))
 
 
 def make_cert_command(args: argparse.Namespace) -> int:

@@ -2,9 +2,13 @@
 
 The node definitions say which inputs are widgets, in which order, so that the positional `widgets_values` can be
 named: they come from a server's GET /object_info, or from the pack's own node classes (`local_definitions`).
-As the frontend's graphToPrompt: every node but muted (mode 2) and bypassed (mode 4) ones becomes a prompt node;
-a link through a bypassed node goes to that node's input of the same type, a link from a muted node is dropped;
-Reroute nodes pass their input through; a PrimitiveNode's value is written into the inputs it feeds; the extra
+As the frontend's graphToPrompt (ExecutableNodeDTO.resolveInput/resolveOutput in frontend 1.27): every node but
+muted (mode 2) and bypassed (mode 4) ones becomes a prompt node. A link through a bypassed node continues from one
+of that node's inputs, chosen by the type of the input being resolved: the input at the output's own index when its
+type fits, else the first input of exactly that type, else the first whose type fits (connected or not: an
+unconnected choice resolves to nothing), through chains of bypassed nodes and Reroutes. An input that resolves to
+nothing keeps its widget value, if it has one; an input that resolves to a muted node is left out, widget value and
+all. Reroute nodes pass their input through; a PrimitiveNode's value is written into the inputs it feeds; the extra
 widget values of `control_after_generate` (after seeds) and of image-upload buttons are skipped; groups, notes and
 other frontend-only nodes are left out. Subgraphs (frontend 1.24+) are not expanded: such a file is refused.
 """
@@ -74,6 +78,7 @@ def widget_values(node: dict, definition: dict) -> dict[str, Any]:
     if isinstance(values, dict):  # some nodes save their values by name
         return {name: values[name] for name, _, _ in widgets if name in values}
     values, named, index = list(values or []), {}, 0
+    upload_after = _upload_button_after(definition)
     for name, options, kind in widgets:
         if index >= len(values):
             break
@@ -82,9 +87,19 @@ def widget_values(node: dict, definition: dict) -> dict[str, Any]:
         # The frontend's extra widgets: the "after generate" control of seeds and the upload button of images.
         if _has_control(name, options, kind) and index < len(values) and values[index] in CONTROL_VALUES:
             index += 1
-        elif any(options.get(o) for o in UPLOAD_OPTIONS) and len(values) - index > len(widgets) - len(named):
+        elif name == upload_after and len(values) - index > len(widgets) - len(named):
             index += 1
     return named
+
+
+def _upload_button_after(definition: dict) -> str | None:
+    """The widget whose value the upload button's follows: the frontend adds the button as the last required
+    input of a node with an upload option (LoadImage: after image; LoadImageMask: after channel)."""
+    specs = definition.get("input", {}).get("required", {}) or {}
+    if not any(_options(spec).get(o) for spec in specs.values() for o in UPLOAD_OPTIONS):
+        return None
+    required = [name for name, _, _ in widget_inputs(definition) if name in specs]
+    return required[-1] if required else None
 
 
 def _links(workflow: dict) -> dict[int, tuple[int, int, str]]:
@@ -98,6 +113,44 @@ def _links(workflow: dict) -> dict[int, tuple[int, int, str]]:
     return out
 
 
+class _Removed:
+    """A link that resolves to a node the prompt leaves out (a muted one): the frontend drops the input."""
+
+
+REMOVED = _Removed()
+Resolved = tuple | _Removed | None  # (node id, slot), (literal,), REMOVED, or None (resolves to nothing)
+
+
+def fits(type_a: object, type_b: object) -> bool:
+    """LiteGraph.isValidConnection: "*" and "" fit anything; "A,B" lists fit when one member fits; case-blind."""
+    a = 0 if type_a in ("", "*") else type_a
+    b = 0 if type_b in ("", "*") else type_b
+    if not a or not b or a == b:
+        return True
+    a, b = str(a).lower(), str(b).lower()
+    if "," not in a and "," not in b:
+        return a == b
+    return any(fits(x, y) for x in a.split(",") for y in b.split(","))
+
+
+def bypass_input(node: dict, slot: int, kind: object) -> int:
+    """The index of the input a bypassed node passes to its output `slot` for an input of type `kind`, or -1."""
+    inputs = node.get("inputs") or []
+    if kind in ("*", ""):
+        return slot if len(inputs) > slot else 0
+    outputs = node.get("outputs") or []
+    output_type = outputs[slot].get("type", "*") if slot < len(outputs) else "*"
+    if slot < len(inputs) and fits(inputs[slot].get("type"), output_type) and fits(inputs[slot].get("type"), kind):
+        return slot
+    for index, candidate in enumerate(inputs):
+        if candidate.get("type") == kind:
+            return index
+    for index, candidate in enumerate(inputs):
+        if fits(candidate.get("type"), output_type) and fits(candidate.get("type"), kind):
+            return index
+    return -1
+
+
 def to_api(workflow: dict, definitions: Mapping[str, dict]) -> dict:
     """The API prompt of a UI-format workflow (see the module docstring for what is resolved how)."""
     if (workflow.get("definitions") or {}).get("subgraphs"):
@@ -105,29 +158,33 @@ def to_api(workflow: dict, definitions: Mapping[str, dict]) -> dict:
     nodes = {node["id"]: node for node in workflow.get("nodes", [])}
     links = _links(workflow)
 
-    def source(link_id: int | None, depth: int = 0) -> tuple[int, int] | Any | None:
-        """Where a link really comes from: (node id, slot), a primitive's literal value wrapped in a 1-tuple,
-        or None when it comes from nothing that runs."""
-        if link_id is None or link_id not in links or depth > len(nodes):
+    def from_input(node: dict, index: int, kind: object, seen: set) -> Resolved:
+        """Where input `index` of `node` comes from, resolved for an input of type `kind` (None: its own type)."""
+        inputs = node.get("inputs") or []
+        if index >= len(inputs) or inputs[index].get("link") not in links:
             return None
-        origin, slot, kind = links[link_id]
-        node = nodes.get(origin)
+        origin, slot, _ = links[inputs[index]["link"]]
+        return from_output(origin, slot, inputs[index].get("type", "*") if kind is None else kind, seen)
+
+    def from_output(node_id: Any, slot: int, kind: object, seen: set) -> Resolved:
+        """What output `slot` of a node gives an input of type `kind`: the frontend's resolveOutput."""
+        node = nodes.get(node_id)
         if node is None:
             return None
+        if (node_id, slot) in seen:
+            raise ConversionError(f"node {node_id}: its links go round in a circle through bypassed nodes or reroutes")
+        seen.add((node_id, slot))
+        if node.get("mode") == BYPASSED:
+            index = bypass_input(node, slot, kind)
+            return from_input(node, index, None, seen) if index >= 0 else None
         if node.get("type") == "Reroute":
-            return source((node.get("inputs") or [{}])[0].get("link"), depth + 1)
+            return from_input(node, slot, kind, seen)
         if node.get("type") == "PrimitiveNode":
             values = node.get("widgets_values") or []
             return (values[0],) if values else None
-        if node.get("mode") == MUTED:
+        if node.get("type") in FRONTEND_ONLY:  # notes: virtual nodes without inputs resolve to nothing
             return None
-        if node.get("mode") == BYPASSED:
-            candidates = [i for i in node.get("inputs", []) if i.get("link") is not None]
-            same = [i for i in candidates if i.get("type") == kind]
-            at_slot = [i for n, i in enumerate(node.get("inputs", [])) if n == slot and i in same]
-            chosen = (at_slot or same)[:1]
-            return source(chosen[0]["link"], depth + 1) if chosen else None
-        return origin, slot
+        return REMOVED if node.get("mode") == MUTED else (node_id, slot)
 
     prompt: dict[str, dict] = {}
     for node_id, node in nodes.items():
@@ -139,14 +196,13 @@ def to_api(workflow: dict, definitions: Mapping[str, dict]) -> dict:
             raise ConversionError(f"node {node_id} is of type {kind!r}, which this server does not have "
                                   "(a missing custom node pack?)")
         inputs: dict[str, Any] = dict(widget_values(node, definition))
-        for slot in node.get("inputs", []) or []:
-            found = source(slot.get("link"))
+        for index, slot in enumerate(node.get("inputs", []) or []):
+            found = from_input(node, index, None, set())
             name = slot.get("name") if not isinstance(slot.get("widget"), dict) else slot["widget"].get("name")
-            if found is None:
-                if slot.get("link") is not None and not isinstance(slot.get("widget"), dict):
-                    inputs.pop(name, None)  # linked to a muted node: the input is left out, as the frontend does
-                continue
-            inputs[name] = found[0] if len(found) == 1 else [str(found[0]), found[1]]
+            if found is REMOVED:
+                inputs.pop(name, None)  # linked to a muted node: left out, widget value and all, as the frontend does
+            elif isinstance(found, tuple):
+                inputs[name] = found[0] if len(found) == 1 else [str(found[0]), found[1]]
         title = node.get("title") or definition.get("display_name") or kind
         prompt[str(node_id)] = {"inputs": inputs, "class_type": kind, "_meta": {"title": title}}
     return prompt

@@ -21,8 +21,7 @@ from comfyui_krea.model_loader.autoencoder import AutoEncoder, AutoEncoderConfig
 from comfyui_krea.model_loader.flux import FluxConfig, FluxTransformer
 from comfyui_krea.model_loader.safety_checker import SafetyCheckerConfig
 from comfyui_krea.model_loader.text_encoders import CLIPTextConfig, T5EncoderConfig
-from comfyui_krea.nodes.handles import VaeHandle
-from comfyui_krea.nodes.host import StandaloneHost, forget_loaded, standalone_host
+from comfyui_krea.nodes.host import StandaloneHost, VaeHandle, forget_loaded, standalone_host
 
 # FLUX.1-dev's shape (64 latent channels in, guidance embedding, both kinds of block) at width 32: 2 heads of
 # 16, rotary axes (4, 6, 6) summing to the head width.

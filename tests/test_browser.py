@@ -2,12 +2,13 @@
 Debian's Chromium driven by playwright-core (pinned with its lock file in tests/browser; no browser download).
 
 One `node tests/browser/frontend_scenarios.mjs` run against the real ComfyUI (plain http, --cpu, the pack in
-custom_nodes, small models) goes through each shipped workflow: load it (no missing node types, every link as in
-the file, graphToPrompt captured), make it small through the sampler's widgets, queue it with the Run button (the
-image and the badges), copy it as a fal request, change the widgets and paste the request back, and paste a request
-with fields that have no widget. Each test asserts on one part of its report. Screenshots of each state, the
-captured graphToPrompt outputs, the server's object_info and the report are kept in KREA_ARTIFACTS (default
-test-artifacts/browser).
+custom_nodes, small models) converts UI workflows with bypassed, muted and rerouted nodes
+(tests/ui_conversion_cases.py) with the frontend's graphToPrompt, and goes through each shipped workflow: load it
+(no missing node types, every link as in the file, graphToPrompt captured), make it small through the sampler's
+widgets, queue it with the Run button (the image and the badges), copy it as a fal request, change the widgets and
+paste the request back, and paste a request with fields that have no widget. Each test asserts on one part of its
+report. Screenshots of each state, the captured graphToPrompt outputs, the server's object_info and the report are
+kept in KREA_ARTIFACTS (default test-artifacts/browser).
 
 Needs ComfyUI (COMFYUI_DIR, skips without it as every host test), Chromium (/usr/bin/chromium: `apt-get install -y
 chromium`) and node (>= 20) with npm: skips without those two, except under CI (which installs them), where the
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from ui_conversion_cases import CASES, case
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
@@ -127,9 +129,14 @@ def browser(playwright_installed, tmp_path_factory) -> dict:
     Image.new("RGB", UPLOAD_SIZE, (40, 120, 200)).save(upload)
     with comfyui_http(work, os.environ["COMFYUI_DIR"]) as (url, base, log):
         object_info = get_json(f"{url}/object_info")
+        conversions = {}
+        for name in CASES:
+            conversions[name] = str(work / f"conversion-{name}.json")
+            Path(conversions[name]).write_text(json.dumps(case(name).data))
         config = {"url": url, "artifacts": str(ARTIFACTS), "chromium": chromium(),
                   "userDataDir": str(work / "chromium"), "uploadImage": str(upload),
-                  "workflows": {name: str(ROOT / "workflows" / f"{name}.json") for name in WORKFLOWS}}
+                  "workflows": {name: str(ROOT / "workflows" / f"{name}.json") for name in WORKFLOWS},
+                  "conversions": conversions}
         (work / "config.json").write_text(json.dumps(config))
         env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
         done = subprocess.run(["node", str(SCRIPT), str(work / "config.json")], cwd=BROWSER_DIR, capture_output=True,
@@ -196,6 +203,10 @@ def test_shipped_workflow_loads_with_no_missing_nodes_and_intact_links(name, bro
     assert sorted(map(tuple, entry["links"])) == sorted(map(tuple, workflow["links"]))
 
 
+def comparable(prompt: dict) -> dict:
+    return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]} for node_id, node in prompt.items()}
+
+
 @pytest.mark.parametrize("state", ["shipped", "small"])
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_to_api_matches_the_frontends_graph_to_prompt(name, state, browser):
@@ -206,12 +217,19 @@ def test_to_api_matches_the_frontends_graph_to_prompt(name, state, browser):
     entry = browser["report"]["workflows"][name]
     workflow, captured = (shipped(name), entry["prompt"]) if state == "shipped" else \
         (entry["small"]["workflow"], entry["small"]["prompt"])
-
-    def comparable(prompt: dict) -> dict:
-        return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
-                for node_id, node in prompt.items()}
-
     assert comparable(to_api(workflow, browser["object_info"])) == comparable(captured)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_to_api_resolves_bypassed_muted_and_rerouted_nodes_as_the_frontend(name, browser):
+    """Bypassed nodes with inputs of several types, chains of them, reroutes through them, muted sources: the pack's
+    converter on the file and on the page's own serialization of it equals the frontend's graphToPrompt."""
+    from comfyui_krea.standalone.ui_workflow import to_api
+
+    entry = browser["report"]["conversions"][name]
+    expected = comparable(entry["prompt"])
+    assert comparable(to_api(case(name).data, browser["object_info"])) == expected
+    assert comparable(to_api(entry["workflow"], browser["object_info"])) == expected
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -130,8 +130,7 @@ def test_node_side_adds_the_folders():
 
 
 def test_a_wrong_file_in_the_loader_node_names_both_folders(tmp_path):
-    from comfyui_krea.nodes.handles import VaeHandle
-    from comfyui_krea.nodes.host import forget_loaded
+    from comfyui_krea.nodes.host import VaeHandle, forget_loaded
 
     path = _file(tmp_path / "clip_l.safetensors", KINDS[FileKind.CLIP_TEXT])
     with pytest.raises(ModelFileError) as err:

@@ -20,6 +20,7 @@ from comfyui_krea.standalone.runner import WorkflowError
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TO_IMAGE = ROOT / "workflows" / "api" / "krea_text_to_image.json"
 IMAGE_TO_IMAGE = ROOT / "workflows" / "api" / "krea_image_to_image.json"
+INPAINTING = ROOT / "workflows" / "api" / "krea_inpainting.json"
 
 
 # --------------------------------------------------------------------------------- command line: apply_overrides
@@ -65,6 +66,28 @@ def test_image_option_sets_the_load_image_node(tmp_path):
     (load,) = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
     assert load["inputs"]["image"] == str(tmp_path / "in.png")
     assert prompt["3"]["inputs"]["strength"] == 0.6
+
+
+def test_mask_option_sets_the_load_image_mask_node_only(tmp_path):
+    prompt = overridden(INPAINTING, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"))
+    (load,) = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
+    (mask,) = [n for n in prompt.values() if n["class_type"] == "LoadImageMask"]
+    assert load["inputs"]["image"] == str(tmp_path / "in.png")
+    assert mask["inputs"] == {"image": str(tmp_path / "m.png"), "channel": "red"}
+    with pytest.raises(WorkflowError, match="--mask is not used by this workflow: it needs a LoadImageMask node"):
+        overridden(IMAGE_TO_IMAGE, "--mask", str(tmp_path / "m.png"))
+
+
+@pytest.mark.parametrize("mask_size,ok", [((112, 80), True), ((110, 84), True), ((80, 112), False)])
+def test_a_mask_of_another_size_than_the_image_is_refused_from_the_headers(tmp_path, mask_size, ok):
+    Image.new("RGB", (112, 80)).save(tmp_path / "in.png")
+    Image.new("L", mask_size).save(tmp_path / "m.png")
+    options = ("--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"))
+    if ok:
+        overridden(INPAINTING, *options)
+        return
+    with pytest.raises(WorkflowError, match="the mask is 80x112 but the image is sampled at 112x80"):
+        overridden(INPAINTING, *options)
 
 
 def test_set_parses_json_else_keeps_a_string_and_wins_over_options():
@@ -207,6 +230,16 @@ def test_cli_image_and_strength(demo_models, cli, capsys):
         (path,) = saved_paths(stdout)
         with Image.open(path) as image:
             assert image.size == (112, 80)  # the input image's size
+
+
+def test_cli_refuses_a_wrong_mask_before_any_model_is_looked_for(cli, capsys):
+    Image.new("RGB", (112, 80)).save(cli / "in.png")
+    Image.new("L", (64, 64)).save(cli / "m.png")
+    code = main(["run", str(INPAINTING), "--models", str(cli / "no-models"), "--image", str(cli / "in.png"),
+                 "--mask", str(cli / "m.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the mask is 64x64 but the image is sampled at 112x80" in err
+    assert "not found" not in err  # no model was looked for
 
 
 def test_cli_without_image_for_image_to_image_fails_cleanly(demo_models, cli, capsys):

@@ -16,15 +16,16 @@ import pytest
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 SCENARIOS = Path(__file__).resolve().parent / "comfyui_host" / "scenarios.py"
+MODEL_SCENARIOS = SCENARIOS.with_name("model_scenarios.py")
 
 pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="host tests need ComfyUI: run `../shared/comfyui/setup.sh DIR` and set COMFYUI_DIR to "
                             "the folder it prints (CI does)")
 
 
-def scenario(name: str, tmp_path_factory) -> dict:
+def scenario(name: str, tmp_path_factory, script: Path = SCENARIOS) -> dict:
     work = tmp_path_factory.mktemp(name)
-    done = subprocess.run([sys.executable, str(SCENARIOS), name, str(work)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), name, str(work)], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -90,10 +91,11 @@ def test_acceleration_on_a_native_model_says_it_did_not_apply(native):
 
 def test_text_encoders_vae_and_classifier_are_under_comfyuis_memory_management(tmp_path_factory):
     result = scenario("other_models", tmp_path_factory)
+    assert result["types"] == ["comfy.sd.CLIP", "comfy.sd.VAE"]  # ComfyUI's own (tests/test_comfyui_native_nodes.py)
     # Each model the pack's other nodes ran was loaded by load_models_gpu under its own ModelPatcher ...
-    assert result["loaded"] == ["AutoEncoder", "CLIPTextModel T5EncoderModel", "_ViT Linear"]
+    assert result["loaded"] == ["AutoencodingEngine", "FluxClipModel_", "ViTImageClassifier"]
     assert result["conditioning"] == [1, 512, 48] and result["image"] == [1, 64, 64, 3]
-    # ... and unloading with the node outputs gone frees them (ComfyUI's tokenizers were used inside it).
+    # ... and unloading with the node outputs and the loader node gone frees them.
     assert result["after_unload"] == 0 and result["freed"]
 
 
@@ -102,8 +104,22 @@ def test_a_model_of_another_family_is_named(tmp_path_factory):
     assert error is not None and "needs a FLUX.1 MODEL" in error and "SDXL" in error
 
 
+def test_inpainting_through_set_latent_noise_mask_equals_the_mask_input(tmp_path_factory):
+    """ComfyUI's LoadImage (transparent = repaint) -> Krea Encode Image or ComfyUI's VAEEncode -> SetLatentNoiseMask
+    -> Krea Sampler gives exactly what the sampler's mask input gives, and keeps the unmasked latent."""
+    result = scenario("inpainting", tmp_path_factory, SCENARIOS.parent / "inpainting.py")
+    assert result["mask_shape"] == [1, 48, 64] and result["repaint_fraction"] == 0.5
+    assert result["file_mask_equals_alpha_mask"]  # LoadImageMask (red) of the black-and-white file: the same mask
+    assert result["stand_ins_equal"]  # the server-less runner's LoadImage / LoadImageMask read files as ComfyUI's
+    for encoder in ("KreaEncodeImage", "VAEEncode"):
+        run = result[encoder]
+        assert run["noise_mask_shape"] == [1, 1, 48, 64] and run["equal"]
+        assert run["kept_max"] < 1e-5 and run["repainted_min"] > 0.1
+        assert run["differs_from_image_to_image"] > 0.1  # the noise mask was not ignored
+
+
 def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
-    """The real server with the pack in custom_nodes: both API workflows run, and /free gives the
+    """The real server with the pack in custom_nodes: the API workflows run, and /free gives the
     transformer's memory back (resident set of the server before and after)."""
     import socket
     import time
@@ -156,8 +172,11 @@ def test_the_shipped_workflows_through_comfyuis_http_api_and_free(tmp_path):
         from PIL import Image
 
         Image.new("RGB", (80, 48), (200, 120, 40)).save(base / "input" / "example.png")
+        mask = Image.new("L", (80, 48), 0)
+        mask.paste(255, (40, 0, 80, 48))
+        mask.save(base / "input" / "example_mask.png")
         workflows = Path(__file__).resolve().parent.parent / "workflows" / "api"
-        for name in ("krea_text_to_image", "krea_image_to_image"):  # both shipped workflows, as saved
+        for name in ("krea_text_to_image", "krea_image_to_image", "krea_inpainting"):  # the shipped ones, as saved
             prompt = json.loads((workflows / f"{name}.json").read_text())
             prompt["3"]["inputs"].update(image_size="custom", width=64, height=64, num_inference_steps=2)
             prompt_id = call("/prompt", {"prompt": prompt})["prompt_id"]
@@ -227,3 +246,48 @@ def test_each_validation_problem_is_read_once_under_the_input_it_is_about(tmp_pa
     assert set(sampler) == {"width", "guidance_scale"}  # height is fine: nothing is said under it
     assert sampler["width"].startswith("width must be a multiple of 16") and "1000" in sampler["width"]
     assert sampler["guidance_scale"] == "guidance_scale: nan is not a finite number"
+
+
+# ------------------------------------------------ what the pack tells ComfyUI, against ComfyUI's reading of the file
+
+def test_unequal_depths_reach_comfyui_as_the_file_has_them(tmp_path_factory):
+    """2 double and 3 single blocks: the config the pack hands ComfyUI (from which ComfyUI builds its LoRA key map)
+    equals ComfyUI's own detection on the file, and a diffusers LoRA on the last double and the last single block
+    finds both (a swap of the depths would map one of them to a block that does not exist)."""
+    result = scenario("tiny_unequal", tmp_path_factory, MODEL_SCENARIOS)
+    assert result["ours"] == result["comfyui"] and result["ours"]["depth"] == 2
+    assert result["ours"]["depth_single_blocks"] == 3
+    assert result["patched"] == ["diffusion_model.double_blocks.1.img_attn.qkv.weight",
+                                 "diffusion_model.single_blocks.2.linear1.weight"]
+
+
+def test_comfyuis_lora_key_map_is_the_same_on_the_pack_model_and_on_comfyuis_own(tmp_path_factory):
+    """Full width, 1 double and 2 single blocks, the same file under both loaders: comfy.lora.model_lora_keys_unet
+    gives the same map (kohya, diffusers, lycoris, OneTrainer and ComfyUI names to the same weights)."""
+    result = scenario("full_unequal", tmp_path_factory, MODEL_SCENARIOS)
+    assert result["holders"] == ["Flux", "Flux"] and result["diffusion_models"][0] != result["diffusion_models"][1]
+    assert result["keys"] > 100
+    assert result["equal"], (result["only_ours"], result["only_theirs"], result["different"])
+
+
+def test_the_memory_krea_sampler_asks_comfyui_for(tmp_path_factory):
+    """One pass over the batch per step (no negative prompt): what ComfyUI's own KSampler gives as the minimum for
+    the same latent, plus the step cache's two (B, tokens, 3072) residuals with acceleration on. On the CPU,
+    ComfyUI's estimate is batch x latent pixels x 0.15 x memory_usage_factor MiB."""
+    result = scenario("memory", tmp_path_factory, MODEL_SCENARIOS)
+    batch, latent_pixels = 2, (48 // 8) * (64 // 8)
+    assert result["memory_usage_factor"] == 3.1 and result["attention_formula"] == "other"
+    estimate = batch * latent_pixels * 0.15 * 3.1 * 1024 * 1024
+    assert abs(result["none"]["memory_required"] - estimate) < 1
+    assert result["none"]["memory_required"] == result["ksampler"]["minimum_memory_required"]
+    cache = 2 * batch * (latent_pixels // 4) * 3072 * 4
+    assert result["regular"]["memory_required"] - result["none"]["memory_required"] == cache
+
+
+@pytest.mark.parametrize("name, latent_channels, variant", [("fill", 96, "FLUX.1 Fill"),
+                                                            ("depth", 32, "FLUX.1 Depth or FLUX.1 Canny")])
+def test_a_flux_variant_with_other_input_features_is_refused_before_loading(tmp_path_factory, name,
+                                                                          latent_channels, variant):
+    result = scenario("variants", tmp_path_factory, MODEL_SCENARIOS)[name]
+    assert result["ours"] == result["comfyui"] == latent_channels  # what ComfyUI reads off the same file
+    assert result["error"].startswith(f"the model is {variant}") and result["load_calls"] == 0

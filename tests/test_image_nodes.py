@@ -12,8 +12,7 @@ from PIL import Image
 
 from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from comfyui_krea.nodes.handles import VaeHandle
-from comfyui_krea.nodes.host import Interrupted
+from comfyui_krea.nodes.host import Interrupted, VaeHandle
 from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage, KreaSaveImage
 from conftest import TINY_AUTOENCODER
 

@@ -1,8 +1,9 @@
 """The model handles: one loaded model per kind and file (two files of one size and time are two models; a
-new model is built only after the old one of its kind was dropped; each kind keeps its own), and inside ComfyUI
-what the handles and the nodes ask of its model management: one patcher per model, loaded for the memory each
-pass needs, on ComfyUI's devices. ComfyUI's ModelPatcher and load_models_gpu are stood in for by recorders, so that
-these run in this process; tests/test_comfyui_host.py runs the same handles with the real ones."""
+new model is built only after the old one of its kind was dropped; each kind keeps its own); a slot keeps one
+model per key (the loader's, one per model); Krea Text Encode does not encode the same prompt with the same text
+encoder twice; and inside ComfyUI what the safety check's classifier asks of its model management: one patcher,
+on ComfyUI's devices. ComfyUI's ModelPatcher and load_models_gpu are stood in for by recorders, so that these run
+in this process; tests/test_comfyui_host.py runs the loader's outputs and the classifier with the real ones."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,8 @@ import torch
 
 from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint
 from comfyui_krea.model_loader.safety_checker import DEMO_SAFETY_CONFIG, write_random_safety_checkpoint
-from comfyui_krea.nodes.handles import SafetyCheckerHandle, VaeHandle
-from comfyui_krea.nodes.host import forget_loaded, host
-from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage
+from comfyui_krea.nodes.handles import SafetyCheckerHandle
+from comfyui_krea.nodes.host import VaeHandle, forget_loaded, host
 from comfyui_krea.nodes.safety import KreaSafetyCheck
 from conftest import TINY_AUTOENCODER
 from reference_tokenizers import TOKENIZERS, needs_tokenizers
@@ -69,7 +69,45 @@ def test_outside_comfyui_ready_asks_nothing(host_state):
     assert (slot.key, slot.model) == (None, None)
 
 
-# ----------------------------------------------- inside ComfyUI: what the handles ask of its model management
+def test_a_slot_keeps_one_model_and_rebuilds_only_for_another_key():
+    from comfyui_krea.nodes.host.holding import ModelSlot, kept
+
+    slot, built = ModelSlot(), []
+
+    def build(name: str):
+        def make() -> str:
+            assert slot.model is None  # the old model was dropped first: never two at once
+            built.append(name)
+            return name
+        return make
+
+    assert kept(slot, ("a", "bf16"), build("a")) == "a"
+    assert kept(slot, ("a", "bf16"), build("again")) == "a"  # same file and dtype: kept
+    assert kept(slot, ("a", "fp8"), build("a fp8")) == "a fp8" and built == ["a", "a fp8"]
+
+
+def test_the_same_prompt_with_the_same_text_encoder_is_encoded_once(host_state, monkeypatch):
+    from comfyui_krea.nodes.text import KreaTextEncode
+
+    encoded = []
+
+    def encode_prompt(text_encoder, prompt):
+        encoded.append((text_encoder, prompt))
+        return [[torch.zeros(1, 512, 8), {"pooled_output": torch.zeros(1, 4)}]]
+
+    monkeypatch.setattr(host_state, "encode_prompt", encode_prompt)
+    class Encoder:  # stands for a loaded CLIP (the node only compares them)
+        pass
+
+    node, first, second = KreaTextEncode(), Encoder(), Encoder()
+    out = node.encode(first, "a fox")
+    assert node.encode(first, "a fox") == out and len(encoded) == 1  # the loader handed out the same encoder
+    node.encode(first, "a cat")
+    node.encode(second, "a cat")  # another encoder object (another file): encoded again
+    assert [p for _, p in encoded] == ["a fox", "a cat", "a cat"]
+
+
+# ------------------------------------------ inside ComfyUI: what the classifier asks of its model management
 
 def _small_text_encoder_files(folder: Path) -> tuple[Path, Path]:
     """(CLIP file, T5 file) of small random text encoders in their real key layouts."""
@@ -107,48 +145,11 @@ def comfyui_side(monkeypatch, host_state):
     return asked
 
 
-def test_inside_comfyui_a_vae_handle_holds_its_model_under_its_own_patcher(comfyui_side, folder):
-    from comfyui_krea.model_loader.autoencoder import AutoEncoder
-    from comfyui_krea.nodes.host import holding
-
-    path = write_random_autoencoder_checkpoint(folder / "vae_inside.safetensors", TINY_AUTOENCODER, seed=4)
-    handle = VaeHandle(path, CPU)
-    model = handle.load()
-    assert isinstance(model, AutoEncoder) and handle.load() is model  # built once per handle and file
-    ((what, patcher),) = comfyui_side
-    assert what == "managed" and dict(patcher["module"].named_children()) == {"autoencoder": model}
-    assert (patcher["load"], patcher["offload"]) == (CPU, CPU)
-    assert handle.slot.key is not None and handle.slot.model is model and handle.slot.patcher is patcher
-    assert "vae" not in holding._loaded  # ComfyUI frees it with the node outputs: the pack keeps no reference
-    handle.ready(1234)
-    assert comfyui_side[-1] == ("load", patcher, 1234)
-    other = VaeHandle(path, CPU)
-    assert other.load() is not model  # each handle (each loader output) holds its own
-
-
-@needs_tokenizers
-def test_inside_comfyui_the_text_encoders_are_one_patcher_and_use_comfyuis_tokenizers(comfyui_side, folder,
-                                                                                     monkeypatch):
-    from comfyui_krea.nodes.handles import TextEncoderHandle
-
-    clip, t5 = _small_text_encoder_files(folder)
-    monkeypatch.setattr(host, "shipped_tokenizer_dirs", lambda: {"clip": TOKENIZERS / "clip",
-                                                                 "t5": TOKENIZERS / "t5"})
-    handle = TextEncoderHandle(clip, t5, None, CPU)  # no tokenizer folder named: ComfyUI's are used
-    encoders = handle.load()
-    ((_, patcher),) = comfyui_side
-    assert dict(patcher["module"].named_children()) == {"clip": encoders.clip, "t5": encoders.t5}
-    handle.ready()
-    assert comfyui_side[-1] == ("load", patcher, 0)
-    sequence, pooled = encoders.encode(["a photo"])
-    assert sequence.shape[-1] == 32 and pooled.shape[-1] == 32
-
-
 @needs_tokenizers
 def test_another_tokenizer_folder_is_another_text_encoder(tmp_path, host_state):
     import shutil
 
-    from comfyui_krea.nodes.handles import TextEncoderHandle
+    from comfyui_krea.nodes.host import TextEncoderHandle
 
     clip, t5 = _small_text_encoder_files(tmp_path)
     copy = shutil.copytree(TOKENIZERS, tmp_path / "tokenizers_copy")
@@ -185,22 +186,3 @@ def test_inside_comfyui_the_safety_check_loads_its_classifier_for_comfyuis_devic
     out = KreaSafetyCheck().check(torch.rand(1, 32, 32, 3), True, 0.5, "model.safetensors")
     assert json.loads(out["result"][1]) in ([True], [False])
     assert [entry[0] for entry in comfyui_side] == ["managed", "load"]
-
-
-@pytest.fixture
-def vae_inside_comfyui(comfyui_side, monkeypatch):
-    monkeypatch.setattr(host, "throw_if_interrupted", lambda: None)
-    monkeypatch.setattr(host, "work_progress", lambda total, node_id=None: lambda done, total_: None)
-    monkeypatch.setattr(host, "intermediate_device", lambda: CPU)
-    return comfyui_side
-
-
-def test_inside_comfyui_the_image_nodes_ask_for_their_passes_memory(vae_inside_comfyui, folder):
-    path = write_random_autoencoder_checkpoint(folder / "vae_nodes.safetensors", TINY_AUTOENCODER, seed=6)
-    handle = VaeHandle(path, CPU)
-    latents = KreaEncodeImage().encode(handle, torch.rand(2, 40, 56, 3))[0]["samples"]  # resized to 48x64
-    model = handle.load()
-    assert vae_inside_comfyui[-1][2] == model.pass_bytes("encode", 2, 48 // 8, 64 // 8, CPU)
-    KreaDecode().decode(handle, {"samples": latents})
-    assert vae_inside_comfyui[-1][2] == model.pass_bytes("decode", 2, 48 // 8, 64 // 8, CPU)
-    assert latents.shape == (2, 16, 6, 8)

@@ -24,8 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
 from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint
-from comfyui_krea.nodes.handles import VaeHandle
-from comfyui_krea.nodes.host import TransformerHandle, forget_loaded, host
+from comfyui_krea.nodes.host import TransformerHandle, VaeHandle, forget_loaded, host
 from comfyui_krea.nodes.image import KreaDecode, KreaEncodeImage
 from comfyui_krea.nodes.sampler import KreaSampler
 from comfyui_krea.sampling.denoise import GenerationSettings, denoise, generate

@@ -1,7 +1,8 @@
 """The nodes' inputs as ComfyUI and its frontend see them: every input's type is ComfyUI's or one a pack node
 outputs, and every link of the shipped workflows joins an output to an input of its type; every input with options
-has a tooltip; the sampler's widgets are the parameter table, the other nodes' widgets are as documented, and an
-empty model folder offers a placeholder that names it."""
+has a tooltip; the sampler's widgets are the parameter table, the other nodes' widgets are as documented, an
+empty model folder offers a placeholder that names it, and a new loader's file inputs default to a file of their
+kind, told from the headers, read once per file version."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def _input_types(cls) -> dict:
     return {**spec.get("required", {}), **spec.get("optional", {})}
 
 
-COMFYUI_TYPES = {"IMAGE", "LATENT", "MODEL", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN"}
+COMFYUI_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING", "STRING", "INT", "FLOAT", "BOOLEAN"}
 
 
 def test_every_input_type_is_comfyuis_or_one_a_pack_node_outputs():
@@ -101,3 +102,43 @@ def test_an_empty_model_folder_offers_a_placeholder_that_names_it(host_state, tm
     inputs = _input_types(KreaModelLoader)
     assert inputs["model_name"][0] == ["(no files in models/diffusion_models)"]
     assert inputs["vae_name"][0] == ["ae.safetensors"]
+
+
+def test_a_new_loader_defaults_each_file_to_the_first_of_its_kind(host_state, tmp_path, monkeypatch):
+    """ComfyUI's frontend gives a new node each combo's default (else the first name): the T5 input must not start
+    on clip_l.safetensors. The kinds come from the headers, each file read once while its size and time stay."""
+    import os
+
+    from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint
+    from comfyui_krea.model_loader.flux import write_random_flux_checkpoint
+    from comfyui_krea.model_loader.text_encoders import write_random_clip_checkpoint, write_random_t5_checkpoint
+    from comfyui_krea.nodes import model_files
+    from comfyui_krea.nodes.loader import KreaModelLoader
+    from conftest import TINY_AUTOENCODER, TINY_CLIP, TINY_FLUX, TINY_T5
+
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "diffusion_models" / "a_broken.safetensors").write_bytes(b"not a model")
+    write_random_flux_checkpoint(tmp_path / "diffusion_models" / "flux1-krea-dev.safetensors", TINY_FLUX)
+    write_random_clip_checkpoint(tmp_path / "text_encoders" / "clip_l.safetensors", TINY_CLIP)
+    t5 = write_random_t5_checkpoint(tmp_path / "text_encoders" / "t5xxl_fp16.safetensors", TINY_T5)
+    write_random_autoencoder_checkpoint(tmp_path / "vae" / "ae.safetensors", TINY_AUTOENCODER)
+    host_state.configure(models_dir=tmp_path)
+    model_files._kind_of.cache_clear()
+    opened = []
+    real_open = model_files.open_checkpoint
+    monkeypatch.setattr(model_files, "open_checkpoint", lambda path: opened.append(Path(path).name) or real_open(path))
+
+    inputs = _input_types(KreaModelLoader)
+    defaults = {name: inputs[name][1].get("default") for name in ("model_name", "clip_name", "t5_name", "vae_name")}
+    assert defaults == {"model_name": "flux1-krea-dev.safetensors", "clip_name": "clip_l.safetensors",
+                        "t5_name": "t5xxl_fp16.safetensors", "vae_name": "ae.safetensors"}
+    assert inputs["t5_name"][0] == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]  # the list is unchanged
+    assert sorted(set(opened)) == sorted(opened)  # each header read once ...
+    opened.clear()
+    _input_types(KreaModelLoader)
+    assert opened == []  # ... and not again on the next call
+    stat = t5.stat()
+    os.utime(t5, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    _input_types(KreaModelLoader)
+    assert opened == ["t5xxl_fp16.safetensors"]  # a changed file is read again

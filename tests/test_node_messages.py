@@ -72,7 +72,7 @@ def test_prompt_problems_and_their_boundaries():
 
 
 def test_a_bad_prompt_is_refused_before_any_model_loads(tmp_path):
-    from comfyui_krea.nodes.handles import TextEncoderHandle
+    from comfyui_krea.nodes.host import TextEncoderHandle
 
     nowhere = TextEncoderHandle(tmp_path / "no_clip.safetensors", tmp_path / "no_t5.safetensors", None, CPU)
     with pytest.raises(ValueError, match="prompt must be text"):
@@ -130,3 +130,16 @@ def test_the_safety_checks_validation_names_the_missing_classifier(host_state, t
     assert "no NSFW classifier was found ('gone.safetensors' is not there)" in missing
     sentinel = KreaSafetyCheck.VALIDATE_INPUTS(checker_name=NO_CLASSIFIER, enable_safety_checker=True)
     assert "no NSFW classifier was found. Put " in sentinel
+
+
+def test_a_clip_file_picked_as_t5_names_the_text_encoder_folder_once(host_state, tmp_path):
+    from comfyui_krea.model_loader.text_encoders import write_random_clip_checkpoint
+    from comfyui_krea.nodes.model_files import T5
+    from conftest import TINY_CLIP
+
+    (tmp_path / "text_encoders").mkdir()
+    write_random_clip_checkpoint(tmp_path / "text_encoders" / "clip_l.safetensors", TINY_CLIP)
+    host_state.configure(models_dir=tmp_path)
+    (problem,) = model_file_problems([("text_encoders", "clip_l.safetensors", T5, "t5_name")])
+    assert problem == ("t5_name: 'clip_l.safetensors' is a CLIP text encoder, not a T5 text encoder; pick the right "
+                       "file. CLIP text encoder and T5 text encoder files both belong in models/text_encoders.")

@@ -247,3 +247,19 @@ def test_a_native_model_runs_every_step_and_the_report_says_why(transformer, mon
                                  "transformer (Krea Model Loader); this model ran every step"]
     plain = KreaSampler().sample(transformer, RANDOM_COND, **{**BASE, "acceleration": "none"})
     assert plain["ui"]["text"] == ["acceleration none: 3 of 3 steps computed fully"]
+
+
+@pytest.mark.parametrize("features, variant", [(384, "FLUX.1 Fill"), (128, "FLUX.1 Depth or FLUX.1 Canny"),
+                                               (96, "a FLUX variant this pack does not know")])
+def test_a_flux_variant_with_other_input_features_is_refused_by_name(folder, features, variant):
+    """FLUX.1 Fill's img_in takes 384 features per token (latent, masked image, mask), Depth and Canny 128: Krea
+    Sampler runs text-to-image models (64) and says which variant it was given."""
+    config = FluxConfig(**{**vars(SMALL), "in_channels": features})
+    handle = TransformerHandle(write_random_flux_checkpoint(folder / f"variant{features}.safetensors", config, seed=5),
+                               "default", CPU)
+    with pytest.raises(ValueError) as refused:
+        KreaSampler().sample(handle, RANDOM_COND, **BASE)
+    message = str(refused.value)
+    assert message.startswith(f"the model is {variant}") and f"takes {features} features" in message
+    assert "where text-to-image FLUX.1 models (FLUX.1 [dev], FLUX.1 Krea [dev]) take 64" in message
+    forget_loaded()

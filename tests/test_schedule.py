@@ -85,6 +85,15 @@ def test_noise_is_comfyui_convention_and_batch_prefix_stable():
     make_noise(2**64 - 1, 1, 2, 2)  # the largest seed the node accepts
 
 
+def test_seeds_a_multiple_of_2_to_the_32_apart_give_the_same_noise():
+    """What README.md says about seeds: torch's CPU generator (which draws the noise on every device, as ComfyUI's
+    KSampler does) keeps only a seed's lower 32 bits. If a torch release changes that, the README must too."""
+    for seed in (0, 5, 2**32 - 1):
+        assert torch.equal(make_noise(seed + 2**32, 1, 2, 2), make_noise(seed, 1, 2, 2))
+    assert torch.equal(make_noise(2**64 - 1, 1, 2, 2), make_noise(2**32 - 1, 1, 2, 2))
+    assert not torch.equal(make_noise(2**32, 1, 2, 2), make_noise(1, 1, 2, 2))
+
+
 def test_noise_is_float32_cpu_even_under_other_torch_defaults():
     expected = torch.randn((2, 16, 3, 5), generator=torch.manual_seed(11), dtype=torch.float32, device="cpu")
     previous = torch.get_default_dtype()

@@ -167,3 +167,22 @@ def test_t5_clamps_fp16_activations_only():
     assert guarded[2] == 1.5 and guarded[3] == -guarded[1] == t5._FP16_SAFE_MAX < big
     wide = torch.tensor([-1e30, 1e30], dtype=torch.float32)
     assert torch.equal(t5._fp16_guard(wide), wide)  # float32 and bf16 activations are left alone
+
+
+def test_building_the_encoders_on_meta_leaves_torchs_compiler_unimported():
+    # nn.Embedding's own init draws normal values; on the meta device that imports torch._dynamo (seconds at
+    # every `run`). The tables are assigned from the file anyway, so they are built unfilled.
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from comfyui_krea.model_loader.text_encoders import CLIPTextConfig, T5EncoderConfig\n"
+            "from comfyui_krea.model_loader.text_encoders.clip import build_clip\n"
+            "from comfyui_krea.model_loader.text_encoders.t5 import build_t5\n"
+            "clip, t5 = build_clip(CLIPTextConfig()), build_t5(T5EncoderConfig())\n"
+            "assert clip.text_model.embeddings.token_embedding.weight.is_meta\n"
+            "assert t5.shared.weight.shape == (32128, 4096) and t5.shared.weight.is_meta\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -288,14 +288,14 @@ def test_weights_visit_the_device_only_while_their_part_runs(files):
 
 @needs_tokenizers
 def test_node_returns_flux_conditioning(files, host_state):
-    from comfyui_krea.nodes.handles import TextEncoderHandle
+    from comfyui_krea.nodes.host import TextEncoderHandle
     from comfyui_krea.nodes.text import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, KreaTextEncode
 
     assert NODE_CLASS_MAPPINGS == {"KreaTextEncode": KreaTextEncode}
     assert NODE_DISPLAY_NAME_MAPPINGS["KreaTextEncode"] == "Krea Text Encode"
     assert KreaTextEncode.CATEGORY == "Krea/conditioning" and KreaTextEncode.RETURN_TYPES == ("CONDITIONING",)
     inputs = KreaTextEncode.INPUT_TYPES()["required"]
-    assert inputs["text_encoder"][0] == "KREA_TEXT_ENCODER"
+    assert inputs["text_encoder"][0] == "CLIP"
     assert inputs["prompt"][0] == "STRING" and inputs["prompt"][1]["multiline"] and inputs["prompt"][1]["default"] == ""
 
     handle = TextEncoderHandle(files["clip"], files["t5"], TOKENIZERS, torch.device("cpu"))
@@ -314,14 +314,14 @@ def test_node_uses_comfyui_tokenizers_when_none_is_named(tmp_path, files, monkey
     import shutil
 
     from comfyui_krea.nodes import text
-    from comfyui_krea.nodes.handles import TextEncoderHandle
+    from comfyui_krea.nodes.host import ModelSlot
 
     comfy = tmp_path / "comfy"
     shutil.copytree(TOKENIZERS / "clip", comfy / "sd1_tokenizer")
     shutil.copytree(TOKENIZERS / "t5", comfy / "text_encoders" / "t5_tokenizer")
     monkeypatch.setattr(host_state, "shipped_tokenizer_dirs", lambda: {
         "clip": comfy / "sd1_tokenizer", "t5": comfy / "text_encoders" / "t5_tokenizer"})
-    handle = TextEncoderHandle(files["clip"], files["t5"], None, torch.device("cpu"))
+    handle = host_state.text_encoder_model(files["clip"], files["t5"], ModelSlot())  # no tokenizer folder named
     (conditioning,) = text.KreaTextEncode().encode(handle, "a cat")
     assert conditioning[0][0].shape == (1, 512, 64)
 

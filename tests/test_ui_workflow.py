@@ -17,11 +17,28 @@ DEFINITIONS = local_definitions(PACK_CLASSES, NODE_DISPLAY_NAME_MAPPINGS)
 # The parts of ComfyUI's /object_info these tests use (shapes as the server sends them).
 DEFINITIONS["LoadImage"] = {"input": {"required": {"image": [["example.png", "other.png"], {"image_upload": True}]}},
                             "input_order": {"required": ["image"]}, "display_name": "Load Image"}
+DEFINITIONS["LoadImageMask"] = {
+    "input": {"required": {"image": [["example_mask.png"], {"image_upload": True}],
+                           "channel": [["alpha", "red", "green", "blue"]]}},
+    "input_order": {"required": ["image", "channel"]}, "display_name": "Load Image (as Mask)"}
 DEFINITIONS["ImageInvert"] = {"input": {"required": {"image": ["IMAGE", {}]}}, "input_order": {"required": ["image"]},
                               "display_name": "Invert Image"}
+DEFINITIONS["ImageBlend"] = {"input": {"required": {"image1": ["IMAGE", {}], "image2": ["IMAGE", {}],
+                                                    "blend_factor": ["FLOAT", {"default": 0.5}],
+                                                    "blend_mode": [["normal", "multiply"], {}]}},
+                             "input_order": {"required": ["image1", "image2", "blend_factor", "blend_mode"]}}
+DEFINITIONS["LatentBlend"] = {"input": {"required": {"samples1": ["LATENT"], "samples2": ["LATENT"],
+                                                     "blend_factor": ["FLOAT", {"default": 0.5}]}},
+                              "input_order": {"required": ["samples1", "samples2", "blend_factor"]}}
+DEFINITIONS["ImageToMask"] = {"input": {"required": {"image": ["IMAGE"], "channel": [["red", "green"]]}},
+                              "input_order": {"required": ["image", "channel"]}}
+DEFINITIONS["SetLatentNoiseMask"] = {"input": {"required": {"samples": ["LATENT"], "mask": ["MASK"]}},
+                                     "input_order": {"required": ["samples", "mask"]}}
+DEFINITIONS["PrimitiveInt"] = {"input": {"required": {"value": ["INT", {"control_after_generate": True}]}},
+                               "input_order": {"required": ["value"]}}
 
 
-@pytest.mark.parametrize("name", ["krea_text_to_image", "krea_image_to_image"])
+@pytest.mark.parametrize("name", ["krea_text_to_image", "krea_image_to_image", "krea_inpainting"])
 def test_the_shipped_ui_files_equal_their_api_forms(name):
     ui = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
@@ -40,17 +57,17 @@ def text_to_image(extra_nodes=(), extra_links=(), decode_image_link=7, **changes
     """The shipped text-to-image graph, as nodes and links the tests can rewire."""
     nodes = [
         node(1, "KreaModelLoader", ["m.safetensors", "default", "c.safetensors", "t.safetensors", "v.safetensors"]),
-        node(2, "KreaTextEncode", ["a fox"], [{"name": "text_encoder", "type": "KREA_TEXT_ENCODER", "link": 1}]),
+        node(2, "KreaTextEncode", ["a fox"], [{"name": "text_encoder", "type": "CLIP", "link": 1}]),
         node(3, "KreaSampler", ["custom", 64, 48, 2, 4.5, 42, "randomize", 1, "none", 0.95],
              [{"name": "model", "type": "MODEL", "link": 2}, {"name": "conditioning", "type": "CONDITIONING",
                                                              "link": 3}]),
-        node(4, "KreaDecode", [], [{"name": "vae", "type": "KREA_VAE", "link": 5},
+        node(4, "KreaDecode", [], [{"name": "vae", "type": "VAE", "link": 5},
                                    {"name": "samples", "type": "LATENT", "link": 6}]),
         node(6, "KreaSaveImage", ["krea/krea", "png", 95], [{"name": "images", "type": "IMAGE",
                                                               "link": decode_image_link}]),
         *extra_nodes]
-    links = [[1, 1, 1, 2, 0, "KREA_TEXT_ENCODER"], [2, 1, 0, 3, 0, "MODEL"], [3, 2, 0, 3, 1, "CONDITIONING"],
-             [5, 1, 2, 4, 0, "KREA_VAE"], [6, 3, 0, 4, 1, "LATENT"], [7, 4, 0, 6, 0, "IMAGE"], *extra_links]
+    links = [[1, 1, 1, 2, 0, "CLIP"], [2, 1, 0, 3, 0, "MODEL"], [3, 2, 0, 3, 1, "CONDITIONING"],
+             [5, 1, 2, 4, 0, "VAE"], [6, 3, 0, 4, 1, "LATENT"], [7, 4, 0, 6, 0, "IMAGE"], *extra_links]
     for node_id, fields in changes.items():
         next(n for n in nodes if n["id"] == int(node_id[1:])).update(fields)
     return {"nodes": nodes, "links": links, "groups": [{"title": "a group", "bounding": [0, 0, 10, 10]}],
@@ -74,6 +91,15 @@ def test_a_file_saved_without_the_control_value_still_lines_up():
 def test_the_upload_button_value_is_skipped():
     prompt = to_api({"nodes": [node(7, "LoadImage", ["other.png", "image"])], "links": []}, DEFINITIONS)
     assert prompt["7"]["inputs"] == {"image": "other.png"}
+
+
+def test_the_upload_button_follows_the_last_required_input():
+    # The frontend adds the button as one more required input, after the node's own (LoadImageMask: channel).
+    graph = {"nodes": [node(9, "LoadImageMask", ["m.png", "green", "image"]),
+                       node(8, "LoadImageMask", ["m.png", "blue"])], "links": []}  # saved without the button
+    prompt = to_api(graph, DEFINITIONS)
+    assert prompt["9"]["inputs"] == {"image": "m.png", "channel": "green"}
+    assert prompt["8"]["inputs"] == {"image": "m.png", "channel": "blue"}
 
 
 def test_a_bypassed_node_passes_its_input_of_the_same_type_through():
@@ -107,8 +133,8 @@ def test_reroutes_pass_through_and_a_primitive_writes_its_value():
 
 def test_a_widget_turned_into_an_input_takes_its_link():
     graph = text_to_image(extra_nodes=[node(12, "KreaTextEncode", ["other"], [
-        {"name": "text_encoder", "type": "KREA_TEXT_ENCODER", "link": 30}])],
-        extra_links=[[30, 1, 1, 12, 0, "KREA_TEXT_ENCODER"]])
+        {"name": "text_encoder", "type": "CLIP", "link": 30}])],
+        extra_links=[[30, 1, 1, 12, 0, "CLIP"]])
     prompt = to_api(graph, DEFINITIONS)
     assert prompt["12"]["inputs"] == {"prompt": "other", "text_encoder": ["1", 1]}
 
@@ -127,3 +153,79 @@ def test_unknown_node_types_and_subgraphs_are_refused():
     with pytest.raises(ConversionError, match="subgraphs"):
         to_api({"nodes": [], "links": [], "definitions": {"subgraphs": [{"id": "x"}]}}, DEFINITIONS)
     assert to_api({"nodes": [node(1, "Note", ["hello"])], "links": []}, DEFINITIONS) == {}
+
+
+# ------------------------------------------- bypassed nodes with several inputs, chains, reroutes, muted sources
+# The frontend's rule (ExecutableNodeDTO in frontend 1.27): a link out of a bypassed node continues from the input at
+# the output's own index if its type fits, else the first input of exactly the wanted type, else the first that fits;
+# an unconnected choice resolves to nothing (a widget keeps its value), a muted source drops the input altogether.
+# tests/test_browser.py converts the same cases in the real frontend and compares.
+
+
+def converted(name: str) -> tuple[dict, dict]:
+    from ui_conversion_cases import case
+
+    graph = case(name)
+    return to_api(graph.data, DEFINITIONS), {n["type"]: str(n["id"]) for n in graph.data["nodes"]}
+
+
+def test_a_bypassed_node_with_inputs_of_other_types_passes_the_one_of_the_outputs_type():
+    prompt, ids = converted("sampler_bypassed")  # sampler: MODEL, CONDITIONING, LATENT in; LATENT out
+    assert ids["KreaSampler"] not in prompt
+    assert prompt[ids["KreaDecode"]]["inputs"]["samples"] == [ids["KreaEncodeImage"], 0]
+
+
+def test_a_bypassed_node_prefers_the_input_at_its_outputs_index():
+    prompt, ids = converted("same_index_preferred")
+    assert prompt[ids["KreaDecode"]]["inputs"]["samples"] == [ids["KreaEncodeImage"], 0]
+
+
+def test_a_bypassed_nodes_unconnected_choice_resolves_to_nothing():
+    """samples1 is chosen though only samples2 is connected: the frontend does not look further."""
+    prompt, ids = converted("unconnected_choice_gives_nothing")
+    assert "samples" not in prompt[ids["KreaDecode"]]["inputs"]
+
+
+def test_a_chain_of_bypassed_nodes_is_followed_to_the_real_source():
+    from ui_conversion_cases import case
+
+    graph = case("chain_of_bypassed_nodes")
+    first_load = min(n["id"] for n in graph.data["nodes"] if n["type"] == "LoadImage")
+    prompt = to_api(graph.data, DEFINITIONS)
+    encode = next(node for node in prompt.values() if node["class_type"] == "KreaEncodeImage")
+    assert encode["inputs"]["image"] == [str(first_load), 0]
+    assert {node["class_type"] for node in prompt.values()} >= {"LoadImage"} and \
+        not {"ImageInvert", "ImageBlend"} & {node["class_type"] for node in prompt.values()}
+
+
+def test_a_bypassed_node_without_an_input_of_the_wanted_type_gives_nothing():
+    prompt, ids = converted("no_input_of_the_type")
+    assert prompt[ids["SetLatentNoiseMask"]]["inputs"] == {"samples": [ids["KreaEncodeImage"], 0]}
+
+
+def test_reroutes_on_both_sides_of_a_bypassed_node():
+    prompt, ids = converted("reroutes_around_a_bypassed_node")
+    assert prompt[ids["KreaEncodeImage"]]["inputs"]["image"] == [ids["LoadImage"], 0]
+
+
+def test_an_input_fed_by_a_muted_node_is_left_out_widget_value_and_all():
+    prompt, ids = converted("muted_sources")
+    assert "seed" not in prompt[ids["KreaSampler"]]["inputs"]  # the widget's own 42 is not kept either
+    assert "images" not in prompt[ids["KreaSafetyCheck"]]["inputs"]  # muted behind a bypassed node
+
+
+def test_links_in_a_circle_through_bypassed_nodes_are_refused():
+    graph = text_to_image(extra_nodes=[
+        node(9, "ImageInvert", [], [{"name": "image", "type": "IMAGE", "link": 31}], mode=4),
+        node(10, "ImageInvert", [], [{"name": "image", "type": "IMAGE", "link": 30}], mode=4)],
+        extra_links=[[30, 9, 0, 10, 0, "IMAGE"], [31, 10, 0, 9, 0, "IMAGE"], [32, 9, 0, 6, 0, "IMAGE"]],
+        decode_image_link=32)
+    with pytest.raises(ConversionError, match="circle"):
+        to_api(graph, DEFINITIONS)
+
+
+def test_types_fit_as_litegraph_decides():
+    from comfyui_krea.standalone.ui_workflow import fits
+
+    assert fits("IMAGE", "IMAGE") and fits("*", "MASK") and fits("", "LATENT") and fits("image", "IMAGE")
+    assert fits("IMAGE,MASK", "MASK") and not fits("IMAGE,MASK", "LATENT") and not fits("IMAGE", "MASK")

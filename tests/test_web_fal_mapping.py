@@ -122,13 +122,14 @@ def test_the_tables_are_the_packs(tmp_path):
               "maxSide: fal.MAX_SIDE, prompt: fal.MAX_PROMPT_CHARS, t2i: fal.TEXT_TO_IMAGE, i2i: fal.IMAGE_TO_IMAGE, "
               "fields: Object.fromEntries(Object.entries(fal.FIELDS).map(([k, f]) => "
               "[k, [fal.ROLE_NODES[f.role], f.widget]])), unmapped: Object.keys(fal.UNMAPPED).sort()}", tmp_path)
-    in_graph = {k: [p.node, p.input] for k, p in fields.FIELD_INPUTS.items() if p.node != fields.LOAD_IMAGE}
+    loaded = (fields.LOAD_IMAGE, fields.LOAD_IMAGE_MASK)
+    in_graph = {k: [p.node, p.input] for k, p in fields.FIELD_INPUTS.items() if p.node not in loaded}
     assert got == {"sizes": {k: list(v) for k, v in parameters.IMAGE_SIZES.items()},
                    "custom": parameters.CUSTOM_SIZE, "multiple": parameters.SIZE_MULTIPLE,
                    "maxSide": parameters.MAX_SIDE, "prompt": parameters.MAX_PROMPT_CHARS,
                    "t2i": endpoints.TEXT_TO_IMAGE, "i2i": endpoints.IMAGE_TO_IMAGE, "fields": in_graph,
-                   # the image comes from the Load Image node's file, which a paste cannot set
-                   "unmapped": sorted({*fields.UNMAPPED, "image_url"})}
+                   # the image and the mask come from the load nodes' files, which a paste cannot set
+                   "unmapped": sorted({*fields.UNMAPPED, "image_url", "mask_url"})}
 
 
 def test_input_specs_read_both_combo_spellings(tmp_path):

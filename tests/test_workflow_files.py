@@ -7,7 +7,7 @@ import pytest
 from comfyui_krea import NODE_CLASS_MAPPINGS
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ["krea_text_to_image", "krea_image_to_image"]
+NAMES = ["krea_text_to_image", "krea_image_to_image", "krea_inpainting"]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
@@ -15,6 +15,8 @@ def widget_names(class_type: str) -> list[str]:
     """Names of the widget slots of a node in UI widgets_values order (control_after_generate included)."""
     if class_type == "LoadImage":  # ComfyUI core node: image combo + upload button
         return ["image", "__upload__"]
+    if class_type == "LoadImageMask":  # ComfyUI core node: the upload button follows its last required input
+        return ["image", "channel", "__upload__"]
     spec = NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
     names = []
     for name, input_spec in {**spec.get("required", {}), **spec.get("optional", {})}.items():
@@ -59,7 +61,7 @@ def test_api_workflow_validates_with_the_documented_model_files(name, tmp_path, 
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
     classes = PACK_CLASSES
     for node in api.values():
-        if node["class_type"] == "LoadImage":  # the input image is checked before the run too
+        if node["class_type"] in ("LoadImage", "LoadImageMask"):  # the input image is checked before the run too
             Image.new("RGB", (64, 48)).save(tmp_path / node["inputs"]["image"])
             node["inputs"]["image"] = str(tmp_path / node["inputs"]["image"])
     assert validate(api, classes) == []
@@ -71,13 +73,24 @@ def test_api_workflow_validates_with_the_documented_model_files(name, tmp_path, 
 def test_fal_defaults():
     t2i = json.loads((ROOT / "workflows/api/krea_text_to_image.json").read_text())
     i2i = json.loads((ROOT / "workflows/api/krea_image_to_image.json").read_text())
+    inpainting = json.loads((ROOT / "workflows/api/krea_inpainting.json").read_text())
     sampler = next(n["inputs"] for n in t2i.values() if n["class_type"] == "KreaSampler")
     assert (sampler["image_size"], sampler["num_inference_steps"], sampler["guidance_scale"],
             sampler["num_images"], sampler["acceleration"]) == ("landscape_4_3", 28, 4.5, 1, "none")
     sampler = next(n["inputs"] for n in i2i.values() if n["class_type"] == "KreaSampler")
     assert (sampler["num_inference_steps"], sampler["strength"]) == (40, 0.95)
     assert "latent" in sampler
-    for wf in (t2i, i2i):
+    # fal-ai/flux-krea-lora/inpainting's defaults (the LoRA family: guidance 3.5, strength 0.85)
+    sampler = next(n["inputs"] for n in inpainting.values() if n["class_type"] == "KreaSampler")
+    assert (sampler["num_inference_steps"], sampler["guidance_scale"], sampler["strength"],
+            sampler["acceleration"]) == (28, 3.5, 0.85, "none")
+    mask = next(k for k, n in inpainting.items() if n["class_type"] == "LoadImageMask")
+    image = next(k for k, n in inpainting.items() if n["class_type"] == "LoadImage")
+    encode = next(k for k, n in inpainting.items() if n["class_type"] == "KreaEncodeImage")
+    assert sampler["mask"] == [mask, 0] and sampler["latent"] == [encode, 0]
+    assert inpainting[encode]["inputs"]["image"] == [image, 0]
+    assert inpainting[mask]["inputs"]["channel"] == "red"  # a black-and-white mask: white = repaint
+    for wf in (t2i, i2i, inpainting):
         save = next(n["inputs"] for n in wf.values() if n["class_type"] == "KreaSaveImage")
         assert save["output_format"] == "jpeg"
         safety = next(n for n in wf.values() if n["class_type"] == "KreaSafetyCheck")

@@ -11,8 +11,8 @@ from comfyui_krea.model_loader import FileKind, ModelFileError
 from comfyui_krea.model_loader.checkpoints import StateDictSource
 from comfyui_krea.model_loader.flux import layouts
 from comfyui_krea.model_loader.text_encoders import write_random_clip_checkpoint
-from comfyui_krea.nodes.handles import SafetyCheckerHandle, TextEncoderHandle, VaeHandle
-from comfyui_krea.nodes.host import KIND_FOLDERS, TransformerHandle, forget_loaded
+from comfyui_krea.nodes.handles import SafetyCheckerHandle
+from comfyui_krea.nodes.host import KIND_FOLDERS, TextEncoderHandle, TransformerHandle, VaeHandle, forget_loaded
 from conftest import TINY_CLIP
 
 CPU = torch.device("cpu")

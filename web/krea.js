@@ -10,7 +10,7 @@
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { distinctNodeErrors } from "./krea_errors.js";
-import { migrateModelType } from "./krea_migrate.js";
+import { migrateOldTypes } from "./krea_migrate.js";
 import {
   SAFETY_CHECK,
   SAMPLER,
@@ -48,10 +48,11 @@ function notify(severity, summary, detail) {
 app.registerExtension({
   name: "krea.model_type_migration",
   async beforeConfigureGraph(graphData) {
-    const changed = migrateModelType(graphData);
+    const changed = migrateOldTypes(graphData);
     if (changed > 0) {
-      const detail = "This workflow was saved with the Krea loader's old KREA_MODEL output; it is now a standard " +
-        "MODEL (LoRA loaders and ComfyUI's samplers accept it). The links were updated: save the workflow to keep it.";
+      const detail = "This workflow was saved with the Krea loader's old output types; they are now ComfyUI's " +
+        "standard MODEL, CLIP and VAE (LoRA loaders, samplers, text and VAE nodes accept them). The links were " +
+        "updated: save the workflow to keep it.";
       console.info(`${PACK}: ${detail}`);
       app.extensionManager?.toast?.add({ severity: "info", summary: PACK, detail, life: 8000 });
     }

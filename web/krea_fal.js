@@ -47,6 +47,7 @@ export const ROLE_NODES = Object.freeze({
 // fal fields that have no widget, and why (a paste lists them, changing nothing for them).
 export const UNMAPPED = Object.freeze({
   image_url: "the input image comes from the Load Image node: load the file there",
+  mask_url: "the inpainting mask comes from the Load Image (as Mask) node: load the file there",
   sync_mode: "how fal hands back the result; a graph has no such setting",
 });
 

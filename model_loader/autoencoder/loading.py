@@ -4,6 +4,8 @@ The config is read off tensor shapes, the module is built on the meta device and
 `assign=True` from memory-mapped tensors (diffusers tensors are renamed, and their Linear attention
 weights viewed as 1x1 convolutions, one tensor at a time), so a 335 MB file is never held twice.
 Files of other models are recognised and named in the error instead of failing on a shape.
+`autoencoder_weights` gives the same checked tensors under BFL's names, for another implementation of the
+autoencoder (ComfyUI's own, inside ComfyUI).
 """
 from __future__ import annotations
 
@@ -16,33 +18,27 @@ import torch
 from ..checkpoints import open_checkpoint
 from ..compute_dtypes import autoencoder_compute_dtype
 from ..errors import ModelFileError
+from .config import AutoEncoderConfig
 from .layouts import config_from_checkpoint, diffusers_key_names, find_autoencoder
 from .model import AutoEncoder
 
 log = logging.getLogger(__name__)
 
 
-def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str,
-                     compute_device: torch.device | str | None = None) -> AutoEncoder:
-    """The autoencoder of a BFL `ae.safetensors` or a diffusers `vae/` (folder or file), on `device` in the
-    dtype it computes in on `compute_device` (default: `device`; inside ComfyUI the weights wait on the
-    offload device and ComfyUI moves them)."""
-    path, device = Path(path), torch.device(device)
-    compute_device = device if compute_device is None else torch.device(compute_device)
+def _bfl_tensors(path: Path) -> tuple[AutoEncoderConfig, dict[str, torch.Tensor]]:
+    """The autoencoder of `path`: its config and its memory-mapped tensors under BFL's names, checked complete."""
     ckpt = open_checkpoint(path, "vae")
     prefix, layout = find_autoencoder(ckpt, path)
     config = config_from_checkpoint(ckpt, prefix, layout, path)
-    if prefix:
-        log.info("%s: using the autoencoder stored under %r.", path, prefix)
+    log.info("%s: autoencoder in the %s layout%s.", path.name, layout, f", stored under {prefix!r}" if prefix else "")
 
     with torch.device("meta"):
         model = AutoEncoder(config)
-    expected = model.state_dict()
     levels = len(config.ch_mult)
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
-    for key, meta in expected.items():
+    for key, meta in model.state_dict().items():
         names = [key] if layout == "bfl" else diffusers_key_names(key, levels)
         source = next((prefix + n for n in names if prefix + n in ckpt), None)
         if source is None:
@@ -66,11 +62,30 @@ def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str,
     if extra:
         raise ModelFileError(f"{path} has autoencoder tensors this architecture does not know "
                              f"({len(extra)}, e.g. {', '.join(sorted(extra)[:3])}); it is not FLUX's autoencoder.")
+    return config, state
+
+
+def autoencoder_weights(path: str | os.PathLike[str]) -> tuple[AutoEncoderConfig, dict[str, torch.Tensor]]:
+    """The autoencoder of any file or folder `load_autoencoder` takes, for another implementation of it
+    (ComfyUI's): its config and its memory-mapped tensors under BFL's names (`encoder.*`, `decoder.*`, as in
+    `ae.safetensors`; diffusers files renamed), checked complete."""
+    return _bfl_tensors(Path(path))
+
+
+def load_autoencoder(path: str | os.PathLike[str], device: torch.device | str,
+                     compute_device: torch.device | str | None = None) -> AutoEncoder:
+    """The autoencoder of a BFL `ae.safetensors` or a diffusers `vae/` (folder or file), on `device` in the
+    dtype it computes in on `compute_device` (default: `device`; inside ComfyUI the weights wait on the
+    offload device and ComfyUI moves them)."""
+    path, device = Path(path), torch.device(device)
+    compute_device = device if compute_device is None else torch.device(compute_device)
+    config, state = _bfl_tensors(path)
+    with torch.device("meta"):
+        model = AutoEncoder(config)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     model.requires_grad_(False)
     model.eval()
     dtype = autoencoder_compute_dtype(compute_device)
-    log.info("Autoencoder %s: %s layout, config %s, computing in %s on %s.", path.name, layout, config,
-             dtype, device)
+    log.info("Autoencoder %s: config %s, computing in %s on %s.", path.name, config, dtype, device)
     return model.to(device=device, dtype=dtype)

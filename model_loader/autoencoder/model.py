@@ -6,12 +6,15 @@ renaming; `loading.py` reads it (and the diffusers `vae/` layout, see `layouts.p
 
 `AutoEncoder.encode` / `decode` work on raw latents: no scale or shift (LATENT holds raw VAE latents; the
 sampler applies FLUX's `(z - SHIFT_FACTOR) * SCALE_FACTOR`). Images are in [-1, 1]. Large inputs are split
-into overlapping tiles when the estimated activation memory would not fit (`tiling.py`).
+into overlapping tiles when the estimated activation memory would not fit (`tiling.py`). An `interrupt` check
+given to encode/decode runs before every block of every tile (it raises to stop), so a cancel stops a large image
+within one block, not one pass.
 """
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from . import tiling
 from .config import AutoEncoderConfig
 
 TileCallback = Callable[[int, int], None]  # (tiles or batch chunks done, total)
+InterruptCheck = Callable[[], None]  # raises to stop the pass
 
 
 def _norm(operations: types.SimpleNamespace | types.ModuleType, groups: int, channels: int) -> nn.Module:
@@ -191,6 +195,22 @@ class Decoder(nn.Module):
         return self.conv_out(h)
 
 
+@contextlib.contextmanager
+def checked_blocks(module: nn.Module, check: InterruptCheck | None) -> Iterator[None]:
+    """While inside, `check()` runs before each resnet, attention, down- and upsampling block of `module` (forward
+    pre-hooks, removed afterwards: the math is untouched)."""
+    if check is None:
+        yield
+        return
+    blocks = [m for m in module.modules() if isinstance(m, (ResnetBlock, AttnBlock, Downsample, Upsample))]
+    handles = [block.register_forward_pre_hook(lambda _module, _args: check()) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class AutoEncoder(nn.Module):
     """Encoder and decoder; `encode`/`decode` pick batch chunks and tiles to fit the memory at hand."""
 
@@ -221,7 +241,7 @@ class AutoEncoder(nn.Module):
         return self.decoder(latents.to(self.device, self.dtype)).to(out_device, torch.float32)
 
     def encode(self, images: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None,
-               callback: TileCallback | None = None) -> torch.Tensor:
+               callback: TileCallback | None = None, interrupt: InterruptCheck | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> raw latents (B, z, H/f, W/f) float32, on the input's device.
 
         H and W must be multiples of the downscale factor f (8). `tile_size` / `tile_overlap` (image pixels)
@@ -234,14 +254,15 @@ class AutoEncoder(nn.Module):
         b, _, h, w = images.shape
         if h % f or w % f or h == 0 or w == 0:
             raise ValueError(f"encode needs a height and width that are multiples of {f}, got {h}x{w}.")
-        with torch.no_grad():  # not inference_mode: callers may update the result in place
+        # not inference_mode: callers may update the result in place
+        with torch.no_grad(), checked_blocks(self.encoder, interrupt):
             plan = tiling.plan(self.config, "encode", b, h // f, w // f, self.dtype, self.device,
                                tile_size, tile_overlap)
             return tiling.run(plan, images, lambda x: self._encode_pass(x, images.device),
                               in_scale=f, out_scale=1, out_channels=self.config.z_channels, callback=callback)
 
     def decode(self, latents: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None,
-               callback: TileCallback | None = None) -> torch.Tensor:
+               callback: TileCallback | None = None, interrupt: InterruptCheck | None = None) -> torch.Tensor:
         """Raw latents (B, z, h, w) -> images (B, 3, h*f, w*f) float32, about [-1, 1], on the input's device.
 
         `tile_size` / `tile_overlap` are in image pixels (multiples of f); see `encode`.
@@ -251,7 +272,8 @@ class AutoEncoder(nn.Module):
                              f"got {tuple(latents.shape)}.")
         b, _, h, w = latents.shape
         f = self.config.downscale_factor
-        with torch.no_grad():  # not inference_mode: callers may update the result in place
+        # not inference_mode: callers may update the result in place
+        with torch.no_grad(), checked_blocks(self.decoder, interrupt):
             plan = tiling.plan(self.config, "decode", b, h, w, self.dtype, self.device, tile_size, tile_overlap)
             return tiling.run(plan, latents, lambda z: self._decode_pass(z, latents.device),
                               in_scale=1, out_scale=f, out_channels=self.config.out_channels,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-_LORA_MARKS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_unet_", "lora_te")
+# kohya, peft, ComfyUI; XLabs (`processor.qkv_lora1.down`); LyCORIS LoHa (`hada_w1_a`) and LoKr (`lokr_w1`).
+_LORA_MARKS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_unet_", "lora_te",
+               ".processor.qkv_lora", ".processor.proj_lora", ".hada_w1_", ".lokr_w1", ".lokr_w2")
 
 
 class FileKind(enum.Enum):

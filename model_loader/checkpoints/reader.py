@@ -248,3 +248,10 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(i.end - i.start for f in self.files for i in f.tensors.values())
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """What tells one file from another (or from itself rewritten): its resolved path, size and modification time."""
+    path = Path(path)
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)

@@ -72,6 +72,22 @@ class FluxConfig:
 
 FLUX_DEV = FluxConfig()  # FLUX.1 [dev] and FLUX.1 Krea [dev]
 
+# img_in's input features of the FLUX.1 variants that condition on more than the noisy latent (64: 2x2 patches of its
+# 16 channels). Fill adds the masked image's latent (64) and the mask packed 8x8 per latent pixel (256); Depth and
+# Canny add the control image's latent (64). Kontext keeps 64 (its reference image joins as extra tokens).
+OTHER_VARIANTS = {384: "FLUX.1 Fill (inpainting and outpainting)",
+                  128: "FLUX.1 Depth or FLUX.1 Canny (structure control)"}
+
+
+def variant_problem(in_features: int) -> str | None:
+    """Why a transformer whose img_in takes `in_features` cannot run text-to-image sampling (None: it can)."""
+    if in_features == FLUX_DEV.in_channels:
+        return None
+    variant = OTHER_VARIANTS.get(in_features, "a FLUX variant this pack does not know")
+    return (f"the model is {variant}: its img_in takes {in_features} features per token, where text-to-image "
+            f"FLUX.1 models (FLUX.1 [dev], FLUX.1 Krea [dev]) take {FLUX_DEV.in_channels}. Krea Sampler runs "
+            "text-to-image models: load one of those.")
+
 # ---------------------------------------------------------------------------------------------- layers
 
 # ----------------------------------------------------------------------------------------------- model

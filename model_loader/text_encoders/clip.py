@@ -14,6 +14,7 @@ from torch import nn
 
 from ..checkpoints import Checkpoint
 from ..errors import ModelFileError
+from ..operations import unfilled_embedding
 
 PREFIX = "text_model."
 HEAD_DIM = 64  # CLIP text towers use 64-wide heads
@@ -113,8 +114,8 @@ class CLIPEncoder(nn.Module):
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.positions, config.width)
+        self.token_embedding = unfilled_embedding(config.vocab_size, config.width)
+        self.position_embedding = unfilled_embedding(config.positions, config.width)
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # The tables stay where they are (they are not streamed to the GPU): look up there, move the rows.

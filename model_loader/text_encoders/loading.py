@@ -12,6 +12,8 @@ ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (fp8 weights with per-tensor `sc
 T5 GGUF files (`t5-v1_1-xxl-encoder-Q8_0.gguf`: llama.cpp's names; block-quantized Linear weights stay
 quantized, a quantized embedding is dequantized to fp16), and the `text_encoder/` / `text_encoder_2/`
 folders of a diffusers model (sharded, with an index), or its root.
+`clip_weights` / `t5_weights` give the same checked tensors under the released files' names, for another
+implementation of the encoders (ComfyUI's own, inside ComfyUI; a GGUF file's tensors dequantized to fp16).
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from ..checkpoints import Checkpoint, FileKind, RenamedSource, first_keys, ident
 from ..compute_dtypes import text_encoder_compute_dtype
 from ..errors import ModelFileError
 from ..operations import CastOps, QuantizedLinear, QuantizedOps
-from .clip import CLIPTextModel, build_clip
+from .clip import CLIPTextConfig, CLIPTextModel, build_clip
 from .clip import config_from_checkpoint as clip_config_from_checkpoint
-from .t5 import EMBEDDING_KEYS, T5EncoderModel, build_t5, transformers_name
+from .t5 import EMBEDDING_KEYS, T5EncoderConfig, T5EncoderModel, build_t5, transformers_name
 from .t5 import config_from_checkpoint as t5_config_from_checkpoint
 from .tokenization import FixedLengthTokenizer, find_tokenizer_folders, load_clip_tokenizer, load_t5_tokenizer
 
@@ -68,31 +70,39 @@ def _prefix_of(keys: Iterable[str], mark: str, ckpt: Checkpoint, companion: str)
 
 # ---------------------------------------------------------------------------------------------------- loading
 
+def _file_tensors(model: nn.Module, ckpt: Checkpoint, key_in_file: Callable[[str], str],
+                  what: str) -> dict[str, str]:
+    """Each of `model`'s (meta-device) tensor names -> its key in the file; refuses an incomplete file or one of
+    other shapes."""
+    expected = model.state_dict()
+    keys = {name: key_in_file(name) for name in expected}
+    missing = [key for key in keys.values() if key not in ckpt]
+    if missing:
+        raise ModelFileError(
+            f"{ckpt.path} lacks {len(missing)} of the {len(expected)} weights of {what} "
+            f"(first: {', '.join(missing[:3])}). The file is incomplete or another variant; download it again."
+        )
+    for name, meta in expected.items():
+        if tuple(ckpt.shape(keys[name])) != tuple(meta.shape):
+            raise ModelFileError(
+                f"{ckpt.path}: {keys[name]} has shape {tuple(ckpt.shape(keys[name]))}, {what} needs "
+                f"{tuple(meta.shape)}. The file is damaged or of another model."
+            )
+    return keys
+
+
 def _load_weights(model: nn.Module, ckpt: Checkpoint, key_in_file: Callable[[str], str], what: str) -> None:
     """Assign the checkpoint's memory-mapped tensors to the meta-device `model` (no copies).
 
     `*.scale_weight` tensors of ComfyUI's scaled-fp8 files (`*.weight_scale` in its newer files) go to the
     owning CastLinear's `set_scale`; a scaled weight of any other module is dequantized on load.
     """
-    expected = model.state_dict()
-    missing = [key_in_file(k) for k in expected if key_in_file(k) not in ckpt]
-    if missing:
-        raise ModelFileError(
-            f"{ckpt.path} lacks {len(missing)} of the {len(expected)} weights of {what} "
-            f"(first: {', '.join(missing[:3])}). The file is incomplete or another variant; download it again."
-        )
     scalable = {name: m for name, m in model.named_modules() if hasattr(m, "set_scale")}
     modules = dict(model.named_modules())
     quant_type = getattr(ckpt, "quant_type", None)  # GGUF files: which tensors are block-quantized
     state: dict[str, torch.Tensor] = {}
     scales: list[tuple[nn.Module, torch.Tensor]] = []
-    for name, meta in expected.items():
-        file_key = key_in_file(name)
-        if tuple(ckpt.shape(file_key)) != tuple(meta.shape):
-            raise ModelFileError(
-                f"{ckpt.path}: {file_key} has shape {tuple(ckpt.shape(file_key))}, {what} needs "
-                f"{tuple(meta.shape)}. The file is damaged or of another model."
-            )
+    for name, file_key in _file_tensors(model, ckpt, key_in_file, what).items():
         owner, _, leaf = name.rpartition(".")
         quant = quant_type(file_key) if quant_type is not None else None
         if quant is not None:
@@ -123,13 +133,17 @@ def load_clip_model(path: str | os.PathLike[str], operations=CastOps) -> CLIPTex
     return _clip_from(open_checkpoint(path, "text_encoder"), operations)
 
 
-def _clip_from(ckpt: Checkpoint, operations) -> CLIPTextModel:
-    keys = ckpt.keys()
-    prefix = _prefix_of(keys, _CLIP_MARK, ckpt, _CLIP_LAYER)
+def _clip_prefix(ckpt: Checkpoint) -> str:
+    prefix = _prefix_of(ckpt.keys(), _CLIP_MARK, ckpt, _CLIP_LAYER)
     if prefix is None:
         raise _wrong_encoder(ckpt, FileKind.CLIP_TEXT,
                              " Pick it as the T5 file and clip_l.safetensors as the CLIP file.",
                              " Pick clip_l.safetensors (CLIP-L) as the CLIP file.")
+    return prefix
+
+
+def _clip_from(ckpt: Checkpoint, operations) -> CLIPTextModel:
+    prefix = _clip_prefix(ckpt)
     config = clip_config_from_checkpoint(ckpt, prefix)
     if config.width != 768 and config.layers >= 12:  # a full-size CLIP of another kind (CLIP-G, CLIP-H)
         log.warning("%s is a CLIP text encoder of width %d; FLUX expects CLIP-L (768).", ckpt.path, config.width)
@@ -140,29 +154,83 @@ def _clip_from(ckpt: Checkpoint, operations) -> CLIPTextModel:
     return model
 
 
+def clip_weights(path: str | os.PathLike[str]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+    """The CLIP text encoder of any file or folder `load_clip_model` takes, for another implementation of it
+    (ComfyUI's): its config and its memory-mapped tensors named as in `clip_l.safetensors` (`text_model.*`,
+    checked complete; `text_projection.weight` too when the file has it)."""
+    ckpt = open_checkpoint(path, "text_encoder")
+    prefix = _clip_prefix(ckpt)
+    config = clip_config_from_checkpoint(ckpt, prefix)
+    keys = _file_tensors(build_clip(config), ckpt, lambda name: prefix + name[len("text_model."):],
+                         "a CLIP text encoder")
+    tensors = {name: ckpt.tensor(key) for name, key in keys.items()}
+    projection = prefix.removesuffix("text_model.") + "text_projection.weight"  # stored beside, unused by FLUX
+    if projection in ckpt:
+        tensors["text_projection.weight"] = ckpt.tensor(projection)
+    return config, tensors
+
+
 def load_t5_model(path: str | os.PathLike[str], operations=CastOps) -> T5EncoderModel:
     """T5 v1.1 encoder from a file (fp16/bf16/fp32 or ComfyUI scaled fp8) or a diffusers folder."""
     return _t5_from(open_checkpoint(path, "text_encoder_2"), operations)
 
 
-def _t5_from(ckpt: Checkpoint, operations) -> T5EncoderModel:
-    if any(k.startswith("enc.blk.") for k in ckpt.keys()):  # a GGUF file in llama.cpp's names
-        ckpt = RenamedSource(ckpt, {transformers_name(k): k for k in ckpt.keys()})
-        operations = QuantizedOps
-    keys = ckpt.keys()
-    prefix = _prefix_of(keys, _T5_MARK, ckpt, _T5_BLOCK)
+def _t5_source(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint under transformers' names: a GGUF file in llama.cpp's names renamed, others as they are."""
+    if any(k.startswith("enc.blk.") for k in ckpt.keys()):
+        return RenamedSource(ckpt, {transformers_name(k): k for k in ckpt.keys()})
+    return ckpt
+
+
+def _t5_prefix(ckpt: Checkpoint) -> str:
+    prefix = _prefix_of(ckpt.keys(), _T5_MARK, ckpt, _T5_BLOCK)
     if prefix is None:
         raise _wrong_encoder(ckpt, FileKind.T5_TEXT,
                              " Pick it as the CLIP file and t5xxl_fp16.safetensors as the T5 file.",
                              " Pick t5xxl_fp16.safetensors (or the fp8 one) as the T5 file.")
-    config = t5_config_from_checkpoint(ckpt, prefix)
+    return prefix
+
+
+def _t5_keys(ckpt: Checkpoint, prefix: str) -> Callable[[str], str]:
+    """The model's tensor name -> the file's key (the token embedding is stored as either of its tied names)."""
     embedding = next(prefix + k for k in EMBEDDING_KEYS if prefix + k in ckpt)
+    return lambda name: embedding if name == "shared.weight" else prefix + name
+
+
+def _t5_from(ckpt: Checkpoint, operations) -> T5EncoderModel:
+    source = _t5_source(ckpt)
+    if source is not ckpt:  # a GGUF file: its block-quantized Linear weights stay quantized
+        ckpt, operations = source, QuantizedOps
+    keys = ckpt.keys()
+    prefix = _t5_prefix(ckpt)
+    config = t5_config_from_checkpoint(ckpt, prefix)
     model = build_t5(config, operations)
-    _load_weights(model, ckpt, lambda name: embedding if name == "shared.weight" else prefix + name,
-                  "a T5 encoder")
+    _load_weights(model, ckpt, _t5_keys(ckpt, prefix), "a T5 encoder")
     log.info("Loaded T5 encoder %s: %d blocks, d_model %d, %s%s.", ckpt.path, config.layers, config.d_model,
              _stored_dtype(model), " (scaled fp8)" if any(k.endswith("scale_weight") for k in keys) else "")
     return model
+
+
+def t5_weights(path: str | os.PathLike[str]) -> tuple[T5EncoderConfig, dict[str, torch.Tensor]]:
+    """The T5 encoder of any file or folder `load_t5_model` takes, for another implementation of it (ComfyUI's):
+    its config and its memory-mapped tensors under transformers' T5EncoderModel names (`shared.weight`,
+    `encoder.*`), checked complete, with what a scaled-fp8 file stores beside them (`*.scale_weight`, the
+    `scaled_fp8` marker) as stored; an encoder-only GGUF file's quantized tensors dequantized to fp16."""
+    ckpt = _t5_source(open_checkpoint(path, "text_encoder_2"))
+    prefix = _t5_prefix(ckpt)
+    config = t5_config_from_checkpoint(ckpt, prefix)
+    keys = _file_tensors(build_t5(config), ckpt, _t5_keys(ckpt, prefix), "a T5 encoder")
+    quant_type = getattr(ckpt, "quant_type", None)
+
+    def read(key: str) -> torch.Tensor:  # a GGUF file's quantized tensor comes dequantized: fp16, T5's own dtype
+        tensor = ckpt.tensor(key)
+        return tensor.to(torch.float16) if quant_type is not None and quant_type(key) else tensor
+
+    stored = {key: read(key) for key in ckpt.keys() if key.startswith(prefix)}  # each read once
+    # Whatever else is stored beside the weights (scales, the file-wide marker) under its own name.
+    tensors = {key[len(prefix):]: tensor for key, tensor in stored.items()}
+    tensors.update((name, stored[key]) for name, key in keys.items())
+    return config, tensors
 
 
 def _stored_dtype(model: nn.Module) -> torch.dtype:

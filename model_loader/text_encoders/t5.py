@@ -20,6 +20,7 @@ from torch import nn
 
 from ..checkpoints import Checkpoint
 from ..errors import ModelFileError
+from ..operations import unfilled_embedding
 
 _FP16_SAFE_MAX = torch.finfo(torch.float16).max - 1000  # the bound HF's T5 clamps to in fp16
 
@@ -134,7 +135,7 @@ class T5Attention(nn.Module):
         self.v = operations.Linear(config.d_model, inner, bias=False)
         self.o = operations.Linear(inner, config.d_model, bias=False)
         if has_relative_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_buckets, config.heads)
+            self.relative_attention_bias = unfilled_embedding(config.relative_buckets, config.heads)
 
     def position_bias(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(1, heads, length, length) additive attention bias."""
@@ -215,7 +216,7 @@ class T5EncoderModel(nn.Module):
     def __init__(self, config: T5EncoderConfig, operations=nn) -> None:
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = unfilled_embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, operations)
 
     def streamed_parts(self) -> list[nn.Module]:

@@ -8,9 +8,10 @@ for the command line, the fal server and tests. Nothing else in the pack asks wh
 from __future__ import annotations
 
 from .folders import KIND_FOLDERS, MODEL_FOLDERS, model_name_problem, with_folders
-from .holding import ModelSlot, forget_loaded
+from .holding import ModelSlot, file_key, forget_loaded
 from .interface import Host, LoadedTransformer
-from .standalone_host import Interrupted, StandaloneHost, TransformerHandle, file_key
+from .standalone_host import Interrupted, StandaloneHost
+from .standalone_models import TextEncoderHandle, TransformerHandle, VaeHandle
 
 
 def _comfyui_importable() -> bool:
@@ -41,5 +42,5 @@ def standalone_host() -> StandaloneHost:
 
 
 __all__ = ["IN_COMFYUI", "KIND_FOLDERS", "MODEL_FOLDERS", "Host", "Interrupted", "LoadedTransformer", "ModelSlot",
-           "StandaloneHost", "TransformerHandle", "file_key", "forget_loaded", "host", "model_name_problem",
-           "standalone_host", "with_folders"]
+           "StandaloneHost", "TextEncoderHandle", "TransformerHandle", "VaeHandle", "file_key", "forget_loaded", "host",
+           "model_name_problem", "standalone_host", "with_folders"]

@@ -1,5 +1,6 @@
 """The host inside ComfyUI: its folders (folder_paths), devices and memory management (comfy.model_management),
-progress bars and previews, save paths, --disable-metadata, and its HTTP server for fal's routes.
+ComfyUI's own MODEL, CLIP and VAE types for the loader's outputs, progress bars and previews, save paths,
+--disable-metadata, and its HTTP server for fal's routes.
 
 Imported only when ComfyUI's modules are importable (nodes/host/__init__.py); with comfyui_models.py and
 fal_queue.py, the only code of the pack that imports ComfyUI.
@@ -16,10 +17,12 @@ import comfy.utils as comfy_utils  # type: ignore[import-not-found]
 import folder_paths  # type: ignore[import-not-found]
 import torch
 
+from ...model_loader.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+from ...model_loader.text_encoders.tokenization import FixedLengthTokenizer
 from ...sampling.denoise import StepCallback
 from . import comfyui_models
 from .folders import GGUF_EXTENSIONS, GGUF_FOLDERS, MODEL_EXTENSIONS
-from .holding import UnderPatchers
+from .holding import ModelSlot, UnderPatchers, cached_load, file_key, kept
 from .interface import Host, LoadedTransformer, WorkCallback
 
 StepListener = Callable[[str, int, int], None]  # (prompt id, step, total)
@@ -142,10 +145,33 @@ class ComfyHost(Host):
 
         return not args.disable_metadata
 
-    # -- the transformer -----------------------------------------------------------------------------------
-    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device) -> Any:
-        """A standard ModelPatcher, loaded now onto the offload device (ComfyUI's cache owns it)."""
-        return comfyui_models.transformer_model(path, weight_dtype)
+    # -- the models the loader hands out: ComfyUI's own types, each kept in the loader's slot -----------------
+    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device, slot: ModelSlot) -> Any:
+        """A standard ModelPatcher, loaded now onto the offload device."""
+        return kept(slot, (file_key(path), weight_dtype),
+                    lambda: comfyui_models.transformer_model(path, weight_dtype))
+
+    def text_encoder_model(self, clip_path: Path, t5_path: Path, slot: ModelSlot) -> Any:
+        return kept(slot, (file_key(clip_path), file_key(t5_path)),
+                    lambda: comfyui_models.flux_clip(clip_path, t5_path))
+
+    def vae_model(self, path: Path, slot: ModelSlot) -> Any:
+        return kept(slot, (file_key(path),), lambda: comfyui_models.flux_vae(path))
+
+    def prompt_tokenizers(self) -> tuple[FixedLengthTokenizer, FixedLengthTokenizer]:
+        """The pack's CLIP and T5 tokenizers over the tokenizer files ComfyUI ships (loaded once)."""
+        folders = self.shipped_tokenizer_dirs()
+        return cached_load("tokenizers", (str(folders["clip"]), str(folders["t5"])),
+                           lambda: (load_clip_tokenizer(folders["clip"]), load_t5_tokenizer(folders["t5"])))
+
+    def encode_prompt(self, text_encoder: Any, prompt: str) -> list:
+        return comfyui_models.encode_prompt(text_encoder, prompt, self.prompt_tokenizers())
+
+    def encode_pixels(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
+        return comfyui_models.encode_pixels(vae, images)
+
+    def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        return comfyui_models.decode_latents(vae, latents)
 
     def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
         return comfyui_models.load_transformer(model, latent_shape, extra_bytes)

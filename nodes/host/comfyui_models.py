@@ -1,10 +1,14 @@
-"""The pack's transformer as ComfyUI's own MODEL, under ComfyUI's memory management; what the sampler gets.
+"""Model files -> what the loader hands out inside ComfyUI: the pack's transformer as ComfyUI's own MODEL (what the
+sampler gets), the text encoders and VAE as ComfyUI's own CLIP and VAE; and the pack's nodes on those.
 
 The transformer file is loaded with ComfyUI's layer classes (`comfy.ops`, chosen for how the weights are
 stored) onto ComfyUI's offload device, and put at `diffusion_model` of a `comfy.model_base.Flux`, so that
 its weights read `diffusion_model.double_blocks.N...` and ComfyUI's LoRA key maps, partial loading, `/free`
-and out-of-memory recovery treat it as they treat ComfyUI's own FLUX. Nothing here subclasses or patches
-ModelPatcher or model_management, and the pack keeps no reference of its own to the model it hands out.
+and out-of-memory recovery treat it as they treat ComfyUI's own FLUX. The text encoders and the VAE are
+ComfyUI's own models (`comfy.sd.CLIP` of type FLUX and `comfy.sd.VAE`, as DualCLIPLoader and VAELoader make
+them), built from the tensors the pack's readers find in any file the pack accepts, so ComfyUI's text, VAE,
+inpainting and LoRA nodes take them. Nothing here subclasses or patches ModelPatcher or
+model_management, and the pack keeps no reference of its own to the models it hands out.
 
 A GGUF file's quantized weights are held by the pack's QuantizedLinear (ComfyUI has no GGUF layers), which
 follows comfy.ops' contract; ComfyUI streams them like its own, and applies a LoRA to a streamed layer's
@@ -23,11 +27,18 @@ import comfy.model_management as model_management  # type: ignore[import-not-fou
 import comfy.model_patcher  # type: ignore[import-not-found]
 import comfy.ops  # type: ignore[import-not-found]
 import comfy.patcher_extension  # type: ignore[import-not-found]
+import comfy.sd  # type: ignore[import-not-found]
 import comfy.supported_models  # type: ignore[import-not-found]
+import comfy.text_encoders.flux  # type: ignore[import-not-found]
+import folder_paths  # type: ignore[import-not-found]
 import torch
 
-from ...model_loader import FluxTransformer, load_flux
+from ...model_loader import LATENT_CHANNELS, FluxTransformer, ModelFileError, load_flux
+from ...model_loader.autoencoder import FLUX_AUTOENCODER, autoencoder_weights
+from ...model_loader.flux import variant_problem
 from ...model_loader.operations import OperationsFor, QuantizedLinear, QuantizedOps, WeightStorage
+from ...model_loader.text_encoders import CLIP_L, T5EncoderConfig, clip_weights, t5_weights
+from ...model_loader.text_encoders.tokenization import T5_MAX_LENGTH, FixedLengthTokenizer
 from .interface import LoadedTransformer
 
 _CALLBACK_KEY = "krea_gguf_lora"
@@ -127,6 +138,12 @@ def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int
     if not isinstance(model, comfy.model_patcher.ModelPatcher) or not isinstance(holder, comfy.model_base.Flux):
         raise ValueError(f"Krea Sampler needs a FLUX.1 MODEL (Krea Model Loader, or ComfyUI's Load Diffusion Model "
                          f"with a FLUX.1 file); the connected model is {describe_model(model)}.")
+    # The variant is known from the config ComfyUI holds: refused before any weight moves (unet_config counts
+    # latent channels, 2x2 patches packed into each token).
+    unet_config = holder.model_config.unet_config
+    problem = variant_problem(unet_config.get("in_channels", 16) * unet_config.get("patch_size", 2) ** 2)
+    if problem is not None:
+        raise ValueError(problem)
     memory_required = holder.memory_required(latent_shape) + extra_bytes
     model_management.load_models_gpu([model], memory_required=memory_required)
     module = holder.diffusion_model
@@ -139,10 +156,89 @@ def load_transformer(model: Any, latent_shape: tuple[int, ...], extra_bytes: int
 
 
 def managed_model(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> Any:
-    """A plain ModelPatcher over one of the pack's other models (text encoders, VAE, classifier)."""
+    """A plain ModelPatcher over the pack's safety classifier."""
     return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
 
 
 def load_for_use(patcher: Any, memory_required: int) -> None:
     """Let ComfyUI make room and put the model on its device (fully, or partially when it does not fit)."""
     model_management.load_models_gpu([patcher], memory_required=memory_required)
+
+
+# ------------------------------------------------------------------------------ the text encoders and the VAE
+
+def t5_size_options(t5: T5EncoderConfig) -> dict[str, dict]:
+    """ComfyUI's model option giving its T5 these sizes (it reads them from its own config file otherwise; the
+    released T5-XXL files have exactly those)."""
+    return {"t5xxl_model_config": {
+        "d_model": t5.d_model, "d_kv": t5.d_kv, "num_heads": t5.heads, "d_ff": t5.d_ff, "num_layers": t5.layers,
+        "vocab_size": t5.vocab_size, "relative_attention_num_buckets": t5.relative_buckets}}
+
+
+def flux_clip(clip_path: str | os.PathLike[str], t5_path: str | os.PathLike[str]) -> Any:
+    """ComfyUI's own FLUX text encoders (a `comfy.sd.CLIP`, as DualCLIPLoader with type flux makes it), its T5 sized
+    as the file is and padded to 512 tokens by ComfyUI's own tokenization too (ComfyUI pads FLUX's to 256; BFL,
+    diffusers and fal use 512 for FLUX.1 [dev]), so ComfyUI's text nodes give fal's sequence length."""
+    clip_config, clip_tensors = clip_weights(clip_path)
+    if clip_config != CLIP_L:  # ComfyUI 0.3.64 builds CLIP-L at its one size (it overrides a size given to it)
+        raise ModelFileError(f"{clip_path} is a CLIP text encoder of another size ({clip_config.layers} layers of "
+                             f"width {clip_config.width}); FLUX uses CLIP-L: pick clip_l.safetensors.")
+    t5_config, t5_tensors = t5_weights(t5_path)
+    clip = comfy.sd.load_text_encoder_state_dicts(
+        [clip_tensors, t5_tensors], embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        clip_type=comfy.sd.CLIPType.FLUX, model_options=t5_size_options(t5_config))
+    clip.set_tokenizer_option("t5xxl_min_length", T5_MAX_LENGTH)
+    return clip
+
+
+def flux_vae(path: str | os.PathLike[str]) -> Any:
+    """ComfyUI's own VAE (a `comfy.sd.VAE`, as VAELoader makes it) of FLUX's autoencoder file."""
+    config, tensors = autoencoder_weights(path)
+    if config != FLUX_AUTOENCODER:  # ComfyUI builds this one shape for a 16-channel autoencoder
+        raise ModelFileError(f"{path} is an autoencoder of another size ({config}); FLUX's is ae.safetensors "
+                             f"(widths {FLUX_AUTOENCODER.level_channels}). Pick that file.")
+    vae = comfy.sd.VAE(sd=tensors)
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def flux_clip_input(clip: Any) -> Any:
+    """`clip` when it holds FLUX's text encoders (CLIP-L + T5-XXL), else the error saying what to connect."""
+    inner = getattr(clip, "cond_stage_model", None)
+    if not isinstance(clip, comfy.sd.CLIP) or not isinstance(inner, comfy.text_encoders.flux.FluxClipModel):
+        what = type(inner).__name__ if inner is not None else type(clip).__name__
+        raise ValueError(f"text_encoder must hold FLUX's text encoders (CLIP-L and T5-XXL): Krea Model Loader's "
+                         f"text_encoder, or DualCLIPLoader with type flux. The connected one is {what}.")
+    return clip
+
+
+def flux_vae_input(vae: Any) -> Any:
+    """`vae` when it is FLUX's autoencoder (16 latent channels, 8x), else the error saying what to connect."""
+    if not isinstance(vae, comfy.sd.VAE) or vae.latent_channels != LATENT_CHANNELS or vae.latent_dim != 2 \
+            or vae.spacial_compression_decode() != 8:
+        what = (f"a VAE with {vae.latent_channels} latent channels" if isinstance(vae, comfy.sd.VAE)
+                else type(vae).__name__)
+        raise ValueError(f"vae must be FLUX's autoencoder ({LATENT_CHANNELS} latent channels): Krea Model Loader's "
+                         f"vae, or VAELoader with ae.safetensors. The connected one is {what}.")
+    return vae
+
+
+def encode_prompt(clip: Any, prompt: str, tokenizers: tuple[FixedLengthTokenizer, FixedLengthTokenizer]) -> list:
+    """CONDITIONING for `prompt` from ComfyUI's FLUX CLIP, with the pack's tokenizers' ids (diffusers' and fal's:
+    T5 512 tokens, CLIP 77, the text taken literally) instead of ComfyUI's prompt syntax; ComfyUI encodes them
+    (its LoRA patches and hooks on the CLIP apply)."""
+    clip = flux_clip_input(clip)
+    clip_tokenizer, t5_tokenizer = tokenizers
+    tokens = {"l": [[(int(i), 1.0) for i in clip_tokenizer([prompt]).ids[0]]],
+              "t5xxl": [[(int(i), 1.0) for i in t5_tokenizer([prompt]).ids[0]]]}
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+def encode_pixels(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) in 0..1 -> raw latents (B, 16, H/8, W/8), as VAEEncode does."""
+    return flux_vae_input(vae).encode(images)
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Raw latents (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) in 0..1 on the CPU, as VAEDecode does."""
+    return flux_vae_input(vae).decode(latents).to("cpu", torch.float32).contiguous()

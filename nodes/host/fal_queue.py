@@ -4,7 +4,13 @@ A request becomes the shipped API workflow, validated by ComfyUI's validate_prom
 POST /prompt does: the request id IS the prompt id, so fal jobs show in ComfyUI's queue and history. The queue
 position comes from that queue, the end from its history; cancel removes a waiting prompt or interrupts the
 running one. Sampler steps reach the logs as they happen (a listener of the host's progress callback); node starts
-are read off ComfyUI's progress registry every WATCH_S. ComfyUI's --tls-keyfile/--tls-certfile give https.
+are read off ComfyUI's progress registry every WATCH_S. ComfyUI's --tls-keyfile/--tls-certfile give https (a key
+others can read is warned about: ComfyUI loads it, the pack cannot refuse it).
+
+The protocol's limits (fal_api) hold here as in `serve`, set by environment variables (fal_api/settings.py). What
+only the server itself could bound is ComfyUI's: its connections (how many, how long one may sit idle or send its
+headers) and what happens on SIGTERM (ComfyUI installs no handler: the process ends at once, and fal requests still
+waiting have no record afterwards).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from ...fal_api.image_input import InputImage
 from ...fal_api.jobs import CANCELLED, Job
 from ...fal_api.routes import FalService, add_fal_routes
 from ...fal_api.settings import ServiceSettings
+from ...fal_api.tls_key import key_exposure
 from ...fal_api.workflow import finish
 from .comfyui_errors import refusal_text
 
@@ -145,10 +152,24 @@ def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int], N
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return None
+    try:
+        settings = ServiceSettings.from_environment()
+    except ValueError as err:  # the nodes keep working; the protocol stays off until the setting is fixed
+        log.error("fal protocol not served under %s: %s", PREFIX, err)
+        return None
     uploads_folder = Path(folder_paths.get_input_directory()) / "fal-uploads"
     backend = ComfyQueueBackend(server, uploads_folder)
-    service = FalService.create(backend, uploads_folder, ServiceSettings.from_environment(), prefix=PREFIX)
+    service = FalService.create(backend, uploads_folder, settings, prefix=PREFIX)
     add_fal_routes(server.routes, service)
     add_step_listener(backend.on_step)
     log.info("fal protocol at %s (FAL_RUN_HOST=HOST:PORT%s)", PREFIX, PREFIX)
+    warn_about_tls_key()
     return service
+
+
+def warn_about_tls_key() -> None:
+    from comfy.cli_args import args  # type: ignore[import-not-found]
+
+    exposure = key_exposure(Path(args.tls_keyfile)) if getattr(args, "tls_keyfile", None) else None
+    if exposure is not None:
+        log.warning("fal: %s", exposure[1])

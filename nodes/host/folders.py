@@ -20,6 +20,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
     "safety_checker": ("safety_checker",),
+    "loras": ("loras",),
 }
 
 # The ComfyUI folder each kind of model file belongs in (model_loader names kinds, never folders).
@@ -60,12 +61,16 @@ def model_name_problem(name: object) -> str | None:
 
 
 def with_folders(err: ModelFileError) -> ModelFileError:
-    """The same error, its message ending with the folders the wrong file and the right one belong in."""
-    hints = []
-    if err.found is not None and err.found is not err.expected and err.found in KIND_FOLDERS:
-        hints.append(f"{err.found.short} files belong in models/{KIND_FOLDERS[err.found]}")
-    if err.expected is not None and err.expected in KIND_FOLDERS:
-        hints.append(f"{err.expected.short} files in models/{KIND_FOLDERS[err.expected]}")
+    """The same error, its message ending with the folders the wrong file and the right one belong in (said once
+    when they are the same folder, as for the two text encoders)."""
+    found = KIND_FOLDERS.get(err.found) if err.found is not None and err.found is not err.expected else None
+    expected = KIND_FOLDERS.get(err.expected) if err.expected is not None else None
+    if found is not None and found == expected:
+        hints = [f"{err.found.short} and {err.expected.short} files both belong in models/{found}"]
+    else:
+        hints = [f"{err.found.short} files belong in models/{found}"] if found is not None else []
+        if expected is not None:
+            hints.append(f"{err.expected.short} files in models/{expected}")
     if not hints:
         return err
     text = "; ".join(hints)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from ...model_loader import ModelFileError
+from ...model_loader.checkpoints import file_identity
 from .folders import with_folders
 
 _lock = threading.Lock()
@@ -26,13 +27,27 @@ Build = Callable[[], Any]
 Modules = Callable[[Any], torch.nn.Module]  # a built model -> the module its ModelPatcher manages
 
 
+file_key = file_identity  # what tells one model file from another: its resolved path, size and modification time
+
+
 class ModelSlot:
-    """What one handle loaded (inside ComfyUI): the key it was built for, the model and its ModelPatcher."""
+    """What one holder loaded (inside ComfyUI): the key it was built for, the model and its ModelPatcher (when
+    the pack made one). Holders: a handle, or a loader node (ComfyUI keeps one node instance per graph node)."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
         self.model: Any = None
         self.patcher: Any = None
+
+
+def kept(slot: ModelSlot, key: tuple[Any, ...], build: Build) -> Any:
+    """The model built for `key`, kept in `slot`: built again only for another key, after the old one was
+    dropped (never two at once). A wrong file's error is raised as it is (the loader adds the folders)."""
+    if slot.key != key:
+        slot.key, slot.model, slot.patcher = None, None, None
+        slot.model = build()
+        slot.key = key
+    return slot.model
 
 
 def cached_load(kind: str, key: tuple[Any, ...], build: Build) -> Any:

@@ -18,7 +18,7 @@ import torch
 from ...model_loader import ModelFileError
 from ...sampling.denoise import StepCallback
 from .folders import model_name_problem
-from .holding import ModelHolding
+from .holding import ModelHolding, ModelSlot
 
 WorkCallback = Callable[[int, int], None]  # update(done, total) for work without latents (VAE tiles)
 
@@ -103,9 +103,32 @@ class Host(Protocol):
         """False when saved images must carry no prompt or workflow (ComfyUI's --disable-metadata)."""
         ...
 
-    # -- the transformer -----------------------------------------------------------------------------------
-    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device) -> Any:
-        """What KreaModelLoader outputs as MODEL for the transformer file `path`."""
+    # -- the models the loader hands out, and what the pack's nodes do with them ------------------------------
+    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device, slot: ModelSlot) -> Any:
+        """What KreaModelLoader outputs as MODEL for the transformer file `path`. `slot` is the loader's own (one
+        per graph node inside ComfyUI): a host that loads at once keeps the model there by file and dtype, so
+        that changing another input of the loader does not load it again."""
+        ...
+
+    def text_encoder_model(self, clip_path: Path, t5_path: Path, slot: ModelSlot) -> Any:
+        """What KreaModelLoader outputs as CLIP for the CLIP-L and T5-XXL files (`slot` as for the transformer)."""
+        ...
+
+    def vae_model(self, path: Path, slot: ModelSlot) -> Any:
+        """What KreaModelLoader outputs as VAE for the autoencoder file (`slot` as for the transformer)."""
+        ...
+
+    def encode_prompt(self, text_encoder: Any, prompt: str) -> list:
+        """CONDITIONING for `prompt` from a CLIP input: T5 reads 512 tokens and CLIP-L 77, tokenized as
+        diffusers' FluxPipeline does (fal's exact ids), [[sequence (1, 512, 4096), {"pooled_output": (1, 768)}]]."""
+        ...
+
+    def encode_pixels(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
+        """IMAGE (B, H, W, 3) in 0..1, sides multiples of 16 -> raw latents (B, 16, H/8, W/8) with a VAE input."""
+        ...
+
+    def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, 16, h, w) -> IMAGE (B, 8h, 8w, 3) float32 in 0..1 on the CPU, with a VAE input."""
         ...
 
     def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:

@@ -1,7 +1,9 @@
 """The host outside ComfyUI (the command line, the fal server, tests): a models folder with ComfyUI's layout, an
 output folder, the compute device torch offers, and an interrupt event, all set with `configure`.
 
-The transformer's MODEL here is a `TransformerHandle` that loads on first use, through the one model cache.
+The loader's MODEL, CLIP and VAE here are handles that load the pack's own modules on first use, through the one
+model cache (standalone_models.py); the MODEL merges the LoRAs its workflow puts in front of the sampler
+(LoraLoaderModelOnly).
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ...model_loader import load_flux
 from ...sampling.denoise import StepCallback
 from .folders import MODEL_FOLDERS, model_extensions
-from .holding import LatestPerKind, cached_load
+from .holding import LatestPerKind, ModelSlot
 from .interface import Host, LoadedTransformer, WorkCallback
+from .standalone_models import TextEncoderHandle, TransformerHandle, VaeHandle, as_handle
 
 
 class Interrupted(Exception):
@@ -33,24 +35,8 @@ class StandaloneSettings:
     tokenizer_dir: Path | None = None
     progress: StepCallback | None = None  # told of every sampler step (the command line's bar, the fal logs)
     interrupt: threading.Event | None = None  # set: the running workflow stops before the next transformer block
-
-
-def file_key(path: Path) -> tuple[str, int, int]:
-    """What tells one model file from another: its resolved path, size and modification time."""
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@dataclass(frozen=True)
-class TransformerHandle:
-    """MODEL outside ComfyUI: the FLUX transformer file and how to hold its weights, loaded on first use."""
-    path: Path
-    weight_dtype: str
-    device: torch.device
-
-    def load(self):
-        key = (file_key(self.path), self.weight_dtype, str(self.device))
-        return cached_load("transformer", key, lambda: load_flux(self.path, self.weight_dtype, self.device))
+    # The processes that sample each image together (sequence parallelism, sampling/sequence_parallel.py); None: one
+    process_group: Any = None
 
 
 class StandaloneHost(Host):
@@ -63,14 +49,13 @@ class StandaloneHost(Host):
     def configure(self, models_dir: str | os.PathLike[str] | None = None,
                   output_dir: str | os.PathLike[str] | None = None, progress: StepCallback | None = None,
                   tokenizer_dir: str | os.PathLike[str] | None = None,
-                  interrupt: threading.Event | None = None) -> None:
+                  interrupt: threading.Event | None = None, process_group: Any = None) -> None:
         """Set what is given (None keeps the current setting)."""
         given: dict[str, Any] = {"models_dir": models_dir, "output_dir": output_dir, "tokenizer_dir": tokenizer_dir}
         changes = {name: Path(value) for name, value in given.items() if value is not None}
-        if progress is not None:
-            changes["progress"] = progress
-        if interrupt is not None:
-            changes["interrupt"] = interrupt
+        for name, value in (("progress", progress), ("interrupt", interrupt), ("process_group", process_group)):
+            if value is not None:
+                changes[name] = value
         self._settings = dataclasses.replace(self._settings, **changes)
 
     def settings(self) -> StandaloneSettings:
@@ -167,12 +152,33 @@ class StandaloneHost(Host):
     def metadata_enabled(self) -> bool:
         return True
 
-    # -- the transformer -----------------------------------------------------------------------------------
-    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device) -> TransformerHandle:
+    # -- the models the loader hands out -------------------------------------------------------------------
+    def transformer_model(self, path: Path, weight_dtype: str, device: torch.device,
+                          slot: ModelSlot) -> TransformerHandle:
         return TransformerHandle(path, weight_dtype, device)
+
+    def text_encoder_model(self, clip_path: Path, t5_path: Path, slot: ModelSlot) -> TextEncoderHandle:
+        return TextEncoderHandle(clip_path, t5_path, self.tokenizer_dir(), self.torch_device(),
+                                 self.shipped_tokenizer_dirs())
+
+    def vae_model(self, path: Path, slot: ModelSlot) -> VaeHandle:
+        return VaeHandle(path, self.torch_device())
+
+    def encode_prompt(self, text_encoder: Any, prompt: str) -> list:
+        return as_handle(text_encoder, TextEncoderHandle, "text_encoder").encode(prompt)
+
+    def encode_pixels(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
+        return as_handle(vae, VaeHandle, "vae").encode(images, self.work_progress(1), self.block_interrupt_check())
+
+    def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        return as_handle(vae, VaeHandle, "vae").decode(latents, self.work_progress(1), self.block_interrupt_check())
 
     def loaded_transformer(self, model: Any, latent_shape: tuple[int, ...], extra_bytes: int = 0) -> LoadedTransformer:
         module = model.load()
+        if self._settings.process_group is not None:  # every process of the group samples this image with it
+            from ...sampling.sequence_parallel import SequenceParallelFlux
+
+            module = SequenceParallelFlux(module, self._settings.process_group)
         return LoadedTransformer(module=module, device=model.device, compute_dtype=module.compute_dtype,
                                  is_pack_model=True, streamed=False)
 

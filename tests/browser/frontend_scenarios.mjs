@@ -5,7 +5,8 @@
 //
 //     node frontend_scenarios.mjs CONFIG_JSON
 //
-// CONFIG_JSON: {url, artifacts, chromium, userDataDir, uploadImage, workflows: {name: path}}.
+// CONFIG_JSON: {url, artifacts, chromium, userDataDir, uploadImage, workflows: {name: path},
+//               conversions: {name: path} (UI workflows only loaded and converted with graphToPrompt)}.
 import { readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 
@@ -20,8 +21,8 @@ const CHANGED = { image_size: "square", num_inference_steps: 5, seed: 1234, guid
 const UNMAPPED_REQUEST = { prompt: "a red fox in the snow", image_url: "https://example.invalid/fox.png",
   sync_mode: true, guidance_scale: 3.5 };
 
-const report = { workflows: {}, pageErrors: [], extensionErrors: [], extensionWarnings: [], consoleErrors: [],
-  menuEntries: {} };
+const report = { workflows: {}, conversions: {}, pageErrors: [], extensionErrors: [], extensionWarnings: [],
+  consoleErrors: [], menuEntries: {} };
 const started = Date.now();
 
 function elapsed() {
@@ -149,6 +150,15 @@ async function clearToasts() {
 
 async function clipboard() {
   return page.evaluate(() => navigator.clipboard.readText());
+}
+
+// The frontend's own conversion of a UI workflow (graphToPrompt), and the graph as the page serializes it.
+async function convert(path) {
+  return page.evaluate(async (workflow) => {
+    const app = window.comfyAPI.app.app;
+    await app.loadGraphData(structuredClone(workflow));
+    return { workflow: app.graph.serialize(), prompt: (await app.graphToPrompt()).output };
+  }, JSON.parse(readFileSync(path, "utf8")));
 }
 
 async function scenario(name, path) {
@@ -287,6 +297,7 @@ try {
   });
   report.pageReady = elapsed();
   report.frontendVersion = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  for (const [name, path] of Object.entries(config.conversions ?? {})) report.conversions[name] = await convert(path);
   for (const [name, path] of Object.entries(config.workflows)) await scenario(name, path);
   report.ok = true;
 } catch (err) {

@@ -27,9 +27,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 from comfyui_krea.model_loader.flux import FluxConfig, write_random_flux_checkpoint  # noqa: E402
 from comfyui_krea.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
-from comfyui_krea.nodes.host import IN_COMFYUI  # noqa: E402
+from comfyui_krea.nodes.host import IN_COMFYUI, ModelSlot, host  # noqa: E402
 
-TINY = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+# vec_in_dim 768: CLIP-L's pooled vector (ComfyUI builds CLIP-L at its one size).
+TINY = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=48, hidden_size=64,
                   num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14))
 # What ComfyUI's own FLUX loader accepts: full width (it does not read widths off the file), two blocks.
 SHALLOW_FLUX_DEV = FluxConfig(depth=1, depth_single_blocks=1)
@@ -45,13 +46,12 @@ def setup_folders(work: Path, config: FluxConfig, dtype: torch.dtype = torch.flo
         (work / folder).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(work / folder), is_default=True)
     write_random_flux_checkpoint(work / "diffusion_models" / "krea.safetensors", config, seed=1, dtype=dtype)
-    for name in ("text_encoders/clip_l.safetensors", "text_encoders/t5.safetensors", "vae/ae.safetensors"):
-        (work / name).write_bytes(b"")  # the loader node only checks that these exist; nothing reads them here
 
 
 def krea_model(weight_dtype: str = "default", name: str = "krea.safetensors"):
-    loader = NODE_CLASS_MAPPINGS["KreaModelLoader"]()
-    return loader.load(name, weight_dtype, "clip_l.safetensors", "t5.safetensors", "ae.safetensors")[0]
+    """What KreaModelLoader outputs as MODEL for a transformer file (its CLIP and VAE: write_other_models)."""
+    return host.transformer_model(host.model_path("diffusion_models", name), weight_dtype, host.torch_device(),
+                                  ModelSlot())
 
 
 def write_loras(work: Path, config: FluxConfig) -> dict[str, dict]:
@@ -231,30 +231,33 @@ def native(work: Path) -> dict:
 
 
 def write_other_models(models: Path, config: FluxConfig, t5_name: str = "t5.safetensors") -> None:
-    """Text encoders with the real vocabularies (inside ComfyUI its shipped tokenizers are used) and widths
-    that fit `config`, a small VAE and the demo classifier, under the file names the workflows use."""
-    from comfyui_krea.model_loader.autoencoder import AutoEncoderConfig, write_random_autoencoder_checkpoint
+    """Random-weight models under the file names the workflows use, stored as the released files are: CLIP-L at
+    its real size (ComfyUI builds it at that one size; fp16, 246 MB), a one-block T5 with the real vocabulary and
+    `config`'s width (fp16; ComfyUI's and the pack's tokenizers read the real files), FLUX's autoencoder at its
+    real size (ComfyUI's VAE has that one shape; bf16, 168 MB) and the demo classifier."""
+    from comfyui_krea.model_loader.autoencoder import FLUX_AUTOENCODER, write_random_autoencoder_checkpoint
     from comfyui_krea.model_loader.safety_checker import DEMO_SAFETY_CONFIG, write_random_safety_checkpoint
     from comfyui_krea.model_loader.text_encoders import (
-        CLIPTextConfig,
+        CLIP_L,
         T5EncoderConfig,
         write_random_clip_checkpoint,
         write_random_t5_checkpoint,
     )
 
-    write_random_clip_checkpoint(models / "text_encoders" / "clip_l.safetensors", CLIPTextConfig(
-        vocab_size=49408, width=config.vec_in_dim, layers=1, intermediate=64, positions=77, eos_token_id=49407))
+    assert config.vec_in_dim == CLIP_L.width
+    write_random_clip_checkpoint(models / "text_encoders" / "clip_l.safetensors", CLIP_L, dtype=torch.float16)
     write_random_t5_checkpoint(models / "text_encoders" / t5_name, T5EncoderConfig(
-        vocab_size=32128, d_model=config.context_in_dim, d_kv=16, heads=2, d_ff=64, layers=1))
-    write_random_autoencoder_checkpoint(models / "vae" / "ae.safetensors",
-                                        AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+        vocab_size=32128, d_model=config.context_in_dim, d_kv=16, heads=2, d_ff=64, layers=1), dtype=torch.float16)
+    write_random_autoencoder_checkpoint(models / "vae" / "ae.safetensors", FLUX_AUTOENCODER, dtype=torch.bfloat16)
     (models / "safety_checker").mkdir(parents=True, exist_ok=True)
     write_random_safety_checkpoint(models / "safety_checker" / "nsfw_image_detection.safetensors",
                                    DEMO_SAFETY_CONFIG)
 
 
 def other_models(work: Path) -> dict:
-    """Text encoders, VAE and classifier each under a plain ModelPatcher that ComfyUI loads and unloads."""
+    """The loader's text encoders and VAE are ComfyUI's own CLIP and VAE; they and the classifier are each loaded
+    by ComfyUI's memory management under their own ModelPatcher, and freed with the node outputs and the loader
+    node (ComfyUI drops both on /free)."""
     setup_folders(work, TINY)
     write_other_models(work, TINY)
     folder_paths.add_model_folder_path("safety_checker", str(work / "safety_checker"), is_default=True)
@@ -265,12 +268,13 @@ def other_models(work: Path) -> dict:
     (latent,) = NODE_CLASS_MAPPINGS["KreaEncodeImage"]().encode(vae, torch.rand(1, 64, 64, 3))
     (images,) = NODE_CLASS_MAPPINGS["KreaDecode"]().decode(vae, latent)
     NODE_CLASS_MAPPINGS["KreaSafetyCheck"]().check(images, True, 0.5, "nsfw_image_detection.safetensors")
-    loaded = sorted(" ".join(type(sub).__name__ for sub in m.model.model.children())
-                    for m in mm.current_loaded_models)
-    encoders, autoencoder = weakref.ref(text_encoder.load().t5), weakref.ref(vae.load())
-    result = {"loaded": loaded, "conditioning": list(cond[0][0].shape),
+    loaded = sorted(type(m.model.model).__name__ for m in mm.current_loaded_models)
+    encoders, autoencoder = weakref.ref(text_encoder.cond_stage_model), weakref.ref(vae.first_stage_model)
+    result = {"types": [type(text_encoder).__module__ + "." + type(text_encoder).__name__,
+                        type(vae).__module__ + "." + type(vae).__name__],
+              "loaded": loaded, "conditioning": list(cond[0][0].shape),
               "pooled": list(cond[0][1]["pooled_output"].shape), "image": list(images.shape)}
-    del model, text_encoder, vae, cond
+    del model, text_encoder, vae, cond, loader
     mm.unload_all_models()
     gc.collect()
     result["after_unload"] = len(mm.current_loaded_models)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from comfyui_krea.standalone.certificates import Certificates, make_certificates
+from comfyui_krea.standalone.certificates import Certificates, certificate_paths, make_certificates
 
 PACK = Path(__file__).resolve().parent.parent.parent
 API_KEY = "test-key"
@@ -76,8 +76,9 @@ def running(command: list[str], env: dict, cwd: Path | None, probe: str, certs: 
 
 @contextlib.contextmanager
 def serve_demo(work: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
-    """`python -m comfyui_krea serve --demo` over TLS with an API key, on a free port."""
-    certs = make_certificates(work / "certs")
+    """`python -m comfyui_krea serve --demo` over TLS with an API key, on a free port; started again over the same
+    folders when `work` was used before (a restart)."""
+    certs = certificate_paths(work / "certs") if (work / "certs").exists() else make_certificates(work / "certs")
     port, output = free_port(), work / "output"
     env = {**os.environ, "KREA_FAL_API_KEY": API_KEY, "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "comfyui_krea", "serve", "--demo", "--port", str(port), "--output", str(output),
@@ -103,15 +104,17 @@ def write_comfyui_models(models: Path) -> None:
 
 
 @contextlib.contextmanager
-def comfyui(work: Path, comfyui_dir: str) -> Iterator[Server]:
-    """The real ComfyUI, --cpu, with --tls-keyfile/--tls-certfile, the pack in custom_nodes, fal under /fal."""
-    certs = make_certificates(work / "certs")
+def comfyui(work: Path, comfyui_dir: str, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
+    """The real ComfyUI, --cpu, with --tls-keyfile/--tls-certfile, the pack in custom_nodes, fal under /fal; started
+    again over the same folders when `work` was used before (a restart)."""
+    certs = certificate_paths(work / "certs") if (work / "certs").exists() else make_certificates(work / "certs")
     base = work / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / "krea").symlink_to(PACK)
-    write_comfyui_models(base / "models")
+    if not (base / "custom_nodes").exists():
+        (base / "custom_nodes").mkdir(parents=True)
+        (base / "custom_nodes" / "krea").symlink_to(PACK)
+        write_comfyui_models(base / "models")
     port = free_port()
-    env = {**os.environ, "KREA_FAL_API_KEY": API_KEY, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "KREA_FAL_API_KEY": API_KEY, "PYTHONDONTWRITEBYTECODE": "1", **(extra_env or {})}
     command = [sys.executable, str(Path(comfyui_dir) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
                str(port), "--base-directory", str(base), "--tls-keyfile", str(certs.server_key), "--tls-certfile",
                str(certs.server_cert), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]

@@ -1,0 +1,275 @@
+"""The pure-Python parts of the ComfyUI host adapter (nodes/host/comfyui_models.py, comfyui_host.py), run in the plain
+suite against small stand-ins of the few ComfyUI functions they call, so a plain `pytest` checks them too.
+
+What the adapter decides itself is checked here: the config it hands ComfyUI (read off the file: depths, widths,
+channels), the memory it asks load_models_gpu for, the refusals before anything loads (another model family, a
+FLUX variant with other input features), which layer classes and dtype it asks ComfyUI for, how it registers
+models/safety_checker and drives the progress bar. What ComfyUI then does with these (its LoRA key map, its memory
+estimate, partial loading, validation) is the real ComfyUI's business and stays in tests/test_comfyui_host.py,
+against the real thing.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from comfyui_krea.model_loader.flux import FluxConfig, FluxTransformer, write_random_flux_checkpoint
+from comfyui_krea.model_loader.operations import CastOps, WeightStorage
+
+CPU = torch.device("cpu")
+# Unequal depths (FLUX.1: 19 double, 38 single) and every width different, so no two fields can be swapped unseen.
+UNEQUAL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=40, hidden_size=48, num_heads=2,
+                     depth=2, depth_single_blocks=3, axes_dim=(4, 10, 10))
+
+
+@dataclass
+class Calls:
+    """What the adapter asked of the stand-ins."""
+    load_models_gpu: list = field(default_factory=list)
+    pick_operations: list = field(default_factory=list)
+    scaled_fp8_ops: list = field(default_factory=list)
+    unet_dtype: list = field(default_factory=list)
+    unet_dtype_answer: torch.dtype = torch.float32  # ComfyUI's choice on a CPU
+    interrupted: bool = False
+    events: list = field(default_factory=list)
+
+
+def stand_ins(calls: Calls) -> dict[str, types.ModuleType]:
+    """comfy.* and folder_paths modules holding the functions the adapter calls, recording what it asks."""
+    def module(name: str, **attributes) -> types.ModuleType:
+        made = types.ModuleType(name)
+        made.__dict__.update(attributes)
+        return made
+
+    class SupportedFlux:  # comfy.supported_models.Flux: the config a MODEL carries (unet_config)
+        def __init__(self, unet_config: dict) -> None:
+            self.unet_config = dict(unet_config)
+            self.inference = None
+
+        def set_inference_dtype(self, dtype: torch.dtype, manual_cast: torch.dtype | None) -> None:
+            self.inference = (dtype, manual_cast)
+
+    class BaseModel:
+        def __init__(self, model_config, device=None) -> None:
+            self.model_config, self.device = model_config, device
+            self.manual_cast_dtype = model_config.inference[1] if model_config.inference else None
+            self.asked: list[tuple] = []
+
+        def memory_required(self, shape) -> float:  # a stand-in figure; the real estimate is ComfyUI's
+            self.asked.append(tuple(shape))
+            return 1000.5 * math.prod(shape)
+
+        def get_dtype(self) -> torch.dtype:
+            return self.diffusion_model.dtype
+
+    class Flux(BaseModel):
+        pass
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device) -> None:
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    def pick_operations(weight_dtype, compute_dtype, load_device=None, fp8_optimizations=False):
+        calls.pick_operations.append((weight_dtype, compute_dtype, load_device, fp8_optimizations))
+        return CastOps
+
+    def scaled_fp8_ops(fp8_matrix_mult=False, scale_input=False):
+        calls.scaled_fp8_ops.append((fp8_matrix_mult, scale_input))
+        return CastOps
+
+    def unet_dtype(device=None, model_params=0, supported_dtypes=(), weight_dtype=None):
+        calls.unet_dtype.append((device, list(supported_dtypes), weight_dtype))
+        return calls.unet_dtype_answer
+
+    def load_models_gpu(models, memory_required=0, **kwargs):
+        calls.load_models_gpu.append((list(models), memory_required))
+
+    def throw_if_interrupted():
+        calls.events.append("interrupt check")
+        if calls.interrupted:
+            raise InterruptedError
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None) -> None:
+            calls.events.append(("bar", total, node_id))
+
+        def update_absolute(self, value, total=None, preview=None) -> None:
+            calls.events.append(("update", value, total, preview))
+
+    made = {
+        "comfy": module("comfy"),
+        "comfy.model_base": module("comfy.model_base", BaseModel=BaseModel, Flux=Flux),
+        "comfy.model_management": module(
+            "comfy.model_management", get_torch_device=lambda: CPU, unet_offload_device=lambda: CPU,
+            supports_fp8_compute=lambda device: False, unet_dtype=unet_dtype, load_models_gpu=load_models_gpu,
+            throw_exception_if_processing_interrupted=throw_if_interrupted, intermediate_device=lambda: CPU,
+            text_encoder_device=lambda: torch.device("meta"), text_encoder_offload_device=lambda: CPU,
+            vae_device=lambda: torch.device("meta"), vae_offload_device=lambda: CPU),
+        "comfy.model_patcher": module("comfy.model_patcher", ModelPatcher=ModelPatcher),
+        "comfy.ops": module("comfy.ops", pick_operations=pick_operations, scaled_fp8_ops=scaled_fp8_ops),
+        # The text encoders and VAE are ComfyUI's own classes, checked against the real ComfyUI in the host tests.
+        "comfy.sd": module("comfy.sd", CLIP=type("CLIP", (), {}), VAE=type("VAE", (), {}),
+                           CLIPType=types.SimpleNamespace(FLUX="flux")),
+        "comfy.text_encoders": module("comfy.text_encoders"),
+        "comfy.text_encoders.flux": module("comfy.text_encoders.flux", FluxClipModel=type("FluxClipModel", (), {})),
+        "comfy.supported_models": module("comfy.supported_models", Flux=SupportedFlux),
+        "comfy.utils": module("comfy.utils", ProgressBar=ProgressBar, __file__="/comfyui/comfy/utils.py"),
+        "comfy.latent_formats": module("comfy.latent_formats", Flux=lambda: "flux latent format"),
+        "latent_preview": module("latent_preview", get_previewer=lambda device, latent_format: None),
+        "comfy_execution": module("comfy_execution"),
+        "comfy_execution.progress": module("comfy_execution.progress",
+                                           get_progress_state=lambda: types.SimpleNamespace(prompt_id="p1")),
+        "folder_paths": module("folder_paths", models_dir="/comfyui/models",
+                               folder_names_and_paths={"safety_checker": (["/extra/safety"], set())}),
+    }
+    for name, submodule in made.items():  # `import comfy.ops` binds comfy, then reads comfy.ops
+        parent, _, leaf = name.rpartition(".")
+        if parent:
+            setattr(made[parent], leaf, submodule)
+    return made
+
+
+ADAPTER = ("comfyui_krea.nodes.host.comfyui_models", "comfyui_krea.nodes.host.comfyui_host")
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    """The adapter's modules imported over the stand-ins; both are dropped again afterwards, so the rest of the
+    session never sees them (the pack runs outside ComfyUI there)."""
+    calls = Calls()
+    for name, made in stand_ins(calls).items():
+        monkeypatch.setitem(sys.modules, name, made)
+    for name in ADAPTER:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    models = importlib.import_module(ADAPTER[0])
+    host = importlib.import_module(ADAPTER[1])
+    yield types.SimpleNamespace(calls=calls, models=models, host=host, stand_ins=sys.modules)
+    package = sys.modules["comfyui_krea.nodes.host"]
+    for name in ADAPTER:
+        sys.modules.pop(name, None)
+        if hasattr(package, name.rpartition(".")[2]):
+            delattr(package, name.rpartition(".")[2])
+
+
+@pytest.fixture(scope="module")
+def unequal_file(tmp_path_factory):
+    return write_random_flux_checkpoint(tmp_path_factory.mktemp("adapter") / "unequal.safetensors", UNEQUAL, seed=2)
+
+
+def test_the_config_handed_to_comfyui_is_read_off_the_file(comfy, unequal_file):
+    """ComfyUI builds its LoRA key map (kohya, diffusers, OneTrainer names) from this config: a swap of the two
+    depths, or of two widths, would send LoRA weights to blocks that do not exist."""
+    patcher = comfy.models.transformer_model(unequal_file, "default")
+    holder = patcher.model
+    assert holder.model_config.unet_config == {
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
+        "vec_in_dim": 24, "context_in_dim": 40, "hidden_size": 48, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+        "depth_single_blocks": 3, "axes_dim": [4, 10, 10], "theta": 10_000, "qkv_bias": True,
+        "disable_unet_model_creation": True}
+    module = holder.diffusion_model
+    assert isinstance(module, FluxTransformer)
+    assert (len(module.double_blocks), len(module.single_blocks)) == (2, 3)
+    assert holder.model_config.inference == (torch.float32, None)  # stored as computed: no manual cast
+    assert (patcher.load_device, patcher.offload_device) == (CPU, CPU)
+    assert module.dtype == torch.float32  # BaseModel.get_dtype() reads it
+
+
+def test_default_weights_take_comfyuis_dtype_for_its_flux(comfy, unequal_file):
+    comfy.calls.unet_dtype_answer = torch.bfloat16  # e.g. --bf16-unet, or a GPU that computes in bf16
+    patcher = comfy.models.transformer_model(unequal_file, "default")
+    assert patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+    (device, supported, stored), *_ = comfy.calls.unet_dtype
+    assert supported == [torch.bfloat16, torch.float16, torch.float32] and stored == torch.float32
+    comfy.calls.unet_dtype_answer = torch.float8_e4m3fn  # a choice FLUX's config does not support: the file's
+    choose = comfy.models.comfy_default_dtype(CPU)
+    assert choose(torch.float16) == torch.float16
+
+
+def test_layer_classes_are_asked_of_comfy_ops_for_the_storage(comfy):
+    operations = comfy.models.comfy_operations(CPU)
+    operations(WeightStorage(torch.float8_e4m3fn, torch.bfloat16, scaled=True, fast_fp8=True))
+    operations(WeightStorage(torch.bfloat16, torch.float32, scaled=False, fast_fp8=False))
+    assert comfy.calls.scaled_fp8_ops == [(False, False)]  # fp8 matmuls only where the device supports them
+    assert comfy.calls.pick_operations == [(torch.bfloat16, torch.float32, CPU, False)]
+
+
+def loaded_holder(comfy, unet_config: dict | None = None, manual_cast: torch.dtype | None = None,
+                  dtype: torch.dtype = torch.bfloat16):
+    supported = comfy.stand_ins["comfy.supported_models"].Flux(unet_config or {"in_channels": 16, "patch_size": 2})
+    supported.set_inference_dtype(dtype, manual_cast)
+    holder = comfy.stand_ins["comfy.model_base"].Flux(supported)
+    holder.diffusion_model = types.SimpleNamespace(dtype=dtype)
+    return comfy.stand_ins["comfy.model_patcher"].ModelPatcher(holder, torch.device("meta"), CPU)
+
+
+@pytest.mark.parametrize("extra", [0, 589_824])
+def test_the_memory_asked_is_comfyuis_estimate_for_the_latent_plus_the_extra_bytes(comfy, extra):
+    model = loaded_holder(comfy)
+    shape = (2, 16, 6, 8)
+    loaded = comfy.models.load_transformer(model, shape, extra)
+    assert model.model.asked == [shape]  # one pass over the batch: no doubling for a negative prompt
+    assert comfy.calls.load_models_gpu == [([model], 1000.5 * math.prod(shape) + extra)]
+    assert loaded.device == torch.device("meta") and loaded.compute_dtype == torch.bfloat16
+    assert not loaded.is_pack_model and not loaded.streamed
+
+
+def test_the_compute_dtype_is_the_manual_cast_one_and_fp8_computes_in_bf16(comfy):
+    assert comfy.models.load_transformer(loaded_holder(comfy, manual_cast=torch.float16), (1, 16, 2, 2),
+                                         0).compute_dtype == torch.float16
+    assert comfy.models.load_transformer(loaded_holder(comfy, dtype=torch.float8_e4m3fn), (1, 16, 2, 2),
+                                         0).compute_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("latent_channels, variant", [(96, "FLUX.1 Fill"), (32, "FLUX.1 Depth or FLUX.1 Canny")])
+def test_a_flux_variant_is_refused_before_anything_loads(comfy, latent_channels, variant):
+    model = loaded_holder(comfy, {"in_channels": latent_channels, "patch_size": 2})
+    with pytest.raises(ValueError, match=f"^the model is {variant}"):
+        comfy.models.load_transformer(model, (1, 16, 4, 4), 0)
+    assert comfy.calls.load_models_gpu == [] and model.model.asked == []
+
+
+def test_a_model_of_another_family_is_refused_by_name_before_anything_loads(comfy):
+    supported = comfy.stand_ins["comfy.supported_models"].Flux({})
+    holder = comfy.stand_ins["comfy.model_base"].BaseModel(supported)
+    model = comfy.stand_ins["comfy.model_patcher"].ModelPatcher(holder, CPU, CPU)
+    with pytest.raises(ValueError, match=r"needs a FLUX.1 MODEL .* the connected model is BaseModel \(SupportedFlux\)"):
+        comfy.models.load_transformer(model, (1, 16, 4, 4), 0)
+    with pytest.raises(ValueError, match="the connected model is str"):
+        comfy.models.load_transformer("not a model", (1, 16, 4, 4), 0)
+    assert comfy.calls.load_models_gpu == []
+
+
+def test_the_safety_checker_folder_is_registered_beside_folders_configured_before(comfy):
+    comfy.host.ComfyHost()
+    paths, extensions = comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"]
+    assert paths == ["/extra/safety", "/comfyui/models/safety_checker"] and ".safetensors" in extensions
+    comfy.host.ComfyHost()  # a second host (a reload) adds nothing twice
+    assert comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"][0] == paths
+
+
+def test_each_model_kind_gets_comfyuis_devices_for_it(comfy):
+    host = comfy.host.ComfyHost()
+    assert host.model_devices("text_encoder") == (torch.device("meta"), CPU)
+    assert host.model_devices("vae") == (torch.device("meta"), CPU)
+    assert host.model_devices("safety_checker") == (CPU, CPU)
+
+
+def test_every_step_checks_the_interrupt_before_it_reports_and_tells_the_listeners(comfy):
+    host = comfy.host.ComfyHost()
+    heard = []
+    host.add_step_listener(lambda prompt_id, step, total: heard.append((prompt_id, step, total)))
+    host.add_step_listener(lambda *told: heard.append(("second", *told)))
+    callback = host.progress_callback(3, node_id="9")
+    callback(1, 3, torch.zeros(1))
+    assert comfy.calls.events == [("bar", 3, "9"), "interrupt check", ("update", 1, 3, None)]
+    assert heard == [("p1", 1, 3), ("second", "p1", 1, 3)]
+    comfy.calls.interrupted = True
+    with pytest.raises(InterruptedError):
+        callback(2, 3, torch.zeros(1))
+    assert comfy.calls.events[-1] == "interrupt check" and len(heard) == 2  # nothing reported after a cancel

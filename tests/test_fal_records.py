@@ -1,0 +1,111 @@
+"""Request records (fal_api/jobs.py, records.py): what ended is written beside its results and served again after a
+restart until retention, and what the server holds per record stays bounded (inputs let go when a request ends,
+sync_mode outputs handed out once, at most MAX_RECORDS ended records)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import pytest
+
+pytest.importorskip("aiohttp", reason="the fal server needs aiohttp and pydantic: pip install -e '.[serve]'")
+
+from fal_protocol.service import HOUR, make_service, png_bytes, serving  # noqa: E402
+
+from comfyui_krea.fal_api.records import RECORDS_SUBFOLDER  # noqa: E402
+
+T2I, I2I = "/fal-ai/flux/krea", "/fal-ai/flux/krea/image-to-image"
+
+
+def path_of(url: str) -> str:
+    return "/" + url.split("/", 3)[3]
+
+
+def test_results_and_records_are_served_again_after_a_restart(tmp_path):
+    async def first_run() -> tuple[str, str, str]:
+        async with serving(make_service(tmp_path)) as client:
+            done = await (await client.post("/queue" + T2I, json={"prompt": "a fox"})).json()
+            output = await (await client.get(path_of(done["response_url"]))).json()
+            held = make_service(tmp_path / "other", hold=True)  # a cancelled request is recorded too
+            async with serving(held) as other:
+                waiting = await (await other.post("/queue" + T2I, json={"prompt": "x"})).json()
+                assert (await other.put(path_of(waiting["cancel_url"]))).status == 202
+            return done["request_id"], output["images"][0]["url"], waiting["request_id"]
+
+    async def second_run(request_id: str, image_url: str, cancelled_id: str) -> None:
+        async with serving(make_service(tmp_path)) as client:  # a new process over the same folders
+            status = await (await client.get(f"/queue/fal-ai/flux/requests/{request_id}/status")).json()
+            assert status["status"] == "COMPLETED" and "error" not in status
+            result = await client.get(f"/queue/fal-ai/flux/requests/{request_id}")
+            assert (await result.json())["images"][0]["url"] == image_url
+            image = await client.get(path_of(image_url))
+            assert image.status == 200 and image.headers["Content-Type"] == "image/png"
+        async with serving(make_service(tmp_path / "other")) as other:
+            status = await (await other.get(f"/queue/fal-ai/flux/requests/{cancelled_id}/status")).json()
+            assert status["status"] == "COMPLETED" and status["error_type"] == "request_cancelled"
+
+    ids = asyncio.run(first_run())
+    asyncio.run(second_run(*ids))
+
+
+def test_records_past_retention_or_not_ours_are_removed_at_start(tmp_path):
+    async def scenario() -> str:
+        async with serving(make_service(tmp_path)) as client:
+            done = await (await client.post("/queue" + T2I, json={"prompt": "x"})).json()
+            return done["request_id"]
+
+    request_id = asyncio.run(scenario())
+    records = tmp_path / "output" / "fal" / RECORDS_SUBFOLDER
+    record = json.loads((records / f"{request_id}.json").read_text())
+    (records / f"{request_id}.json").write_text(json.dumps({**record, "finished": time.time() - 2 * HOUR}))
+    forged = {**record, "id": "00000000-0000-4000-8000-000000000000",
+              "files": [{"name": "../../../etc/passwd", "content_type": "image/png", "suffix": ".png"}]}
+    (records / "00000000-0000-4000-8000-000000000000.json").write_text(json.dumps(forged))
+    (records / "junk.json").write_text("{")
+    service = make_service(tmp_path)
+    assert service.jobs.all() == [] and list(records.iterdir()) == []
+    assert (tmp_path / "output" / "fal" / f"{request_id}_00001_.png").is_file()  # images are outputs: they stay
+
+
+def test_ended_records_let_go_of_their_inputs_and_sync_outputs_are_handed_out_once(tmp_path):
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)).decode()
+
+    async def scenario():
+        service = make_service(tmp_path)
+        async with serving(service) as client:
+            done = await (await client.post("/queue" + I2I, json={"prompt": "x", "image_url": image})).json()
+            job = service.jobs.get(done["request_id"])
+            assert job.done and job.arguments is None
+            synced = await (await client.post("/queue" + T2I, json={"prompt": "x", "sync_mode": True})).json()
+            first = await client.get(path_of(synced["response_url"]))
+            assert (await first.json())["images"][0]["url"].startswith("data:image/png;base64,")
+            again = await client.get(path_of(synced["response_url"]))
+            assert again.status == 404 and (await again.json())["error_type"] == "not_kept"
+            direct = await client.post(T2I, json={"prompt": "x", "sync_mode": True})
+            assert direct.status == 200 and service.jobs.get(direct.headers["x-fal-request-id"]).output is None
+
+    asyncio.run(scenario())
+
+
+def test_at_most_max_records_ended_records_are_kept(tmp_path):
+    async def scenario():
+        service = make_service(tmp_path, hold=True)
+        service.jobs.max_records = 3
+        async with serving(service) as client:
+            ids = []
+            for _ in range(5):
+                submitted = await (await client.post("/queue" + T2I, json={"prompt": "x"})).json()
+                ids.append(submitted["request_id"])
+                assert (await client.put(path_of(submitted["cancel_url"]))).status == 202
+            kept = {job.id for job in service.jobs.all()}
+            assert kept == set(ids[2:])
+            records = tmp_path / "output" / "fal" / RECORDS_SUBFOLDER
+            assert {p.stem for p in records.iterdir()} == set(ids[2:])
+            return ids
+
+    ids = asyncio.run(scenario())
+    restarted = make_service(tmp_path, max_records=2)  # a restart with a lower bound keeps the newest
+    assert {job.id for job in restarted.jobs.all()} == set(ids[3:])
+    assert {p.stem for p in (tmp_path / "output" / "fal" / RECORDS_SUBFOLDER).iterdir()} == set(ids[3:])
