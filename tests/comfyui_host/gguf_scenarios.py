@@ -23,7 +23,7 @@ import comfy.model_management as mm  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
-from scenarios import SHALLOW_FLUX_DEV, conditioning, krea_sample, rel, write_loras  # noqa: E402
+from scenarios import SHALLOW_FLUX_DEV, conditioning, krea_model, krea_sample, rel, write_loras  # noqa: E402
 
 from comfyui_krea.model_loader.flux import FluxConfig, load_flux  # noqa: E402
 from comfyui_krea.model_loader.flux.gguf_files import write_random_flux_gguf  # noqa: E402
@@ -40,18 +40,16 @@ def setup(work: Path, config: FluxConfig, qtype: str, name: str = "krea-Q8_0.ggu
     for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
         (work / folder).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(work / folder), is_default=True)
-    for stub in ("text_encoders/clip_l.safetensors", "text_encoders/t5.safetensors", "vae/ae.safetensors"):
-        (work / stub).write_bytes(b"")  # the loader node only checks that these exist
     return write_random_flux_gguf(work / "diffusion_models" / name, config, qtype, seed=1)
 
 
 def pack_model(name: str):
+    """The loader's MODEL output for a GGUF file, after its validation of model_name (no text encoders or VAE
+    here: the loader builds those beside it, tests/comfyui_host/model_scenarios.py)."""
     from comfyui_krea.nodes import model_files
 
-    # the loader's validation of model_name (the other files are empty stand-ins here)
     model_files.check_model_file("diffusion_models", name, model_files.TRANSFORMER, "model_name")
-    loader = NODE_CLASS_MAPPINGS["KreaModelLoader"]()
-    return loader.load(name, "default", "clip_l.safetensors", "t5.safetensors", "ae.safetensors")[0]
+    return krea_model("default", name)
 
 
 def standalone_sample(path: Path, config: FluxConfig, steps: int = 3, size: int = 64) -> torch.Tensor:
