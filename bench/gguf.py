@@ -140,9 +140,10 @@ def child(mode: str, path: str) -> None:
     sys.stdout.write(json.dumps(result) + "\n")
 
 
-def write_q4_k(path: Path, double: int, single: int) -> None:
-    """FLUX's full width, reduced depth, as ComfyUI-GGUF lays out a Q4_K file; random valid blocks (fast to make
-    at this size) where the file holds Q4_K, random bf16 values elsewhere."""
+def write_q4_k(path: Path, double: int, single: int, type_name_of_file: str = "Q4_K", scale: float = 0.01) -> None:
+    """FLUX's full width, reduced depth, as ComfyUI-GGUF lays out a Q4_K (or `type_name_of_file`) file; random valid
+    blocks (fast to make at this size, their float16 scales around `scale`) where the file holds that type, random
+    values elsewhere."""
     import dataclasses
 
     import gguf
@@ -161,12 +162,12 @@ def write_q4_k(path: Path, double: int, single: int) -> None:
     writer = gguf.GGUFWriter(path=None, arch="flux")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, shape in shapes.items():
-        type_name = flux_gguf_type(key, shape, "Q4_K")
-        if type_name == "Q4_K":
+        type_name = flux_gguf_type(key, shape, type_name_of_file)
+        if type_name == type_name_of_file:
             qtype = QUANT_TYPES[type_name]
-            blocks = random_blocks(qtype, shape[0] * shape[1] // qtype.block_size, rng)
+            blocks = random_blocks(qtype, shape[0] * shape[1] // qtype.block_size, rng, scale)
             writer.add_tensor(key, blocks.reshape(shape[0], qtype.row_bytes(shape[1])),
-                              raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+                              raw_dtype=gguf.GGMLQuantizationType[type_name])
         else:
             values = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
             ggml = gguf.GGMLQuantizationType[type_name]

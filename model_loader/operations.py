@@ -178,7 +178,10 @@ class QuantizedLinear(CastLinear):
       cannot be merged into block bytes in place, so ComfyUI's merge (`set_weight`) only marks the layer and the
       patches are applied to the dequantized weight at each call;
     - `adapters`: callables x -> (..., out_features) added to the output, for a LoRA kept as its low-rank
-      factors beside the matmul (x @ A.T @ B.T * scale) instead of patching the weight.
+      factors beside the matmul (x @ A.T @ B.T * scale) instead of patching the weight (the pack's set_loras);
+    - `resident_adapters`: the same, wired up by the host for a layer ComfyUI holds resident, in place of
+      `resident_weight_function` where ComfyUI's patches are plain LoRAs; skipped while ComfyUI streams the layer
+      (it then puts its own patches in `weight_function`).
     `convert_weight`/`set_weight` (ComfyUI's hooks for weights it cannot patch as stored) exist only while the
     weight is quantized.
     """
@@ -186,6 +189,7 @@ class QuantizedLinear(CastLinear):
     quant_type: QuantType | None = None
     resident_weight_function: list = []
     adapters: list = []
+    resident_adapters: list = []
     merge_requested: bool = False
 
     def hold_quantized(self, quant_type: QuantType) -> None:
@@ -217,6 +221,9 @@ class QuantizedLinear(CastLinear):
                 for patch in self.bias_function:
                     b = patch(b)
             out = F.linear(x, w, b)
+            if not self.weight_function:  # resident: ComfyUI's LoRAs here, if any, rather than in the weight
+                for adapter in self.resident_adapters:
+                    out = out + adapter(x)
         for adapter in self.adapters:
             out = out + adapter(x)
         return out

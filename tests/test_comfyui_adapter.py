@@ -113,6 +113,7 @@ def stand_ins(calls: Calls) -> dict[str, types.ModuleType]:
             vae_device=lambda: torch.device("meta"), vae_offload_device=lambda: CPU),
         "comfy.model_patcher": module("comfy.model_patcher", ModelPatcher=ModelPatcher),
         "comfy.ops": module("comfy.ops", pick_operations=pick_operations, scaled_fp8_ops=scaled_fp8_ops),
+        "comfy.weight_adapter": module("comfy.weight_adapter", LoRAAdapter=type("LoRAAdapter", (), {})),
         "comfy.patcher_extension": module("comfy.patcher_extension", CallbacksMP=types.SimpleNamespace(
             ON_LOAD="on_load", ON_DETACH="on_detach")),
         # The text encoders and VAE are ComfyUI's own classes, checked against the real ComfyUI in the host tests.

@@ -83,7 +83,7 @@ def test_the_adapter_is_scale_times_x_down_up_in_each_deltas_rows(files):
     deltas = layer_deltas(plan_loras(choices, model.config))["double_blocks.1.img_attn.qkv"]
     assert len({d.row_start for d in deltas}) > 1  # diffusers' q, k and v each fill their third of the rows
     layer = model.get_submodule("double_blocks.1.img_attn.qkv")
-    adapter = LowRankAdapter(layer.out_features, deltas, torch.device("cpu"), torch.float32)
+    adapter = LowRankAdapter.of_deltas(layer.out_features, deltas, torch.device("cpu"), torch.float32)
     x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     expected = torch.zeros(3, 5, layer.out_features)
     for d in deltas:

@@ -122,7 +122,7 @@ def set_loras(model: nn.Module, loras: Sequence[LoraChoice], backup_device: torc
                 layer = model.get_submodule(name)
                 if _quantized(layer) and all(is_low_rank(d) for d in deltas):
                     adapters_before[name] = layer.adapters
-                    adapter = LowRankAdapter(layer.out_features, deltas, layer.weight.device, dense_dtype)
+                    adapter = LowRankAdapter.of_deltas(layer.out_features, deltas, layer.weight.device, dense_dtype)
                     layer.adapters = [*layer.adapters, adapter]
                 else:
                     originals[name] = _merge(layer, deltas, backup, dense_dtype)

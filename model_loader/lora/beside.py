@@ -26,22 +26,34 @@ def is_low_rank(delta: LayerDelta) -> bool:
     return delta.kind == "lora" and "diff_b" not in delta.tensors
 
 
-class LowRankAdapter:
-    """The deltas of one layer with `out_features` outputs as (down, up), held on `device` in `dtype`."""
+# One delta as run beside a matmul: (first row, up (rows, rank), down (rank, in), scale).
+Piece = tuple[int, Tensor, Tensor, float]
 
-    def __init__(self, out_features: int, deltas: Sequence[LayerDelta], device: torch.device,
+
+class LowRankAdapter:
+    """Low-rank pieces of one layer with `out_features` outputs as one (down, up), held on `device` in `dtype`."""
+
+    def __init__(self, out_features: int, pieces: Sequence[Piece], device: torch.device | str,
                  dtype: torch.dtype) -> None:
         downs, ups = [], []
-        for delta in deltas:
-            factors = delta.low_rank(device)
-            assert factors is not None and is_low_rank(delta), delta.kind
-            up, down, scale = factors  # (rows, rank), (rank, in) float32
+        for row_start, up, down, scale in pieces:
             placed = torch.zeros(out_features, up.shape[1], device=device)
-            placed[delta.row_start: delta.row_start + delta.rows] = up * scale
-            downs.append(down)
+            placed[row_start: row_start + up.shape[0]] = up.to(device, torch.float32) * scale
+            downs.append(down.to(device, torch.float32))
             ups.append(placed)
         self.down = torch.cat(downs).to(dtype)  # (R, in)
         self.up = torch.cat(ups, dim=1).to(dtype)  # (out, R)
+
+    @classmethod
+    def of_deltas(cls, out_features: int, deltas: Sequence[LayerDelta], device: torch.device | str,
+                  dtype: torch.dtype) -> LowRankAdapter:
+        pieces = []
+        for delta in deltas:
+            factors = delta.low_rank(device)
+            assert factors is not None and is_low_rank(delta), delta.kind
+            up, down, scale = factors  # (rows, rank), (rank, in) float32, rows in the layer's order
+            pieces.append((delta.row_start, up, down, scale))
+        return cls(out_features, pieces, device, dtype)
 
     @property
     def rank(self) -> int:

@@ -52,10 +52,14 @@ def pack_model(name: str):
     return krea_model("default", name)
 
 
-def standalone_sample(path: Path, config: FluxConfig, steps: int = 3, size: int = 64) -> torch.Tensor:
-    """The pack's own loader and loop outside ComfyUI's management, as KreaSampler runs them (same inputs)."""
+def standalone_sample(path: Path, config: FluxConfig, steps: int = 3, size: int = 64,
+                      loras: tuple = ()) -> torch.Tensor:
+    """The pack's own loader and loop outside ComfyUI's management, as KreaSampler runs them (same inputs), with
+    `loras` applied by the pack's own LoRA engine (set_loras: low-rank factors beside the quantized matmuls)."""
+    from comfyui_krea.model_loader.lora import LoraChoice, set_loras
+
     (txt, extra), = conditioning(config)
-    model = load_flux(path)
+    model = set_loras(load_flux(path), [LoraChoice(p, s) for p, s in loras])
     settings = GenerationSettings(width=size, height=size, num_steps=steps, guidance=4.5, seed=42, num_images=1)
     return generate(model, txt, extra["pooled_output"], settings, torch.device("cpu"), torch.float32).latents
 
@@ -65,11 +69,11 @@ def quantized(model) -> list[QuantizedLinear]:
 
 
 def effective_weight(layer: QuantizedLinear) -> torch.Tensor:
-    """What the layer multiplies by now: its dequantized blocks with whatever patches ComfyUI gave it."""
-    w = layer.dequantized_weight(torch.device("cpu"), torch.float32)
-    for patch in layer.weight_function or layer.resident_weight_function:
-        w = patch(w)
-    return w
+    """What the layer multiplies by now, read off its outputs for the unit vectors: its dequantized blocks with
+    whatever ComfyUI's patches add (in the weight, or as low-rank factors beside the matmul)."""
+    with torch.no_grad():
+        out = layer(torch.eye(layer.in_features))  # (in, out): row i = W[:, i] + bias
+    return (out - (layer.bias if layer.bias is not None else 0)).T
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
@@ -105,13 +109,16 @@ def pack_loader(work: Path) -> dict:
         latents = krea_sample(patched, GGUF_TINY)
         merged = effective_weight(layer)
         blocks_kept = layer.weight.dtype == torch.uint8
+        low_rank = bool(layer.resident_adapters) and not layer.resident_weight_function
+        standalone = standalone_sample(path, GGUF_TINY, loras=((work / "loras" / f"{fmt}.safetensors", 0.8),))
         mm.unload_all_models()
         after = krea_sample(base, GGUF_TINY)
         zero = krea_sample(loader.load_lora_model_only(base, f"{fmt}.safetensors", 0.0)[0], GGUF_TINY)
         mm.unload_all_models()
         result["formats"][fmt] = {
             "patches": len(patched.patches), "merge_error": rel(merged, want), "changed": rel(merged, original),
-            "blocks_kept": blocks_kept, "image_change": rel(latents, base_latents),
+            "blocks_kept": blocks_kept, "image_change": rel(latents, base_latents), "low_rank": low_rank,
+            "standalone_engine_rel": rel(standalone, latents),
             "base_after_unload_equal": bool(torch.equal(after, base_latents)),
             "strength_zero_equal": bool(torch.equal(zero, base_latents))}
     # Partial loading, with a LoRA: ComfyUI streams what does not fit; the result equals a full load's.
@@ -134,7 +141,7 @@ def pack_loader(work: Path) -> dict:
     result["partial"] = {"lowvram": bool(getattr(patched.model, "model_lowvram", False)), "budget": budget,
                          "loaded_size": patched.loaded_size(), "model_size": patched.model_size(),
                          "streamed": len(streamed), "resident": len(layers) - len(streamed),
-                         "lora_streamed": bool(qkv.weight_function), "identical": bool(torch.equal(partial, full))}
+                         "lora_streamed": bool(qkv.weight_function), "partial_rel": rel(partial, full)}
     patched.unpatch_model(device_to=torch.device("cpu"))
     # Unloading: ComfyUI's memory management owns the MODEL.
     alive = weakref.ref(base.model.diffusion_model)
