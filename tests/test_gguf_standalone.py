@@ -136,3 +136,28 @@ def test_the_fal_servers_model_option_runs_every_request_on_that_file(models, tm
     assert [(image["width"], image["height"]) for image in output["images"]] == [(64, 48)]
     status, refused = asyncio.run(request("t5xxl-Q8_0.gguf"))  # the option reaches the loader's checks
     assert status != 200 and "is a T5 text encoder" in json.dumps(refused)
+
+
+def test_a_lora_on_a_gguf_transformer_runs_beside_its_blocks_and_the_pre_flight_counts_its_factors(models, cli,
+                                                                                                    capsys):
+    from safetensors.torch import save_file
+
+    from comfyui_krea.fal_api.lora_nodes import add_loras
+
+    gen = torch.Generator().manual_seed(3)
+    layers = {"double_blocks_0_img_attn_qkv": (192, 64), "single_blocks_0_linear1": (448, 64)}  # DEMO_FLUX's
+    (models[0] / "loras").mkdir(exist_ok=True)
+    save_file({**{f"lora_unet_{n}.lora_down.weight": torch.randn(4, i, generator=gen) for n, (o, i) in layers.items()},
+               **{f"lora_unet_{n}.lora_up.weight": torch.randn(o, 4, generator=gen) for n, (o, i) in layers.items()}},
+              str(models[0] / "loras" / "gguf_style.safetensors"))
+    code, plain = run(models, cli / "plain", "--set", f"1.model_name={GGUF_NAME}")
+    assert code == 0, capsys.readouterr().err
+    code, styled = run(models, cli / "lora", "--set", f"1.model_name={GGUF_NAME}", "--lora", "gguf_style.safetensors")
+    assert code == 0, capsys.readouterr().err
+    a, b = (np.asarray(Image.open(p[0]), dtype=np.float32) for p in (plain, styled))
+    assert np.abs(a - b).mean() > 1.0  # the LoRA acts
+    prompt = json.loads(TEXT_TO_IMAGE.read_text())
+    prompt["1"]["inputs"]["model_name"] = GGUF_NAME
+    add_loras(prompt, [("gguf_style.safetensors", 1.0)])
+    # float32 factors beside the quantized layers (rank x (in + out)), not merged copies of the layers
+    assert preflight.lora_bytes(prompt) == sum(4 * (o + i) * 4 for o, i in layers.values())
