@@ -179,7 +179,6 @@ def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device, den
             bias_changed = True
     if quant_type is not None:  # the blocks stay as they are, beside the dense copy that replaces them
         new_weight, new_scale = real.to(dense_dtype), scale
-        layer.quant_type = None  # computes as a CastLinear until the blocks are put back
     else:
         new_weight, new_scale = stored_weight(real, weight.dtype, scale)
     del real
@@ -193,6 +192,8 @@ def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device, den
     else:  # weights already on the backup device: keep the original tensors, merge into new ones
         original = _Original(weight, bias if bias_changed else None, scale, False, quant_type)
         layer.weight = nn.Parameter(new_weight, requires_grad=False)
+        if quant_type is not None:
+            layer.quant_type = None  # computes as a CastLinear until the blocks are put back
         if bias_changed:
             layer.bias = nn.Parameter(real_bias.to(bias.dtype), requires_grad=False)
     if new_scale is not scale:
