@@ -55,7 +55,9 @@ class KreaModelLoader:
         return {"required": {
             "model_name": _choices("diffusion_models", model_files.TRANSFORMER,
                                    "flux1-krea-dev.safetensors (BFL), a ComfyUI repack (e.g. "
-                                   "flux1-krea-dev_fp8_scaled), or a diffusers transformer file."),
+                                   "flux1-krea-dev_fp8_scaled), a diffusers transformer file, or a GGUF file (e.g. "
+                                   "flux1-krea-dev-Q8_0.gguf; its weights stay quantized with weight_dtype "
+                                   "default)."),
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "default": "default",
                 "tooltip": "How the transformer weights are held: as stored, bf16, fp16, or fp8 (half the "

@@ -26,6 +26,8 @@ from ..model_loader.text_encoders import (
 DEMO_SETTINGS = {"width": 256, "height": 256, "steps": 4}
 
 WIDTH = 64  # CLIP width = FLUX vec_in_dim; T5 d_model = FLUX context_in_dim
+DEMO_FLUX = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=WIDTH, context_in_dim=WIDTH, hidden_size=64,
+                       num_heads=4, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))
 
 
 def write_toy_clip_tokenizer(folder: Path) -> int:
@@ -59,9 +61,7 @@ def write_demo_models(root: Path) -> tuple[Path, Path]:
     t5_vocab = write_toy_t5_tokenizer(tokenizers / "t5")
     for sub in ("diffusion_models", "text_encoders", "vae", "safety_checker"):
         (models / sub).mkdir(parents=True, exist_ok=True)
-    flux = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=WIDTH, context_in_dim=WIDTH, hidden_size=64,
-                      num_heads=4, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6))
-    write_random_flux_checkpoint(models / "diffusion_models" / "flux1-krea-dev.safetensors", flux, seed=0,
+    write_random_flux_checkpoint(models / "diffusion_models" / "flux1-krea-dev.safetensors", DEMO_FLUX, seed=0,
                                  dtype=torch.bfloat16)
     write_random_clip_checkpoint(models / "text_encoders" / "clip_l.safetensors",
                                  CLIPTextConfig(vocab_size=clip_vocab, width=WIDTH, layers=2, intermediate=128,

@@ -49,6 +49,7 @@ class ServeOptions:
     output: Path  # result images go to fal/ in it, uploads to fal-uploads/
     models: Path | None = None
     tokenizers: Path | None = None
+    model: str | None = None  # the transformer file in models/diffusion_models (None: the workflows' own)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     max_connections: int = MAX_CONNECTIONS
     memory_check: bool = True  # the command line's memory pre-flight before a request is queued
@@ -58,7 +59,7 @@ def make_app(options: ServeOptions) -> tuple[web.Application, FalService]:
     """The aiohttp application with the protocol at its root; the backend's thread stops with the app."""
     standalone_host().configure(models_dir=options.models, output_dir=options.output,
                                 tokenizer_dir=options.tokenizers)
-    backend = RunnerBackend(options.output, memory_check=options.memory_check)
+    backend = RunnerBackend(options.output, options.model, memory_check=options.memory_check)
     service = FalService.create(backend, options.output / "fal-uploads", options.service)
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1024 * 1024)
     add_fal_routes(app.router, service)

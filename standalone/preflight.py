@@ -4,8 +4,9 @@ each LoRA it applies fits the transformer it changes (`lora_problems`, from the 
 The estimate is deliberately simple and errs on the generous side of what a run holds at its peak outside
 ComfyUI (where every model stays loaded once used):
 
-- weights: the bytes of every model file the workflow names (read off the safetensors headers), the
-  transformer at 1 byte per weight for the fp8 weight_dtypes and 2 for bf16/fp16;
+- weights: the bytes of every model file the workflow names (read off the safetensors or GGUF headers), the
+  transformer at 1 byte per weight for the fp8 weight_dtypes and 2 for bf16/fp16; a GGUF transformer kept
+  quantized adds its largest layer dequantized (float32 and a compute-dtype copy, 6 bytes a weight);
 - the transformer's activations: per token (image tokens (H/16)(W/16) plus 512 text tokens, per image) about
   14 hidden-size vectors (the single block's fused projections: q, k, v, the 4x MLP, its output, the residual)
   in 4 bytes, plus the step cache's two residuals per image token with acceleration on (step_cache.cache_bytes);
@@ -24,6 +25,7 @@ image's size given by the request's decoded image.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -32,8 +34,9 @@ from PIL import Image
 
 from ..fal_api.lora_nodes import LORA_LOADER
 from ..model_loader import ModelFileError, memory, open_checkpoint
+from ..model_loader.checkpoints import GGUFFile
 from ..model_loader.flux import FluxConfig, config_from_checkpoint
-from ..model_loader.lora import linear_shapes, plan_lora, read_lora
+from ..model_loader.lora import LoraPlan, linear_shapes, plan_lora, read_lora
 from ..nodes.host import host
 from ..sampling.parameters import IMAGE_SIZES, nearest_multiple
 from ..sampling.step_cache import cache_bytes
@@ -84,12 +87,13 @@ def _file_bytes(folder: str, name: object, weight_dtype: str | None = None) -> t
         return 0, 0
     size = checkpoint.nbytes()
     hidden = checkpoint.shape("img_in.weight")[0] if "img_in.weight" in checkpoint else 0
+    counts = [math.prod(checkpoint.shape(k)) for k in checkpoint.keys()]
     if weight_dtype and weight_dtype.startswith("fp8"):
-        elements = sum((i.end - i.start) // i.dtype.itemsize for f in checkpoint.files for i in f.tensors.values())
-        size = min(size, elements)
+        size = min(size, sum(counts))
     elif weight_dtype in ("bf16", "fp16"):
-        elements = sum((i.end - i.start) // i.dtype.itemsize for f in checkpoint.files for i in f.tensors.values())
-        size = 2 * elements
+        size = 2 * sum(counts)
+    elif isinstance(checkpoint, GGUFFile) and any(checkpoint.quant_type(k) for k in checkpoint.keys()):
+        size += 6 * max(counts)  # one layer dequantized at a time: float32, then the compute dtype
     return size, hidden
 
 
@@ -194,11 +198,11 @@ def _base_loader(prompt: Mapping[str, dict], link: object) -> str | None:
     return None
 
 
-def _lora_plans(prompt: Mapping[str, dict]) -> tuple[list[str], dict[str, tuple[FluxConfig, set[str]]]]:
-    """(problems, {loader id: (base config, layers its LoRAs change)}) of every LoRA node whose file and base are
+def _lora_plans(prompt: Mapping[str, dict]) -> tuple[list[str], dict[str, tuple[FluxConfig, list[LoraPlan]]]]:
+    """(problems, {loader id: (base config, the plans of its LoRAs)}) of every LoRA node whose file and base are
     known here, each planned against its base from the two headers."""
     problems: list[str] = []
-    bases: dict[str, tuple[FluxConfig, set[str]]] = {}
+    bases: dict[str, tuple[FluxConfig, list[LoraPlan]]] = {}
     for node_id, node in prompt.items():
         inputs = node.get("inputs", {})
         loader = _base_loader(prompt, inputs.get("model")) if node.get("class_type") == LORA_LOADER else None
@@ -208,12 +212,12 @@ def _lora_plans(prompt: Mapping[str, dict]) -> tuple[list[str], dict[str, tuple[
             continue
         try:
             if loader not in bases:
-                bases[loader] = (config_from_checkpoint(host.model_path("diffusion_models", base)), set())
+                bases[loader] = (config_from_checkpoint(host.model_path("diffusion_models", base)), [])
             plan = plan_lora(read_lora(host.model_path("loras", name)), bases[loader][0])
         except ModelFileError as err:
             problems.append(f"node {node_id} ({LORA_LOADER}): lora_name: {err}")
             continue
-        bases[loader][1].update(plan.layers)
+        bases[loader][1].append(plan)
     return problems, bases
 
 
@@ -224,16 +228,36 @@ def lora_problems(prompt: Mapping[str, dict]) -> list[str]:
 
 
 def lora_bytes(prompt: Mapping[str, dict]) -> int:
-    """Bytes of the layers the workflow's LoRAs change, as each transformer stores its weights (the merged copies)."""
+    """Bytes of the layers the workflow's LoRAs change, as each transformer stores its weights (the merged copies);
+    on a GGUF file kept quantized (CPU: float32), a LoRA's factors beside each quantized layer and a dense copy of
+    each layer a LoHa, LoKr or full difference changes."""
     total = 0
-    for loader, (config, layers) in _lora_plans(prompt)[1].items():
+    for loader, (config, plans) in _lora_plans(prompt)[1].items():
         inputs = prompt[loader]["inputs"]
         weight_dtype = inputs.get("weight_dtype")
+        shapes = linear_shapes(config)
+        layers = {layer for plan in plans for layer in plan.layers}
         per_weight = 1 if str(weight_dtype).startswith("fp8") else 2 if weight_dtype in ("bf16", "fp16") else 0
         if not per_weight:  # as stored: the file's bytes per weight of its block layers
             checkpoint = open_checkpoint(host.model_path("diffusion_models", inputs["model_name"]))
             probe = next((k for k in checkpoint.keys() if k.endswith("img_attn.qkv.weight")), None)
+            if isinstance(checkpoint, GGUFFile) and probe is not None and checkpoint.quant_type(probe) is not None:
+                total += _gguf_lora_bytes(plans, shapes)
+                continue
             per_weight = checkpoint.dtype(probe).itemsize if probe is not None else 2
-        shapes = linear_shapes(config)
         total += sum(shapes[layer][0] * shapes[layer][1] * per_weight for layer in layers)
+    return total
+
+
+def _gguf_lora_bytes(plans: list[LoraPlan], shapes: Mapping[str, tuple[int, int]]) -> int:
+    """float32 bytes of what LoRAs add to a quantized model (the CPU's compute dtype): per layer the stacked factors
+    (rank x (in + out)) of its plain LoRAs, or its dense copy where another kind changes it."""
+    dense = {item.target.layer for plan in plans for item in plan.adapters if item.adapter.kind != "lora"}
+    total = sum(shapes[layer][0] * shapes[layer][1] * 4 for layer in dense)
+    for plan in plans:
+        for item in plan.adapters:
+            layer = item.target.layer
+            if layer not in dense and item.adapter.kind == "lora":
+                rank = plan.lora.file.shape(item.adapter.keys["down"])[0]
+                total += rank * (shapes[layer][0] + shapes[layer][1]) * 4
     return total

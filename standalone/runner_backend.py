@@ -38,8 +38,9 @@ SERVER_ADVICE = "Ask for fewer or smaller images."
 class RunnerBackend:
     """One worker thread over a FIFO of (job, workflow)."""
 
-    def __init__(self, output_dir: Path, memory_check: bool = True) -> None:
+    def __init__(self, output_dir: Path, model_name: str | None = None, memory_check: bool = True) -> None:
         self.output_dir = output_dir
+        self.model_name = model_name  # the transformer file every request runs (None: the workflow's own)
         self.interrupt = threading.Event()
         self._images: dict[str, Image.Image] = {}  # LoadImage's value -> the request's decoded image
         self._names = itertools.count()
@@ -68,6 +69,10 @@ class RunnerBackend:
         return None if image is None else (nearest_multiple(image.width), nearest_multiple(image.height))
 
     async def submit(self, job: Job, prompt: dict) -> None:
+        if self.model_name is not None:
+            for node in prompt.values():
+                if node.get("class_type") == "KreaModelLoader":
+                    node["inputs"]["model_name"] = self.model_name
         problems = validate(prompt, self.classes)  # the models are there and of the right kind, before it waits
         if problems:
             raise WorkflowRefused("; ".join(problems))

@@ -34,6 +34,9 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     s.add_argument("--models", type=Path, default=None, help="models folder with ComfyUI's layout (as for run)")
+    s.add_argument("--model", default=None, metavar="NAME",
+                   help="the transformer file in the models' diffusion_models folder, e.g. "
+                        "flux1-krea-dev-Q8_0.gguf (default: the workflows' flux1-krea-dev.safetensors)")
     s.add_argument("--output", type=Path, default=Path("output"),
                    help="where result images (fal/) and uploads (fal-uploads/) go (default: ./output)")
     s.add_argument("--tokenizers", type=Path, default=None, help="tokenizer folder (as for run)")
@@ -94,8 +97,9 @@ def serve_command(args: argparse.Namespace) -> int:
                               allow_remote_images=args.allow_remote_images, api_key=api_key_from_env(),
                               max_megapixels=args.max_megapixels, upload_quota_mb=args.upload_quota_mb,
                               allowed_hosts=allowed_hosts(args.host, args.allowed_host))
-    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, service=service,
-                           max_connections=args.max_connections, memory_check=not args.no_memory_check)
+    options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, model=args.model,
+                           service=service, max_connections=args.max_connections,
+                           memory_check=not args.no_memory_check)
     return serve(options, args.host, args.port, tls, args.demo)
 
 

@@ -109,6 +109,10 @@ def test_identify(kind):
     assert identify(KINDS[kind]) is kind
 
 
+def test_a_t5_gguf_in_llama_cpps_names_is_a_t5():
+    assert identify(["token_embd.weight", "enc.blk.0.attn_q.weight", "enc.output_norm.weight"]) is FileKind.T5_TEXT
+
+
 def test_transformers_clip_without_prefix_is_not_a_preview_vae():
     # transformers' CLIPTextModel keys have no `text_model.` prefix and contain "encoder.layers."
     assert identify(["embeddings.token_embedding.weight", "encoder.layers.0.self_attn.q_proj.weight"]) \

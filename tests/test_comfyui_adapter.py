@@ -113,6 +113,9 @@ def stand_ins(calls: Calls) -> dict[str, types.ModuleType]:
             vae_device=lambda: torch.device("meta"), vae_offload_device=lambda: CPU),
         "comfy.model_patcher": module("comfy.model_patcher", ModelPatcher=ModelPatcher),
         "comfy.ops": module("comfy.ops", pick_operations=pick_operations, scaled_fp8_ops=scaled_fp8_ops),
+        "comfy.weight_adapter": module("comfy.weight_adapter", LoRAAdapter=type("LoRAAdapter", (), {})),
+        "comfy.patcher_extension": module("comfy.patcher_extension", CallbacksMP=types.SimpleNamespace(
+            ON_LOAD="on_load", ON_DETACH="on_detach")),
         # The text encoders and VAE are ComfyUI's own classes, checked against the real ComfyUI in the host tests.
         "comfy.sd": module("comfy.sd", CLIP=type("CLIP", (), {}), VAE=type("VAE", (), {}),
                            CLIPType=types.SimpleNamespace(FLUX="flux")),
@@ -127,7 +130,9 @@ def stand_ins(calls: Calls) -> dict[str, types.ModuleType]:
         "comfy_execution.progress": module("comfy_execution.progress",
                                            get_progress_state=lambda: types.SimpleNamespace(prompt_id="p1")),
         "folder_paths": module("folder_paths", models_dir="/comfyui/models",
-                               folder_names_and_paths={"safety_checker": (["/extra/safety"], set())}),
+                               folder_names_and_paths={"safety_checker": (["/extra/safety"], set()),
+                                                       "diffusion_models": (["/comfyui/models/unet"], set()),
+                                                       "text_encoders": (["/comfyui/models/clip"], set())}),
     }
     for name, submodule in made.items():  # `import comfy.ops` binds comfy, then reads comfy.ops
         parent, _, leaf = name.rpartition(".")
@@ -252,6 +257,15 @@ def test_the_safety_checker_folder_is_registered_beside_folders_configured_befor
     assert paths == ["/extra/safety", "/comfyui/models/safety_checker"] and ".safetensors" in extensions
     comfy.host.ComfyHost()  # a second host (a reload) adds nothing twice
     assert comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"][0] == paths
+
+
+def test_gguf_files_are_listed_under_keys_of_the_packs_own_over_comfyuis_folder_lists(comfy):
+    comfy.host.ComfyHost()
+    known = comfy.stand_ins["folder_paths"].folder_names_and_paths
+    for folder in ("diffusion_models", "text_encoders"):
+        paths, extensions = known[f"krea_gguf_{folder}"]
+        assert paths is known[folder][0] and extensions == {".gguf"}  # folders ComfyUI adds later count too
+        assert known[folder][1] == set()  # ComfyUI's own loaders keep their lists
 
 
 def test_each_model_kind_gets_comfyuis_devices_for_it(comfy):

@@ -84,8 +84,9 @@ def identify(keys: Iterable[str]) -> FileKind:
         return FileKind.CLIP_VISION
     if has("vit.embeddings", "embeddings.cls_token"):
         return FileKind.VIT_CLASSIFIER if has("classifier.weight") else FileKind.VIT_BACKBONE
-    if has("encoder.block.", "SelfAttention.") or any(k == "shared.weight" or k.endswith(".shared.weight")
-                                                      for k in keys):
+    # enc.blk.N.attn_q ...: llama.cpp's names, as encoder-only t5xxl GGUF files carry them
+    if has("encoder.block.", "SelfAttention.", "enc.blk.") or any(k == "shared.weight" or k.endswith(".shared.weight")
+                                                                  for k in keys):
         return FileKind.T5_TEXT
     if has("text_model.", "token_embedding.", "text_projection"):
         return FileKind.CLIP_TEXT

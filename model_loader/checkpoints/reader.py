@@ -115,8 +115,8 @@ class SafetensorsFile:
         hint = ""
         if self.path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
             hint = " Pickled checkpoints are not loaded; use the .safetensors release of the model."
-        elif self.path.suffix == ".gguf":
-            hint = " GGUF files are not supported yet; use the .safetensors release."
+        elif self.path.suffix.lower() == ".gguf":
+            hint = " A .gguf file must start with GGUF's magic bytes; this one does not: download it again."
         return f"{self.path} is not a safetensors file ({size} bytes, no valid safetensors header).{hint}"
 
     def keys(self) -> list[str]:
@@ -199,6 +199,14 @@ class RenamedSource:
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._source.tensor(self._names[key])
+
+    def quant_type(self, key: str) -> object | None:
+        """A GGUF source's block type of the tensor (None: not block-quantized, or not a GGUF source)."""
+        quant_type = getattr(self._source, "quant_type", None)
+        return quant_type(self._names[key]) if quant_type is not None else None
+
+    def raw(self, key: str) -> torch.Tensor:
+        return self._source.raw(self._names[key])
 
 
 class Checkpoint:

@@ -1,4 +1,4 @@
-"""A path the user gave -> the safetensors files that make up one model (a `Checkpoint`).
+"""A path the user gave -> the safetensors files that make up one model (a `Checkpoint`), or one GGUF file.
 
 The one place that decides which files are read: a file; a diffusers model root (its `subfolder`, e.g.
 transformer/, vae/, text_encoder_2/); a folder of shards named by a `*.safetensors.index.json`; one shard of
@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import ModelFileError
+from .gguf_file import GGUFFile, is_gguf
 from .reader import Checkpoint
 
 _SHARD = re.compile(r"^(?P<stem>[^.]+?)(?P<variant>\.[^.-]+)?-\d{5}-of-\d{5}\.safetensors$")
@@ -58,12 +59,15 @@ def _folder(folder: Path) -> Checkpoint:
     return Checkpoint(folder, [f for f in files if _variant(f.name) == chosen])
 
 
-def open_checkpoint(path: str | os.PathLike[str], subfolder: str | None = None) -> Checkpoint:
-    """The model at `path`; `subfolder` is where a diffusers model root keeps it (e.g. "vae")."""
+def open_checkpoint(path: str | os.PathLike[str], subfolder: str | None = None) -> Checkpoint | GGUFFile:
+    """The model at `path`; `subfolder` is where a diffusers model root keeps it (e.g. "vae"). A GGUF file
+    (told by its first bytes, whatever its name) is read as one."""
     path = Path(path)
     if subfolder and path.is_dir() and (path / subfolder).is_dir():
         path = path / subfolder
     if path.is_file():
+        if is_gguf(path):
+            return GGUFFile(path)
         if _SHARD.match(path.name) and any(_INDEX.match(p.name) for p in path.parent.iterdir()):
             return _folder(path.parent)
         return Checkpoint(path)

@@ -4,6 +4,9 @@
   comfy             the same keys under `model.diffusion_model.` (ComfyUI repacks)
   comfy_fp8_scaled  ComfyUI scaled fp8: float8_e4m3fn Linear weights plus per-tensor `*.scale_weight`
   diffusers         `transformer_blocks.N.attn.to_q` ...: q/k/v (and the single blocks' MLP input) fused on load
+
+GGUF files carry the same keys (ComfyUI-GGUF's layout is bfl's); their block-quantized tensors are planned
+with their type and bytes, so a loader can keep them quantized.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from ..checkpoints import FileKind, TensorSource, first_keys, identify, is_lora
 from ..errors import ModelFileError
+from ..gguf.types import QuantType
 from .model import FluxConfig
 
 log = logging.getLogger(__name__)
@@ -92,8 +96,10 @@ class PlannedTensor:
     """How to read one BFL-named tensor from the file (lazily)."""
     shape: tuple[int, ...]
     dtype: torch.dtype
-    read: Callable[[], Tensor]
+    read: Callable[[], Tensor]  # the values (a GGUF block-quantized tensor dequantized to float32)
     scale: Callable[[], Tensor] | None = None  # per-tensor scale_weight of a scaled-fp8 weight
+    quant: QuantType | None = None  # GGUF block type of a quantized tensor
+    raw: Callable[[], Tensor] | None = None  # its blocks as stored: uint8 (rows, row bytes)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ def _plan_bfl(source: TensorSource, keys: list[str], prefix: str, name: str) -> 
         log.info("%s bundles the FLUX transformer with %s; loading the transformer only.", name, ", ".join(parts))
     key_set = set(keys)
     scaled = False
+    quant_type = getattr(source, "quant_type", None)  # GGUF files: which tensors are block-quantized
     plan: dict[str, PlannedTensor] = {}
     for key in own:
         short = key[len(prefix):]
@@ -153,7 +160,10 @@ def _plan_bfl(source: TensorSource, keys: list[str], prefix: str, name: str) -> 
             continue
         scale_key = key[: -len(".weight")] + ".scale_weight" if key.endswith(".weight") else None
         scale = (lambda k=scale_key: source.tensor(k)) if scale_key in key_set else None
-        plan[short] = PlannedTensor(source.shape(key), source.dtype(key), lambda k=key: source.tensor(k), scale)
+        quant = quant_type(key) if quant_type is not None else None
+        raw = (lambda k=key: source.raw(k)) if quant is not None else None
+        plan[short] = PlannedTensor(source.shape(key), source.dtype(key), lambda k=key: source.tensor(k), scale,
+                                    quant, raw)
     orphans = [k for k in own if k.endswith(".scale_weight") and k[: -len(".scale_weight")] + ".weight" not in key_set]
     if orphans:
         raise ModelFileError(f"{name} has fp8 scales without weights (e.g. {orphans[0]}); the file is damaged.")
@@ -179,6 +189,7 @@ def _plan_diffusers(source: TensorSource, keys: list[str], name: str) -> FluxLay
     if extra:
         raise ModelFileError(f"{name} (diffusers layout) holds {len(extra)} tensors a FLUX.1 transformer does not "
                              f"have (e.g. {', '.join(extra[:3])}).")
+    quant_type = getattr(source, "quant_type", None)  # GGUF files: which tensors are block-quantized
     plan: dict[str, PlannedTensor] = {}
     for r in renames:
         shapes = [source.shape(p) for p in r.diffusers]
@@ -186,12 +197,17 @@ def _plan_diffusers(source: TensorSource, keys: list[str], name: str) -> FluxLay
             raise ModelFileError(f"{name}: tensors {', '.join(r.diffusers)} have shapes {shapes} that do not fit "
                                  "together; the file is damaged or not a FLUX.1 transformer.")
         shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-        plan[r.bfl] = PlannedTensor(shape, source.dtype(r.diffusers[0]), lambda r=r: _read_fused(source, r))
+        # GGUF parts of one block type fuse as their rows of blocks (each row is whole blocks): kept quantized.
+        quants = {quant_type(p) for p in r.diffusers} if quant_type is not None else {None}
+        quant = quants.pop() if len(quants) == 1 else None
+        raw = (lambda r=r: _read_fused(source.raw, r)) if quant is not None else None
+        plan[r.bfl] = PlannedTensor(shape, source.dtype(r.diffusers[0]), lambda r=r: _read_fused(source.tensor, r),
+                                    quant=quant, raw=raw)
     return FluxLayout("diffusers", plan)
 
 
-def _read_fused(source: TensorSource, rename: Rename) -> Tensor:
-    parts = [source.tensor(p) for p in rename.diffusers]
+def _read_fused(read: Callable[[str], Tensor], rename: Rename) -> Tensor:
+    parts = [read(p) for p in rename.diffusers]
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     return swap_halves(t) if rename.swap_halves else t
 

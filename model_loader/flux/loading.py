@@ -3,7 +3,9 @@
 The model is built on the meta device and its parameters are assigned from the memory-mapped file,
 converted tensor by tensor only where the layout or `weight_dtype` asks for it, so loading never holds a
 second copy of the weights. The config is read off the tensor shapes, so a reduced test file goes through
-the same code as the full-size one.
+the same code as the full-size one. A GGUF file's block-quantized Linear weights stay as their bytes with
+weight_dtype "default" (QuantizedLinear dequantizes them per call); the other weight_dtypes dequantize them
+on load, tensor by tensor.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..operations import (
     FP8_DTYPES,
     CastLinear,
     OperationsFor,
+    QuantizedLinear,
     WeightStorage,
     cast_operations,
     fp8_matmul_supported,
@@ -101,7 +104,8 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     config = config_from_shapes({k: p.shape for k, p in layout.tensors.items()}, name)
     storage = _storage(layout, weight_dtype, compute_device, default_dtype)
     # "default" keeps each tensor's own dtype unless the host chose one (ComfyUI: its own choice for the device).
-    chosen = weight_dtype == "default" and default_dtype is not None and storage.dtype not in FP8_DTYPES
+    chosen = (weight_dtype == "default" and default_dtype is not None and storage.dtype not in FP8_DTYPES
+              and not storage.quantized)
     target = storage.dtype if chosen else None
     try:
         model = FluxTransformer(config, device="meta", operations=operations(storage))
@@ -112,9 +116,18 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in scale_keys}
     _check_keys(name, layout, expected)
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = dict(model.named_modules())
     state: dict[str, Tensor] = {}
     scales: dict[str, Tensor] = {}
     for key, planned in layout.tensors.items():  # tensor by tensor: at most one converted tensor in flight
+        if storage.quantized and planned.raw is not None and planned.quant is not None and key in linear_weights:
+            module = modules[key[: -len(".weight")]]
+            if not isinstance(module, QuantizedLinear):
+                raise TypeError(f"operations gave {type(module).__name__} for the GGUF weight {key}; quantized "
+                                "storage needs QuantizedLinear layers.")
+            module.hold_quantized(planned.quant)
+            state[key] = planned.raw().to(device)
+            continue
         t = planned.read().to(device)
         scale = planned.scale().to(device, torch.float32) if planned.scale is not None else None
         state[key], scale = _convert(key, t, scale, weight_dtype, linear_weights, target)
@@ -127,7 +140,6 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     model.requires_grad_(False)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    modules = dict(model.named_modules())
     for module_name, scale in scales.items():
         modules[module_name].set_scale(scale)
     if weight_dtype == "fp8_e4m3fn_fast":
@@ -141,8 +153,9 @@ def load_flux_from_source(source: TensorSource, weight_dtype: str = "default", d
     model.storage_dtype = storage.dtype
     model.compute_dtype = storage.compute_dtype
     model.eval()
+    held = "GGUF blocks" if storage.quantized else weight_dtype
     log.info("Loaded FLUX transformer %s (%s layout, %d double + %d single blocks, weights %s, compute %s)",
-             name, layout.kind, config.depth, config.depth_single_blocks, weight_dtype, model.compute_dtype)
+             name, layout.kind, config.depth, config.depth_single_blocks, held, model.compute_dtype)
     return model
 
 
@@ -151,6 +164,10 @@ def _storage(layout: FluxLayout, weight_dtype: str, compute_device: torch.device
     """How the loaded blocks will hold their weights, known from the plan before anything is read."""
     probe = next(p for k, p in layout.tensors.items() if k.startswith(("double_blocks.", "single_blocks."))
                  and k.endswith(".weight") and len(p.shape) == 2)
+    if weight_dtype == "default" and probe.quant is not None:  # GGUF blocks, kept as stored
+        return WeightStorage(dtype=torch.uint8, compute_dtype=flux_compute_dtype(compute_device, weight_dtype,
+                                                                                 torch.bfloat16),
+                             scaled=False, fast_fp8=False, quantized=True)
     stored = {"default": probe.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}.get(weight_dtype,
                                                                                        torch.float8_e4m3fn)
     if weight_dtype == "default" and stored not in FP8_DTYPES and default_dtype is not None:

@@ -5,7 +5,8 @@ them to the MODEL the pack hands it).
     apply:  set_loras(transformer, [LoraChoice(path, strength), ...]) merges exactly that set (restoring the base
             weights of the previous one first); restore_base(transformer) takes it out
     factors: layer_deltas(plan_loras(choices, config)) -> {layer: [LayerDelta]}, each low rank as (up, down,
-            scale) where the file is, for layers that run a LoRA beside their matmul instead of merging it
+            scale) where the file is; set_loras runs them beside the matmul of GGUF layers (beside.py
+            LowRankAdapter), which cannot merge
 
 Formats: kohya sd-scripts, diffusers/peft, ComfyUI, OneTrainer, SimpleTuner LyCORIS and XLabs names (formats.py);
 LoRA, LoHa, LoKr and full-difference adapters (deltas.py).

@@ -12,6 +12,12 @@ backup is the original tensor itself (memory-mapped from the file when it was lo
 weight is a new tensor beside it; on a GPU the original is copied to the CPU and the merge is written in place,
 so GPU memory does not grow. Changing the set never reads the base file again.
 
+GGUF layers (operations.QuantizedLinear holding blocks) cannot take a merge: their LoRA factors run beside the
+matmul instead (beside.py: x @ downᵀ @ upᵀ * scale, one adapter per layer), and taking the set out removes the
+adapter, so the layer computes exactly what it did. A LoHa, LoKr or full difference, which has no low-rank form,
+is merged into a dequantized copy of just that layer (held in the model's compute dtype, the blocks kept beside it
+and put back with the base): that layer then costs its dense size in memory and no dequantization per call.
+
 Every file of a new set is read and checked (header and shapes, reading.py) before any weight changes, so a bad
 file leaves the model as it was. Not thread-safe: one set per model at a time (the standalone runner runs one
 workflow at a time).
@@ -22,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ from torch import Tensor, nn
 from ..checkpoints import file_identity
 from ..flux.model import FluxConfig
 from ..operations import real_weight, stored_weight
+from .beside import LowRankAdapter, is_low_rank
 from .deltas import LayerDelta, lora_deltas
 from .formats import module_targets
 from .reading import LoraPlan, plan_lora, read_lora
@@ -52,14 +59,17 @@ class _Original:
     bias: Tensor | None
     scale: Tensor | None
     in_place: bool
+    quant_type: object | None = None  # a GGUF layer merged into a dense copy: `weight` is its blocks
 
 
 @dataclass(frozen=True)
 class LoraState:
-    """The set merged into a model (`model.lora_state`) and the original of every layer it changed."""
+    """The set merged into a model (`model.lora_state`), the original of every layer it changed and the adapters each
+    quantized layer had before the set's were added beside its matmul."""
     key: tuple
     loras: tuple[LoraChoice, ...]
     originals: dict[str, _Original]
+    adapters_before: dict[str, list] = field(default_factory=dict)
 
 
 def set_key(loras: Sequence[LoraChoice]) -> tuple:
@@ -103,35 +113,54 @@ def set_loras(model: nn.Module, loras: Sequence[LoraChoice], backup_device: torc
         return model
     started = time.perf_counter()
     originals: dict[str, _Original] = {}
+    adapters_before: dict[str, list] = {}
     backup = torch.device(backup_device)
+    dense_dtype = getattr(model, "compute_dtype", torch.float32)
     try:
         with torch.no_grad():
-            for layer, deltas in layer_deltas(plans).items():
-                originals[layer] = _merge(model.get_submodule(layer), deltas, backup)
+            for name, deltas in layer_deltas(plans).items():
+                layer = model.get_submodule(name)
+                if _quantized(layer) and all(is_low_rank(d) for d in deltas):
+                    adapters_before[name] = layer.adapters
+                    adapter = LowRankAdapter.of_deltas(layer.out_features, deltas, layer.weight.device, dense_dtype)
+                    layer.adapters = [*layer.adapters, adapter]
+                else:
+                    originals[name] = _merge(layer, deltas, backup, dense_dtype)
     except BaseException:
-        _put_back(model, originals)  # a failure half-way (out of memory, Ctrl-C) leaves the base weights
+        _put_back(model, originals, adapters_before)  # a failure half-way (out of memory, Ctrl-C): the base
         raise
-    model.lora_state = LoraState(key, loras, originals)
-    log.info("Merged %d LoRA%s into %d layers in %.2f s: %s", len(plans), "" if len(plans) == 1 else "s",
-             len(originals), time.perf_counter() - started,
+    model.lora_state = LoraState(key, loras, originals, adapters_before)
+    log.info("Applied %d LoRA%s to %d layers in %.2f s (%d merged, %d beside quantized matmuls): %s", len(plans),
+             "" if len(plans) == 1 else "s", len(originals) + len(adapters_before), time.perf_counter() - started,
+             len(originals), len(adapters_before),
              ", ".join(f"{os.path.basename(c.path)} x{c.strength:g}" for c in loras if c.strength != 0))
     return model
+
+
+def _quantized(layer: nn.Module) -> bool:
+    """A Linear holding GGUF blocks (it dequantizes them at each call)."""
+    return getattr(layer, "quant_type", None) is not None
 
 
 def restore_base(model: nn.Module) -> nn.Module:
     """Put back the weights the model had before its LoRA set was merged, bit for bit."""
     state: LoraState | None = getattr(model, "lora_state", None)
     if state is not None:
-        _put_back(model, state.originals)
+        _put_back(model, state.originals, state.adapters_before)
         model.lora_state = None
     return model
 
 
-def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device) -> _Original:
-    """Add every delta to one Linear, in real units; returns what the layer held before."""
+def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device, dense_dtype: torch.dtype) -> _Original:
+    """Add every delta to one Linear, in real units; returns what the layer held before. A GGUF layer is merged into
+    a dequantized copy held in `dense_dtype`."""
     weight, bias = layer.weight, layer.bias
     scale = getattr(layer, "scale_weight", None)
-    real = real_weight(layer)  # (out, in) float32 on the weight's device
+    quant_type = getattr(layer, "quant_type", None)
+    if quant_type is not None:  # (out, in) float32 on the blocks' device
+        real = layer.dequantized_weight(weight.device, torch.float32)
+    else:
+        real = real_weight(layer)  # (out, in) float32 on the weight's device
     real_bias = bias.detach().to(torch.float32, copy=True) if bias is not None else None
     bias_changed = False
     for delta in deltas:
@@ -148,9 +177,12 @@ def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device) -> 
         if change is not None and real_bias is not None:
             real_bias[rows] += change
             bias_changed = True
-    new_weight, new_scale = stored_weight(real, weight.dtype, scale)
+    if quant_type is not None:  # the blocks stay as they are, beside the dense copy that replaces them
+        new_weight, new_scale = real.to(dense_dtype), scale
+    else:
+        new_weight, new_scale = stored_weight(real, weight.dtype, scale)
     del real
-    in_place = weight.device != backup
+    in_place = weight.device != backup and quant_type is None
     if in_place:  # weights on an accelerator: the original goes to the backup device, the merge stays in place
         original = _Original(weight.detach().to(backup, copy=True),
                              bias.detach().to(backup, copy=True) if bias_changed else None, scale, True)
@@ -158,8 +190,10 @@ def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device) -> 
         if bias_changed:
             bias.data.copy_(real_bias.to(bias.dtype))
     else:  # weights already on the backup device: keep the original tensors, merge into new ones
-        original = _Original(weight, bias if bias_changed else None, scale, False)
+        original = _Original(weight, bias if bias_changed else None, scale, False, quant_type)
         layer.weight = nn.Parameter(new_weight, requires_grad=False)
+        if quant_type is not None:
+            layer.quant_type = None  # computes as a CastLinear until the blocks are put back
         if bias_changed:
             layer.bias = nn.Parameter(real_bias.to(bias.dtype), requires_grad=False)
     if new_scale is not scale:
@@ -167,7 +201,9 @@ def _merge(layer: nn.Module, deltas: list[LayerDelta], backup: torch.device) -> 
     return original
 
 
-def _put_back(model: nn.Module, originals: dict[str, _Original]) -> None:
+def _put_back(model: nn.Module, originals: dict[str, _Original], adapters_before: dict[str, list]) -> None:
+    for name, adapters in adapters_before.items():
+        model.get_submodule(name).adapters = adapters
     with torch.no_grad():
         for name, original in originals.items():
             layer = model.get_submodule(name)
@@ -181,3 +217,5 @@ def _put_back(model: nn.Module, originals: dict[str, _Original]) -> None:
                     layer.bias = original.bias
             if original.scale is not None or getattr(layer, "scale_weight", None) is not None:
                 layer.scale_weight = original.scale
+            if original.quant_type is not None:
+                layer.quant_type = original.quant_type

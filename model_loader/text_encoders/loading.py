@@ -8,10 +8,12 @@ in fp16) and leaves nothing behind for the transformer to compete with.
 
 Accepted files: `clip_l.safetensors` (keys under `text_model.`, maybe `text_projection.weight`, ignored),
 a transformers 5.x CLIPTextModel state dict (no prefix), `t5xxl_fp16.safetensors` (`shared.weight` only),
-ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (fp8 weights with per-tensor `scale_weight`), and the
-`text_encoder/` / `text_encoder_2/` folders of a diffusers model (sharded, with an index), or its root.
+ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors` (fp8 weights with per-tensor `scale_weight`), encoder-only
+T5 GGUF files (`t5-v1_1-xxl-encoder-Q8_0.gguf`: llama.cpp's names; block-quantized Linear weights stay
+quantized, a quantized embedding is dequantized to fp16), and the `text_encoder/` / `text_encoder_2/`
+folders of a diffusers model (sharded, with an index), or its root.
 `clip_weights` / `t5_weights` give the same checked tensors under the released files' names, for another
-implementation of the encoders (ComfyUI's own, inside ComfyUI).
+implementation of the encoders (ComfyUI's own, inside ComfyUI; a GGUF file's tensors dequantized to fp16).
 """
 from __future__ import annotations
 
@@ -24,13 +26,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..checkpoints import Checkpoint, FileKind, first_keys, identify, open_checkpoint
+from ..checkpoints import Checkpoint, FileKind, RenamedSource, first_keys, identify, open_checkpoint
 from ..compute_dtypes import text_encoder_compute_dtype
 from ..errors import ModelFileError
-from ..operations import CastOps
+from ..operations import CastOps, QuantizedLinear, QuantizedOps
 from .clip import CLIPTextConfig, CLIPTextModel, build_clip
 from .clip import config_from_checkpoint as clip_config_from_checkpoint
-from .t5 import EMBEDDING_KEYS, T5EncoderConfig, T5EncoderModel, build_t5
+from .t5 import EMBEDDING_KEYS, T5EncoderConfig, T5EncoderModel, build_t5, transformers_name
 from .t5 import config_from_checkpoint as t5_config_from_checkpoint
 from .tokenization import FixedLengthTokenizer, find_tokenizer_folders, load_clip_tokenizer, load_t5_tokenizer
 
@@ -96,11 +98,22 @@ def _load_weights(model: nn.Module, ckpt: Checkpoint, key_in_file: Callable[[str
     owning CastLinear's `set_scale`; a scaled weight of any other module is dequantized on load.
     """
     scalable = {name: m for name, m in model.named_modules() if hasattr(m, "set_scale")}
+    modules = dict(model.named_modules())
+    quant_type = getattr(ckpt, "quant_type", None)  # GGUF files: which tensors are block-quantized
     state: dict[str, torch.Tensor] = {}
     scales: list[tuple[nn.Module, torch.Tensor]] = []
     for name, file_key in _file_tensors(model, ckpt, key_in_file, what).items():
-        tensor = ckpt.tensor(file_key)
         owner, _, leaf = name.rpartition(".")
+        quant = quant_type(file_key) if quant_type is not None else None
+        if quant is not None:
+            module = modules.get(owner)
+            if leaf == "weight" and isinstance(module, QuantizedLinear):
+                module.hold_quantized(quant)  # kept as the file's blocks, dequantized per call
+                state[name] = ckpt.raw(file_key)
+            else:  # an embedding: looked up, not multiplied; dequantized once, in fp16 (T5's own dtype)
+                state[name] = ckpt.tensor(file_key).to(torch.float16)
+            continue
+        tensor = ckpt.tensor(file_key)
         stem = file_key[: -len(leaf)]
         scale_key = next((stem + s for s in _SCALE_NAMES if stem + s in ckpt), None)
         if leaf == "weight" and scale_key is not None:
@@ -162,6 +175,13 @@ def load_t5_model(path: str | os.PathLike[str], operations=CastOps) -> T5Encoder
     return _t5_from(open_checkpoint(path, "text_encoder_2"), operations)
 
 
+def _t5_source(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint under transformers' names: a GGUF file in llama.cpp's names renamed, others as they are."""
+    if any(k.startswith("enc.blk.") for k in ckpt.keys()):
+        return RenamedSource(ckpt, {transformers_name(k): k for k in ckpt.keys()})
+    return ckpt
+
+
 def _t5_prefix(ckpt: Checkpoint) -> str:
     prefix = _prefix_of(ckpt.keys(), _T5_MARK, ckpt, _T5_BLOCK)
     if prefix is None:
@@ -178,6 +198,9 @@ def _t5_keys(ckpt: Checkpoint, prefix: str) -> Callable[[str], str]:
 
 
 def _t5_from(ckpt: Checkpoint, operations) -> T5EncoderModel:
+    source = _t5_source(ckpt)
+    if source is not ckpt:  # a GGUF file: its block-quantized Linear weights stay quantized
+        ckpt, operations = source, QuantizedOps
     keys = ckpt.keys()
     prefix = _t5_prefix(ckpt)
     config = t5_config_from_checkpoint(ckpt, prefix)
@@ -192,14 +215,21 @@ def t5_weights(path: str | os.PathLike[str]) -> tuple[T5EncoderConfig, dict[str,
     """The T5 encoder of any file or folder `load_t5_model` takes, for another implementation of it (ComfyUI's):
     its config and its memory-mapped tensors under transformers' T5EncoderModel names (`shared.weight`,
     `encoder.*`), checked complete, with what a scaled-fp8 file stores beside them (`*.scale_weight`, the
-    `scaled_fp8` marker) as stored."""
-    ckpt = open_checkpoint(path, "text_encoder_2")
+    `scaled_fp8` marker) as stored; an encoder-only GGUF file's quantized tensors dequantized to fp16."""
+    ckpt = _t5_source(open_checkpoint(path, "text_encoder_2"))
     prefix = _t5_prefix(ckpt)
     config = t5_config_from_checkpoint(ckpt, prefix)
     keys = _file_tensors(build_t5(config), ckpt, _t5_keys(ckpt, prefix), "a T5 encoder")
+    quant_type = getattr(ckpt, "quant_type", None)
+
+    def read(key: str) -> torch.Tensor:  # a GGUF file's quantized tensor comes dequantized: fp16, T5's own dtype
+        tensor = ckpt.tensor(key)
+        return tensor.to(torch.float16) if quant_type is not None and quant_type(key) else tensor
+
+    stored = {key: read(key) for key in ckpt.keys() if key.startswith(prefix)}  # each read once
     # Whatever else is stored beside the weights (scales, the file-wide marker) under its own name.
-    tensors = {key[len(prefix):]: ckpt.tensor(key) for key in ckpt.keys() if key.startswith(prefix)}
-    tensors.update((name, ckpt.tensor(key)) for name, key in keys.items())
+    tensors = {key[len(prefix):]: tensor for key, tensor in stored.items()}
+    tensors.update((name, stored[key]) for name, key in keys.items())
     return config, tensors
 
 

@@ -39,7 +39,31 @@ class T5EncoderConfig:
 
 
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied: files keep one or both
+# llama.cpp's names (encoder-only t5xxl GGUF files) -> transformers' T5 names, replaced in this order.
+LLAMA_CPP_NAMES = (("enc.", "encoder."), (".blk.", ".block."), ("token_embd", "shared"),
+                   ("output_norm", "final_layer_norm"), ("attn_q", "layer.0.SelfAttention.q"),
+                   ("attn_k", "layer.0.SelfAttention.k"), ("attn_v", "layer.0.SelfAttention.v"),
+                   ("attn_o", "layer.0.SelfAttention.o"), ("attn_norm", "layer.0.layer_norm"),
+                   ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+                   ("ffn_gate", "layer.1.DenseReluDense.wi_0"), ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+                   ("ffn_down", "layer.1.DenseReluDense.wo"), ("ffn_norm", "layer.1.layer_norm"))
 _BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+
+
+def transformers_name(llama_cpp_name: str) -> str:
+    """`enc.blk.0.attn_q.weight` -> `encoder.block.0.layer.0.SelfAttention.q.weight` (other names unchanged)."""
+    name = llama_cpp_name
+    for old, new in LLAMA_CPP_NAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def llama_cpp_name(transformers_name: str) -> str:
+    """The way back (for writing GGUF test files): `shared.weight` -> `token_embd.weight`."""
+    name = transformers_name
+    for old, new in reversed(LLAMA_CPP_NAMES):
+        name = name.replace(new, old)
+    return name
 
 
 def config_from_checkpoint(ckpt: Checkpoint, prefix: str = "") -> T5EncoderConfig:

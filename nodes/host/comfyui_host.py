@@ -23,11 +23,15 @@ from ...model_loader.text_encoders import load_clip_tokenizer, load_t5_tokenizer
 from ...model_loader.text_encoders.tokenization import FixedLengthTokenizer
 from ...sampling.denoise import StepCallback
 from . import comfyui_models
-from .folders import MODEL_EXTENSIONS, comfyui_tokenizer_dirs
+from .folders import GGUF_EXTENSIONS, GGUF_FOLDERS, MODEL_EXTENSIONS, comfyui_tokenizer_dirs
 from .holding import ModelSlot, UnderPatchers, cached_load, file_key, kept
 from .interface import REPORT_EVENT, Host, LoadedTransformer, WorkCallback
 
 StepListener = Callable[[str, int, int], None]  # (prompt id, step, total)
+
+
+def _gguf_key(folder: str) -> str:
+    return f"krea_gguf_{folder}"
 
 
 class ComfyHost(Host):
@@ -42,16 +46,26 @@ class ComfyHost(Host):
         default = os.path.join(folder_paths.models_dir, "safety_checker")
         folder_paths.folder_names_and_paths["safety_checker"] = (
             [*paths, default] if default not in paths else paths, set(MODEL_EXTENSIONS))
+        # GGUF files in the same folders, under a key of our own: ComfyUI's own loaders keep their lists (they
+        # cannot read GGUF). The folder list is ComfyUI's own list object, so folders added later count too.
+        for folder in GGUF_FOLDERS:
+            folder_paths.folder_names_and_paths[_gguf_key(folder)] = (
+                folder_paths.folder_names_and_paths[folder][0], set(GGUF_EXTENSIONS))
 
     # -- model files ---------------------------------------------------------------------------------------
     def model_search_paths(self, folder: str) -> list[Path]:
         return [Path(p) for p in folder_paths.get_folder_paths(folder)]
 
     def list_models(self, folder: str) -> list[str]:
-        return list(folder_paths.get_filename_list(folder))
+        names = list(folder_paths.get_filename_list(folder))
+        if folder in GGUF_FOLDERS:
+            names = sorted({*names, *folder_paths.get_filename_list(_gguf_key(folder))})
+        return names
 
     def find_model(self, folder: str, name: str) -> Path | None:
         found = folder_paths.get_full_path(folder, name)
+        if found is None and folder in GGUF_FOLDERS:
+            found = folder_paths.get_full_path(_gguf_key(folder), name)
         return Path(found) if found is not None else None
 
     def tokenizer_dir(self) -> Path | None:

@@ -9,6 +9,15 @@ ComfyUI's own models (`comfy.sd.CLIP` of type FLUX and `comfy.sd.VAE`, as DualCL
 them), built from the tensors the pack's readers find in any file the pack accepts, so ComfyUI's text, VAE,
 inpainting and LoRA nodes take them. Nothing here subclasses or patches ModelPatcher or
 model_management, and the pack keeps no reference of its own to the models it hands out.
+
+A GGUF file's quantized weights are held by the pack's QuantizedLinear (ComfyUI has no GGUF layers), which
+follows comfy.ops' contract; ComfyUI streams them like its own, and applies a LoRA to a streamed layer's
+dequantized weight at each call. A LoRA on a resident quantized layer cannot be merged into its blocks, so
+the MODEL carries two ModelPatcher callbacks (kept by its clones): after each load, every patched quantized
+layer whose patches are all plain LoRAs (ComfyUI's LoRAAdapter: no mid, DoRA or reshape, strength_model 1) gets
+them as low-rank factors beside its matmul (ComfyUI's scale: strength x alpha / rank, rows from the patch's
+offset); any other patch list gets ComfyUI's own patch function, applied to the dequantized weight at each call.
+On detach both are removed.
 Imported only inside ComfyUI (by comfyui_host.py).
 """
 from __future__ import annotations
@@ -20,19 +29,24 @@ import comfy.model_base  # type: ignore[import-not-found]
 import comfy.model_management as model_management  # type: ignore[import-not-found]
 import comfy.model_patcher  # type: ignore[import-not-found]
 import comfy.ops  # type: ignore[import-not-found]
+import comfy.patcher_extension  # type: ignore[import-not-found]
 import comfy.sd  # type: ignore[import-not-found]
 import comfy.supported_models  # type: ignore[import-not-found]
 import comfy.text_encoders.flux  # type: ignore[import-not-found]
+import comfy.weight_adapter  # type: ignore[import-not-found]
 import folder_paths  # type: ignore[import-not-found]
 import torch
 
 from ...model_loader import LATENT_CHANNELS, FluxTransformer, ModelFileError, load_flux
 from ...model_loader.autoencoder import FLUX_AUTOENCODER, autoencoder_weights
 from ...model_loader.flux import variant_problem
-from ...model_loader.operations import OperationsFor, WeightStorage
+from ...model_loader.lora.beside import LowRankAdapter, Piece
+from ...model_loader.operations import OperationsFor, QuantizedLinear, QuantizedOps, WeightStorage
 from ...model_loader.text_encoders import CLIP_L, T5EncoderConfig, clip_weights, t5_weights
 from ...model_loader.text_encoders.tokenization import T5_MAX_LENGTH, FixedLengthTokenizer
 from .interface import LoadedTransformer
+
+_CALLBACK_KEY = "krea_gguf_lora"
 
 
 def comfy_operations(load_device: torch.device) -> OperationsFor:
@@ -41,6 +55,8 @@ def comfy_operations(load_device: torch.device) -> OperationsFor:
     layers for fp8_e4m3fn_fast, casting layers where storage and compute dtypes differ."""
 
     def choose(storage: WeightStorage) -> Any:
+        if storage.quantized:  # GGUF blocks: the pack's layers (comfy.ops contract)
+            return QuantizedOps
         fp8_compute = storage.fast_fp8 and model_management.supports_fp8_compute(load_device)
         if storage.scaled:
             return comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fp8_compute, scale_input=False)
@@ -81,7 +97,60 @@ def transformer_model(path: str | os.PathLike[str], weight_dtype: str) -> Any:
     holder = comfy.model_base.Flux(model_config, device=offload_device)
     transformer.dtype = transformer.storage_dtype  # BaseModel.get_dtype() reads diffusion_model.dtype
     holder.diffusion_model = transformer
-    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
+    if any(isinstance(m, QuantizedLinear) and m.quant_type is not None for m in transformer.modules()):
+        patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, _CALLBACK_KEY, _patch_resident)
+        patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, _CALLBACK_KEY, _unpatch_resident)
+    return patcher
+
+
+def _quantized_layers(patcher: Any) -> list[tuple[str, QuantizedLinear]]:
+    return [(f"{name}.weight", m) for name, m in patcher.model.named_modules()
+            if isinstance(m, QuantizedLinear) and m.quant_type is not None]
+
+
+def _low_rank_pieces(patches: list, out_features: int) -> list[Piece] | None:
+    """ComfyUI's patch list of one Linear weight as low-rank pieces (row offset, up, down, scale) with its
+    calculate_weight's arithmetic (weight[rows] += strength * alpha / rank * up @ down); None unless every patch is a
+    plain LoRA on rows of the weight."""
+    pieces = []
+    for strength, adapter, strength_model, offset, function in patches:
+        if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter) or strength_model != 1.0 or function is not None:
+            return None
+        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+        if mid is not None or dora_scale is not None or reshape is not None or up.ndim != 2 or down.ndim != 2:
+            return None
+        if offset is not None and offset[0] != 0:
+            return None
+        row_start = offset[1] if offset is not None else 0
+        if up.shape[0] != (offset[2] if offset is not None else out_features):
+            return None
+        scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        pieces.append((row_start, up, down, scale))
+    return pieces
+
+
+def _patch_resident(patcher: Any, *load_args: Any) -> None:
+    """After a load: every quantized layer with patches in this MODEL runs them where ComfyUI's merge (set_weight)
+    could not: plain LoRAs as low-rank factors beside its matmul, other patches through ComfyUI's own patch
+    function (LowVramPatch: the same calculate_weight) on its dequantized weight at each call. A layer ComfyUI
+    streams uses the patch it put in weight_function instead."""
+    dtype = getattr(patcher.model.diffusion_model, "compute_dtype", torch.float32)
+    for key, layer in _quantized_layers(patcher):
+        layer.resident_weight_function, layer.resident_adapters = [], []
+        pieces = _low_rank_pieces(patcher.patches[key], layer.out_features) if key in patcher.patches else None
+        if pieces:
+            layer.resident_adapters = [LowRankAdapter(layer.out_features, pieces, patcher.load_device, dtype)]
+        elif key in patcher.patches:
+            layer.resident_weight_function = [comfy.model_patcher.LowVramPatch(
+                key, patcher.patches, layer.convert_weight, layer.set_weight)]
+        layer.merge_requested = False
+
+
+def _unpatch_resident(patcher: Any, *detach_args: Any) -> None:
+    for _, layer in _quantized_layers(patcher):
+        layer.resident_weight_function, layer.resident_adapters = [], []
+        layer.merge_requested = False
 
 
 def describe_model(model: Any) -> str:

@@ -12,6 +12,9 @@ from pathlib import Path
 from ...model_loader import FileKind, ModelFileError
 
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+GGUF_EXTENSIONS = (".gguf",)
+# Folders whose models may also be GGUF files (quantized transformers, encoder-only T5 files).
+GGUF_FOLDERS = ("diffusion_models", "text_encoders")
 
 # Our folder name -> the sub-folders of a models folder searched for it (ComfyUI's names and aliases).
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -49,6 +52,11 @@ KIND_FOLDERS: dict[FileKind, str] = {
     FileKind.CLIP_VISION: "clip_vision",
     FileKind.VIT_CLASSIFIER: "safety_checker",
 }
+
+
+def model_extensions(folder: str) -> tuple[str, ...]:
+    """The file endings listed as models of `folder`."""
+    return MODEL_EXTENSIONS + GGUF_EXTENSIONS if folder in GGUF_FOLDERS else MODEL_EXTENSIONS
 
 
 def model_name_problem(name: object) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...sampling.denoise import StepCallback
-from .folders import MODEL_EXTENSIONS, MODEL_FOLDERS, comfyui_tokenizer_dirs
+from .folders import MODEL_FOLDERS, comfyui_tokenizer_dirs, model_extensions
 from .holding import LatestPerKind, ModelSlot
 from .interface import Host, LoadedTransformer, WorkCallback
 from .standalone_models import TextEncoderHandle, TransformerHandle, VaeHandle, as_handle
@@ -74,11 +74,12 @@ class StandaloneHost(Host):
 
     def list_models(self, folder: str) -> list[str]:
         names: set[str] = set()
+        extensions = model_extensions(folder)
         for root in self.model_search_paths(folder):
             if not root.is_dir():
                 continue
             for path in root.rglob("*"):
-                if path.is_file() and path.suffix in MODEL_EXTENSIONS:
+                if path.is_file() and path.suffix.lower() in extensions:
                     names.add(path.relative_to(root).as_posix())
         return sorted(names)
 
