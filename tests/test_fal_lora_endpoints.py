@@ -1,5 +1,6 @@
 """fal's Krea LoRA endpoints (fal-ai/flux-krea-lora, .../image-to-image, .../inpainting, .../stream) with the real,
-unchanged Python fal-client, against both servers of the pack: `serve` over a models folder, and the real ComfyUI
+unchanged clients (Python fal-client; JS @fal-ai/client when node and npm are there), against both servers of the
+pack: `serve` over a models folder, and the real ComfyUI
 (COMFYUI_DIR) whose own LoraLoaderModelOnly merges the LoRAs there.
 
 A LoRA is given by file name in the loras folder and by URL (a file server this test starts; the real address
@@ -10,8 +11,11 @@ every hostile LoRA is a 422 on loras[0].path before anything is queued.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +27,42 @@ from fal_protocol.servers import API_KEY, Server, failed, ok
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "fal_protocol" / "lora_client.py"
+JS_DIR = ROOT / "tests" / "fal_protocol" / "js"
+
+
+def js_client_ready() -> str | None:
+    """Why the JS client cannot run here (None: it can), installing the pinned client first when needed."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node and npm are not on PATH"
+    pinned = json.loads((JS_DIR / "package.json").read_text())["dependencies"]["@fal-ai/client"]
+    manifest = JS_DIR / "node_modules" / "@fal-ai" / "client" / "package.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["version"] != pinned:
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            return f"npm ci failed: {done.stderr[-500:]}"
+    return None
+
+
+def png_data_uri(array: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def run_js_client(server: Server, files_url: str, image: np.ndarray) -> dict:
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:, : image.shape[1] // 2] = 255
+    env = {**os.environ, "FAL_KEY": API_KEY, "NODE_EXTRA_CA_CERTS": str(server.certs.ca_cert),
+           "NO_PROXY": "127.0.0.1,localhost", "LORA_IMAGE": png_data_uri(image), "LORA_MASK": png_data_uri(mask)}
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        env.pop(name, None)
+    done = subprocess.run(["node", str(JS_DIR / "lora_scenarios.mjs"), server.url, files_url], cwd=JS_DIR,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_lora_client(server: Server, work: Path, files_url: str) -> dict:
@@ -50,8 +90,15 @@ def lora_run(request, tmp_path_factory):
         server, folders = (started[0], started[1:]) if isinstance(started, tuple) else (started, None)
         loras = (folders[0] if folders else work / "base" / "models") / "loras"
         files = LoraFileServer(loras)
+        files_url = f"http://loras.example:{files.port}"
         try:
-            report = run_lora_client(server, work / "client", f"http://loras.example:{files.port}")
+            report = run_lora_client(server, work / "client", files_url)
+            not_ready = js_client_ready()
+            if not_ready is None:
+                report["_js"] = run_js_client(server, files_url, np.asarray(ok(report, "input_image"), np.uint8))
+                report["_js"]["_server"] = server
+            else:
+                report["_js"] = not_ready
         finally:
             files.close()
         report["_server"] = server
@@ -135,3 +182,45 @@ def test_hostile_loras_are_refused_before_sampling(lora_run, name, says):
     error = failed(report, f"hostile_{name}")
     assert error["status_code"] == 422, error
     assert "loras" in error["str"] and says in error["str"], error["str"]
+
+
+def js_report(report: dict) -> dict:
+    js = report["_js"]
+    if isinstance(js, str):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"the JS client cannot run: {js}")
+    return js
+
+
+def js_pixels(url: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float64)
+
+
+def test_the_js_client_runs_every_lora_endpoint(lora_run):
+    _, report, *_ = lora_run
+    js = js_report(report)
+    none, two = js_pixels(ok(js, "t2i_none")["images"][0]["url"]), js_pixels(ok(js, "t2i_two")["images"][0]["url"])
+    assert np.array_equal(two, image(report, "t2i_two"))  # the same request as Python's gives the same image
+    assert np.abs(two - none).mean() > 1.0
+    assert np.array_equal(js_pixels(ok(js, "t2i_url")["images"][0]["url"]), two)
+    for name in ("i2i", "inpainting"):
+        assert ok(js, name)["images"][0]["width"] == 64 and ok(js, name)["seed"] == 5
+
+
+def test_the_js_clients_fal_stream_gets_previews_then_the_result(lora_run):
+    _, report, *_ = lora_run
+    stream = ok(js_report(report), "stream")
+    assert len(stream["events"]) >= 2 and stream["events"][0]["url"].startswith("data:image/jpeg;base64,")
+    assert stream["events"][-1]["keys"] == stream["done"]["keys"]  # done() resolves with the last event: the output
+    assert "has_nsfw_concepts" in stream["done"]["keys"] and stream["done"]["seed"] == 5
+    assert js_pixels(stream["done"]["url"]).shape == (48, 64, 3) and stream["requestId"]
+
+
+@pytest.mark.parametrize("name", ["hostile_escape", "hostile_huge_url", "hostile_pickle"])
+def test_the_js_client_gets_a_validation_error_for_a_hostile_lora(lora_run, name):
+    _, report, *_ = lora_run
+    error = failed(js_report(report), name)
+    assert error["status"] == 422 and error["name"] == "ValidationError"
+    assert error["fieldErrors"][0]["loc"] == ["body", "loras", 0, "path"]
