@@ -281,7 +281,7 @@ class FalService:
         if isinstance(job, web.Response):
             return job
         if job.wants_previews:
-            return await stream_output(self, request, job)
+            return await stream_output(request, job, self.backend.cancel)
         await job.wait()
         return self.result(job)
 

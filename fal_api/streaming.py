@@ -17,15 +17,12 @@ import base64
 import io
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from aiohttp import web
 from PIL import Image
 
 from .jobs import Job
-
-if TYPE_CHECKING:
-    from .routes import FalService
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +45,8 @@ def event(body: dict) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-async def stream_output(service: FalService, request: web.Request, job: Job) -> web.StreamResponse:
-    """The events of `job` (accepted and queued) until it ends."""
+async def stream_output(request: web.Request, job: Job, cancel: Callable[[Job], None]) -> web.StreamResponse:
+    """The events of `job` (accepted and queued) until it ends; `cancel` (the backend's) when the client leaves."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "x-fal-request-id": job.id})
     sent, quiet = 0, 0.0
@@ -75,5 +72,5 @@ async def stream_output(service: FalService, request: web.Request, job: Job) -> 
     except ConnectionError:  # the client closed the stream: nobody reads this request's result
         log.info("fal: the stream of %s was closed by its client; the request is cancelled", job.id)
         if not job.done:
-            service.backend.cancel(job)
+            cancel(job)
     return response
