@@ -50,7 +50,7 @@ async def stream_output(request: web.Request, job: Job, cancel: Callable[[Job], 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "x-fal-request-id": job.id})
     sent, quiet = 0, 0.0
-    seed, prompt = job.seed, job.arguments.prompt
+    seed, prompt = job.seed, getattr(job.arguments, "prompt", None)  # None once the job has ended (no previews)
     try:
         await response.prepare(request)
         while not job.done:
