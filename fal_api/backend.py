@@ -22,9 +22,18 @@ class RequestTooLarge(Exception):
 class Backend(Protocol):
     output_dir: Path  # where the workflows' images are saved (results are served from there)
 
+    def model_folder(self, folder: str) -> Path:
+        """The (first) folder of a model kind ("loras"): where LoRAs fetched for requests are cached."""
+        ...
+
+    def model_file(self, folder: str, name: str) -> Path | None:
+        """The file a model name of `folder` names, None when there is none; ValueError (saying why) for a name that
+        would leave the folder."""
+        ...
+
     def image_reference(self, job: Job, image: InputImage) -> str:
-        """Hand `job`'s input image to the workflow: the value of its LoadImage node's `image` input. What it
-        takes to do so (a file, a held image) is given back when the job ends (`job.on_end`)."""
+        """Hand `job`'s input image to the workflow: the value of its LoadImage (or LoadImageMask) node's `image`
+        input. What it takes to do so (a file, a held image) is given back when the job ends (`job.on_end`)."""
         ...
 
     async def submit(self, job: Job, prompt: dict) -> None:

@@ -38,7 +38,8 @@ FIELD_INPUTS: dict[str, NodeInput] = {
 CUSTOM_SIZE_INPUTS: dict[str, NodeInput] = {"width": NodeInput(SAMPLER, "width"),
                                             "height": NodeInput(SAMPLER, "height")}
 # Fields no node input holds, and why.
-UNMAPPED: dict[str, str] = {"sync_mode": "how fal hands back the result; a graph has no such setting"}
+UNMAPPED: dict[str, str] = {"sync_mode": "how fal hands back the result; a graph has no such setting",
+                            "loras": "LoRAs are LoraLoaderModelOnly nodes in front of the sampler, not a widget"}
 
 # Where the fal server writes what is not a request field: the result files' name (results/<request id>_...).
 RESULT_PREFIX = NodeInput(SAVE_IMAGE, "filename_prefix")

@@ -54,6 +54,9 @@ class Job:
     error_type: str | None = None
     files: list[ResultFile] = field(default_factory=list)
     keep_output: bool = True  # False (sync_mode): the output is handed out once, then dropped
+    wants_previews: bool = False  # a streamed request: the backend hands over a preview image per step
+    preview: dict | None = None  # the latest preview ({url: data URI, width, height, content_type}), not recorded
+    previews_made: int = 0
     # What the backend gave the workflow for the request's input images, taken back once when it ends.
     _on_end: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -72,6 +75,19 @@ class Job:
             self.logs.append({"message": message, "level": level, "source": "USER", "timestamp": stamp,
                               "labels": {}})
 
+    def set_preview(self, image: dict) -> None:
+        """The latest preview of a streamed request (from the backend's thread); only the latest is kept."""
+        with self.lock:
+            self.preview, self.previews_made = image, self.previews_made + 1
+
+    def take_output(self) -> dict | None:
+        """The output, dropped once handed out when it is not kept (sync_mode: fal keeps no copy either)."""
+        with self.lock:
+            output = self.output
+            if not self.keep_output:
+                self.output = None
+            return output
+
     def start(self) -> bool:
         """IN_QUEUE -> IN_PROGRESS; True for the one call that made the change (it logs "started")."""
         with self.lock:
@@ -88,7 +104,7 @@ class Job:
                 return
             self.status, self.finished = COMPLETED, time.time()
             self.output, self.error, self.error_type = output, error, error_type
-            self.arguments = None
+            self.arguments, self.preview = None, None
             actions, self._on_end = self._on_end, []
         for action in actions:
             action()

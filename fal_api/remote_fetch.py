@@ -1,16 +1,21 @@
-"""An image_url of another host -> its bytes, fetched only from the public addresses address_guard.py allows.
+"""An image_url of another host -> its bytes (`fetch_image_bytes`), or a LoRA URL -> a file (`fetch_to_file`),
+fetched only from the public addresses address_guard.py allows.
 
 The addresses that passed the guard are pinned into the connector, so the connection goes to exactly those
 addresses and a second DNS answer (rebinding) cannot swap in another. Redirects are followed by hand, each one
-checked the same way, and the body is read under a size and a time limit.
+checked the same way, and the body is read under a size and a time limit (a declared Content-Length over it is
+refused before the body is read).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -26,6 +31,7 @@ __all__ = [
     "RemoteImageError",
     "Resolver",
     "fetch_image_bytes",
+    "fetch_to_file",
     "pinned_connector",
     "refused_address",
     "system_resolver",
@@ -33,6 +39,9 @@ __all__ = [
 
 ConnectorFactory = Callable[[dict[str, list[str]]], aiohttp.BaseConnector]
 """{host: its already-checked addresses} -> the connector one hop's request goes through."""
+T = TypeVar("T")
+BodyReader = Callable[[aiohttp.ClientResponse, str, int], Awaitable[T]]
+"""(the 2xx response, its host, the byte limit) -> what the fetch returns, read within the limit."""
 
 
 @dataclass(frozen=True)
@@ -105,14 +114,36 @@ async def fetch_image_bytes(url: str, *, resolver: Resolver = system_resolver,
     `limits.max_bytes`, more than `limits.max_redirects` redirects, or taking longer than `limits.timeout_s`
     (all hops together).
     """
+    return await _bounded(_fetch(url, resolver, connector_factory, limits, _read_limited), limits)
+
+
+async def fetch_to_file(url: str, destination: Path, *, resolver: Resolver = system_resolver,
+                        connector_factory: ConnectorFactory = pinned_connector,
+                        limits: FetchLimits = FetchLimits()) -> str:  # noqa: B008 - frozen, so a safe default
+    """The body of `url` written to the new file `destination` (the caller removes it on failure), under the same
+    checks and limits as fetch_image_bytes; returns the body's sha256 (hex)."""
+
+    async def write(response: aiohttp.ClientResponse, host: str, max_bytes: int) -> str:
+        digest = hashlib.sha256()
+        with destination.open("xb") as out:
+            async for chunk in _limited_chunks(response, host, max_bytes):
+                digest.update(chunk)
+                out.write(chunk)
+        return digest.hexdigest()
+
+    return await _bounded(_fetch(url, resolver, connector_factory, limits, write), limits)
+
+
+async def _bounded(fetch: Awaitable[T], limits: FetchLimits) -> T:
     try:
-        return await asyncio.wait_for(_fetch(url, resolver, connector_factory, limits), timeout=limits.timeout_s)
+        return await asyncio.wait_for(fetch, timeout=limits.timeout_s)
     except asyncio.TimeoutError:
         # aiohttp's own timeouts are TimeoutErrors too; both end here, with one message.
         raise RemoteImageError(f"image_url fetch timed out after {limits.timeout_s:g} s") from None
 
 
-async def _fetch(url: str, resolver: Resolver, connector_factory: ConnectorFactory, limits: FetchLimits) -> bytes:
+async def _fetch(url: str, resolver: Resolver, connector_factory: ConnectorFactory, limits: FetchLimits,
+                 read: BodyReader[T]) -> T:
     try:
         current = URL(url)
     except (ValueError, TypeError) as exc:
@@ -123,7 +154,7 @@ async def _fetch(url: str, resolver: Resolver, connector_factory: ConnectorFacto
         addresses = await checked_addresses(host, port, resolver)
         logger.debug("fetching image_url host %r port %d via %s", host, port, ", ".join(addresses))
         status, body, location = await _request(current.with_fragment(None), host, {host: addresses},
-                                                connector_factory, limits)
+                                                connector_factory, limits, read)
         if location is None:
             if not 200 <= status < 300:
                 raise RemoteImageError(f"image_url host {host!r} answered HTTP {status}; expected 2xx")
@@ -141,7 +172,7 @@ async def _fetch(url: str, resolver: Resolver, connector_factory: ConnectorFacto
 
 
 async def _request(url: URL, host: str, pinned: dict[str, list[str]], connector_factory: ConnectorFactory,
-                   limits: FetchLimits) -> tuple[int, bytes | None, str | None]:
+                   limits: FetchLimits, read: BodyReader[T]) -> tuple[int, T | None, str | None]:
     """One hop: (status, body, None) for a final answer, (status, None, Location) for a redirect."""
     connector = connector_factory(pinned)
     timeout = aiohttp.ClientTimeout(total=limits.timeout_s)
@@ -158,7 +189,7 @@ async def _request(url: URL, host: str, pinned: dict[str, list[str]], connector_
                     return response.status, None, location
                 if not 200 <= response.status < 300:
                     return response.status, None, None
-                return response.status, await _read_limited(response, host, limits.max_bytes), None
+                return response.status, await read(response, host, limits.max_bytes), None
         except asyncio.TimeoutError:
             raise  # the caller words timeouts; aiohttp's are ClientErrors too
         except aiohttp.ClientError as exc:
@@ -166,15 +197,17 @@ async def _request(url: URL, host: str, pinned: dict[str, list[str]], connector_
 
 
 async def _read_limited(response: aiohttp.ClientResponse, host: str, max_bytes: int) -> bytes:
+    return b"".join([chunk async for chunk in _limited_chunks(response, host, max_bytes)])
+
+
+async def _limited_chunks(response: aiohttp.ClientResponse, host: str, max_bytes: int):
     declared = response.content_length
     if declared is not None and declared > max_bytes:
         raise RemoteImageError(f"image_url host {host!r} sends {declared} bytes, more than the {max_bytes} allowed")
     # Content-Length may be absent (chunked) or wrong; the count of what actually arrives is what binds.
-    chunks: list[bytes] = []
     received = 0
     async for chunk in response.content.iter_chunked(_CHUNK):
         received += len(chunk)
         if received > max_bytes:
             raise RemoteImageError(f"image_url host {host!r} sent more than the {max_bytes} bytes allowed")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk

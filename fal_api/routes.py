@@ -4,6 +4,8 @@ One catch-all route under a prefix ("" for `serve`, "/fal" inside ComfyUI), so t
 Python client's direct calls and the JS client's proxy calls (POST|GET|PUT <prefix>/proxy with x-fal-target-url):
 
     POST <prefix>/fal-ai/flux/krea[/image-to-image]                   run: waits, answers the output
+    POST <prefix>/fal-ai/flux-krea-lora[/image-to-image|/inpainting]  the same, with LoRAs
+    POST <prefix>/fal-ai/flux-krea-lora/stream                        run, answered as server-sent events
     POST <prefix>/queue/fal-ai/flux/krea[/image-to-image]             submit: request_id and its URLs
     GET  <prefix>/queue/fal-ai/flux/requests/<id>/status[/stream]     status (?logs=1|true), SSE stream
     GET  <prefix>/queue/fal-ai/flux/requests/<id>                     result (the raw output)
@@ -18,8 +20,8 @@ what runs their workflows is a Backend (backend.py); the file calls are in file_
 
 Before any work, every call passes the checks of http_limits.py (the Host header, the declared body size), a run or
 submit also its body's type, size and deadline, its fields, the image size cap (size_limit.py), a slot in the queue
-(taken in one step) and its images; every refusal is fal's JSON error shape, and nothing unexpected reaches a plain
-500 with a traceback: what no check foresaw is a 500 in the same shape, logged once.
+(taken in one step), its images and its LoRAs (lora_input.py); every refusal is fal's JSON error shape, and nothing
+unexpected reaches a plain 500 with a traceback: what no check foresaw is a 500 in the same shape, logged once.
 """
 from __future__ import annotations
 
@@ -42,12 +44,15 @@ from .file_routes import result_file, served_result, storage_call
 from .http_limits import Refusal, check_declared_length, host_problem, read_body, require_json
 from .image_input import image_for
 from .jobs import CANCELLED, COMPLETED, Job, JobStore
+from .lora_input import LoraSources, base_config
+from .lora_nodes import add_loras
 from .records import RecordFolder
 from .remote_fetch import fetch_image_bytes
 from .schema import InputError, field_error
 from .settings import API_KEY_ENV, BODY_GRACE_S, BODY_MIN_RATE, ServiceSettings, truthy
 from .size_limit import SIZE_FIELD, check_requested_size
 from .storage import Uploads
+from .streaming import stream_output
 from .workflow import RESULTS_SUBFOLDER, workflow_for
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,7 @@ class FalService:
     api_key: str | None = None
     allow_remote_images: bool = False
     fetch: Callable[[str], Awaitable[bytes]] = field(default=fetch_image_bytes)
+    loras: LoraSources | None = None  # None: this server takes no LoRAs
     max_pixels: int = ServiceSettings().max_pixels  # per image made
     allowed_hosts: frozenset[str] = frozenset()  # Host names taken besides IP addresses and localhost
     body_grace_s: float = BODY_GRACE_S
@@ -97,9 +103,11 @@ class FalService:
         restored = jobs.load()
         if restored:
             log.info("fal: %d finished requests of earlier runs are served again", restored)
+        loras = LoraSources(backend.model_folder("loras"), lambda name: backend.model_file("loras", name),
+                            allow_remote=settings.allow_remote_loras)
         return cls(backend=backend, uploads=uploads, jobs=jobs, prefix=prefix, api_key=settings.api_key,
                    allow_remote_images=settings.allow_remote_images, max_pixels=settings.max_pixels,
-                   allowed_hosts=frozenset(settings.allowed_hosts))
+                   allowed_hosts=frozenset(settings.allowed_hosts), loras=loras)
 
     # -- dispatch -------------------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -191,10 +199,10 @@ class FalService:
         url = f"{job.base_url}/queue/{ENDPOINTS[job.endpoint].app}/requests/{job.id}"
         return {"response_url": url, "status_url": url + "/status", "cancel_url": url + "/cancel"}
 
-    async def accept(self, request: web.Request, endpoint_id: str) -> Job | web.Response:
-        """Checks from the cheapest on (body, fields, the size cap, a slot in the queue, the images, what the backend
-        checks); then queues the workflow. Each input image is decoded once, here, and handed to the backend as it
-        is."""
+    async def accept(self, request: web.Request, endpoint_id: str, run: bool = False) -> Job | web.Response:
+        """Checks from the cheapest on (body, fields, the size cap, a slot in the queue, the images, the LoRAs, what
+        the backend checks); then queues the workflow. Each input image is decoded once, here, and handed to the
+        backend as it is. A run of a streaming endpoint asks the backend for previews."""
         endpoint = ENDPOINTS.get(endpoint_id)
         if endpoint is None:
             return json_error(404, f"no endpoint {endpoint_id[:200]!r}: this server runs {', '.join(ENDPOINTS)}")
@@ -205,17 +213,19 @@ class FalService:
         self.uploads.expire()
         seed = arguments.seed if arguments.seed is not None else secrets.randbelow(2**32)
         job = Job(endpoint=endpoint.id, arguments=arguments, seed=seed, base_url=self.base_url(request),
-                  keep_output=not getattr(arguments, "sync_mode", False))
+                  keep_output=not getattr(arguments, "sync_mode", False), wants_previews=run and endpoint.streams)
         if not self.jobs.add_if_room(job):  # the slot is taken before anything is awaited
             return json_error(503, f"the queue is full ({self.jobs.max_active} requests waiting or running); try "
                                    "again when some have finished", error_type="queue_full")
         try:
             images: dict[str, str] = {}
             for name in endpoint.image_fields:
-                image = await image_for(getattr(arguments, name), self.local_file, self.allow_remote_images,
-                                        self.fetch, self.max_pixels)
+                image = await image_for(getattr(arguments, name), lambda url, f=name: self.local_file(url, f),
+                                        self.allow_remote_images, self.fetch, self.max_pixels, field=name)
                 images[name] = self.backend.image_reference(job, image)
-            await self.backend.submit(job, workflow_for(endpoint, arguments, seed, job.id, images))
+            prompt = workflow_for(endpoint, arguments, seed, job.id, images)
+            await self.add_loras(prompt, getattr(arguments, "loras", None) or [])
+            await self.backend.submit(job, prompt)
         except RequestTooLarge as err:
             self.refused(job)
             raise field_error(size_field(endpoint), str(err)) from None
@@ -228,13 +238,23 @@ class FalService:
         log.info("fal request %s (%s) queued", job.id, endpoint.id)
         return job
 
+    async def add_loras(self, prompt: dict, loras: list) -> None:
+        """The request's LoRAs, resolved and checked against the workflow's base transformer, as LoraLoaderModelOnly
+        nodes in front of its sampler."""
+        if not loras:
+            return
+        if self.loras is None:
+            raise field_error("loras", "this server takes no LoRAs")
+        add_loras(prompt, await self.loras.resolve(loras, base_config(prompt, self.backend.model_file)))
+
     def refused(self, job: Job) -> None:
         """A request refused after its slot was taken: no record, and what was handed on for it is given back."""
         self.jobs.discard(job)
         job.complete(error="the request was refused", error_type="refused")
 
-    def local_file(self, url: str) -> Path | None:
-        """The file this server serves at `url` (an upload or a result), None when the URL is not this server's."""
+    def local_file(self, url: str, field_name: str = "image_url") -> Path | None:
+        """The file this server serves at `url` (an upload or a result), None when the URL is not this server's;
+        InputError on `field_name` when it is this server's but names nothing (any more)."""
         parts = urllib.parse.urlsplit(url)
         segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
         prefix = [s for s in self.prefix.split("/") if s]
@@ -244,22 +264,24 @@ class FalService:
         if rest[:2] == ["storage", "files"] and len(rest) >= 3:
             stored = self.uploads.get(rest[2])
             if stored is None:
-                raise field_error("image_url", "no uploaded file at this URL on this server (uploads are kept "
+                raise field_error(field_name, "no uploaded file at this URL on this server (uploads are kept "
                                                f"{self.uploads.retention_s / 3600:g} h)", value=url[:200])
             return stored.path
         if rest[:1] == ["results"] and len(rest) == 3:
             served = served_result(self, rest[1], rest[2])
             if served is None:
-                raise field_error("image_url", "no result image at this URL on this server (results are kept "
+                raise field_error(field_name, "no result image at this URL on this server (results are kept "
                                                f"{self.jobs.retention_s / 3600:g} h)", value=url[:200])
             return served[0]
         return None
 
     # -- run and queue --------------------------------------------------------------------------------------
     async def run(self, request: web.Request, endpoint: str) -> web.Response:
-        job = await self.accept(request, endpoint)
+        job = await self.accept(request, endpoint, run=True)
         if isinstance(job, web.Response):
             return job
+        if job.wants_previews:
+            return await stream_output(request, job, self.backend.cancel)
         await job.wait()
         return self.result(job)
 
@@ -300,10 +322,7 @@ class FalService:
             status = 400 if job.error_type == CANCELLED else 500
             return web.json_response({"detail": job.error, "error_type": job.error_type}, status=status,
                                      headers={**headers, "x-fal-error-type": job.error_type or "error"})
-        with job.lock:
-            output = job.output
-            if not job.keep_output:
-                job.output = None  # sync_mode: handed out once; fal keeps no copy either
+        output = job.take_output()
         if output is None:
             return json_error(404, "the output of a sync_mode request is handed out once and not kept (fal keeps "
                                    "none either)", error_type="not_kept")

@@ -1,8 +1,8 @@
 """A request body -> a validated fal input, or the 422 body fal's FastAPI service answers with.
 
-The endpoints' inputs as fal publishes them (fal-ai/flux/krea and fal-ai/flux/krea/image-to-image; endpoints.py
-says which endpoint takes which), with the ranges and defaults of the pack's one parameter table
-(sampling.parameters). Unknown fields are ignored, as by fal.
+The endpoints' inputs as fal publishes them (fal-ai/flux/krea, .../image-to-image, and the Krea LoRA family
+fal-ai/flux-krea-lora[/image-to-image|/inpainting|/stream]; endpoints.py says which endpoint takes which), with the
+ranges and defaults of the pack's one parameter table (sampling.parameters). Unknown fields are ignored, as by fal.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from ..sampling.parameters import (
     IMAGE_SIZE,
     IMAGE_SIZES,
     IMAGE_TO_IMAGE_STEPS,
+    LORA_ACCELERATIONS,
+    LORA_GUIDANCE_SCALE,
+    LORA_STRENGTH,
     MAX_PROMPT_CHARS,
     MAX_SIDE,
     NUM_IMAGES,
@@ -25,11 +28,16 @@ from ..sampling.parameters import (
     SEED,
     STRENGTH,
 )
+from .lora_nodes import STRENGTH_RANGE
 
 MAX_IMAGE_URL_CHARS = 64 * 1024 * 1024  # a data URI of the largest accepted upload, base64-encoded
+# fal says "any number" of LoRAs; each one is a file read and a merge before sampling, so the pack bounds them.
+MAX_LORAS = 8
+MAX_LORA_PATH_CHARS = 2048
 
 Preset = Literal[tuple(IMAGE_SIZES)]  # type: ignore[valid-type]
 Acceleration = Literal[ACCELERATION.choices]  # type: ignore[valid-type]
+LoraAcceleration = Literal[LORA_ACCELERATIONS]  # type: ignore[valid-type]
 OutputFormat = Literal[OUTPUT_FORMAT.choices]  # type: ignore[valid-type]
 
 
@@ -67,7 +75,42 @@ class ImageToImageInput(_Common):
                                      strict=True)
 
 
-FalInput = TextToImageInput | ImageToImageInput
+class LoraWeight(BaseModel):
+    """One LoRA of a request: a file name in the loras folder, an http(s) URL, or a Hugging Face repository
+    (lora_input.py says which is which); merged at `scale` (LoraLoaderModelOnly's strength_model)."""
+    model_config = ConfigDict(extra="ignore")
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS, strict=True)
+    scale: float = Field(1.0, ge=STRENGTH_RANGE[0], le=STRENGTH_RANGE[1], allow_inf_nan=False)
+    force: bool = Field(False, strict=True)  # fal's: forces a LoRA's embeddings; FLUX LoRAs have none
+
+
+class _LoraCommon(_Common):
+    guidance_scale: float = Field(LORA_GUIDANCE_SCALE, ge=GUIDANCE_SCALE.min, le=GUIDANCE_SCALE.max,
+                                  allow_inf_nan=False)
+    acceleration: LoraAcceleration = ACCELERATION.default
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=MAX_LORAS)
+    num_inference_steps: int = Field(NUM_INFERENCE_STEPS.default, ge=NUM_INFERENCE_STEPS.min,
+                                     le=NUM_INFERENCE_STEPS.max, strict=True)
+
+
+class LoraTextToImageInput(_LoraCommon):
+    image_size: Preset | ImageSize = IMAGE_SIZE.default
+
+
+class LoraStreamInput(LoraTextToImageInput):
+    num_images: int = Field(1, ge=1, le=1, strict=True)  # fal: "always 1 for streaming output"
+
+
+class LoraImageToImageInput(_LoraCommon):
+    image_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, strict=True)
+    strength: float = Field(LORA_STRENGTH, ge=STRENGTH.min, le=STRENGTH.max, allow_inf_nan=False)
+
+
+class LoraInpaintingInput(LoraImageToImageInput):
+    mask_url: str = Field(min_length=1, max_length=MAX_IMAGE_URL_CHARS, strict=True)  # white: repaint, black: keep
+
+
+FalInput = TextToImageInput | ImageToImageInput | LoraTextToImageInput | LoraImageToImageInput
 
 
 class InputError(ValueError):

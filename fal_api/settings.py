@@ -16,6 +16,10 @@ MEGAPIXEL = 1024 * 1024
 MAX_MEGAPIXELS = 4.0
 UPLOAD_QUOTA_MB = 1024  # all uploads kept at once, in MiB (32 uploads of the largest size)
 MAX_CONNECTIONS = 256  # `serve`: open connections at most; more are answered 503 and closed
+# A LoRA fetched from a URL (remote LoRAs allowed): at most this large (FLUX LoRAs of rank 128 are about 1.3 GB),
+# and fetched within this time.
+MAX_LORA_MB = 2048
+LORA_FETCH_TIMEOUT_S = 600.0
 
 # Bodies: past the first BODY_GRACE_S seconds, a body must keep arriving at BODY_MIN_RATE bytes per second on
 # average (a 1 MB body trickled a byte at a time is cut off after the grace), else 408 and the connection closes.
@@ -31,6 +35,7 @@ API_KEY_ENV = "KREA_FAL_API_KEY"
 RETENTION_ENV = "KREA_FAL_RETENTION_HOURS"
 MAX_QUEUE_ENV = "KREA_FAL_MAX_QUEUE"
 REMOTE_IMAGES_ENV = "KREA_FAL_REMOTE_IMAGES"
+REMOTE_LORAS_ENV = "KREA_FAL_REMOTE_LORAS"
 MAX_MEGAPIXELS_ENV = "KREA_FAL_MAX_MEGAPIXELS"
 UPLOAD_QUOTA_ENV = "KREA_FAL_UPLOAD_QUOTA_MB"
 ALLOWED_HOSTS_ENV = "KREA_FAL_ALLOWED_HOSTS"  # comma-separated host names
@@ -46,6 +51,7 @@ class ServiceSettings:
     retention_hours: float = RETENTION_HOURS
     max_queue: int = MAX_QUEUE
     allow_remote_images: bool = False  # fetch image_url from other hosts (never from private addresses)
+    allow_remote_loras: bool = False  # LoRAs by URL or Hugging Face name (never from private addresses)
     api_key: str | None = None  # required as `Authorization: Key <it>` when set
     max_megapixels: float = MAX_MEGAPIXELS
     upload_quota_mb: float = UPLOAD_QUOTA_MB
@@ -71,6 +77,7 @@ class ServiceSettings:
         return cls(retention_hours=env_number(RETENTION_ENV, RETENTION_HOURS),
                    max_queue=int(env_number(MAX_QUEUE_ENV, MAX_QUEUE, whole=True)),
                    allow_remote_images=truthy(os.environ.get(REMOTE_IMAGES_ENV)), api_key=api_key_from_env(),
+                   allow_remote_loras=truthy(os.environ.get(REMOTE_LORAS_ENV)),
                    max_megapixels=env_number(MAX_MEGAPIXELS_ENV, MAX_MEGAPIXELS),
                    upload_quota_mb=env_number(UPLOAD_QUOTA_ENV, UPLOAD_QUOTA_MB),
                    allowed_hosts=host_list(os.environ.get(ALLOWED_HOSTS_ENV, "")))

@@ -70,6 +70,10 @@ SEED = NumericParameter("seed", 0, 2**64 - 1, default=0)  # ComfyUI's seed range
 NUM_IMAGES = NumericParameter("num_images", 1, 4, default=1)
 STRENGTH = NumericParameter("strength", 0.01, 1.0, default=0.95, step=0.01)  # image-to-image only
 ACCELERATION = ChoiceParameter("acceleration", tuple(THRESHOLDS), default="none")
+# fal's Krea LoRA endpoints (fal-ai/flux-krea-lora/...): other defaults, and no "high" acceleration.
+LORA_GUIDANCE_SCALE = 3.5
+LORA_STRENGTH = 0.85
+LORA_ACCELERATIONS = ("none", "regular")
 # fal offers jpeg and png; webp is this pack's addition (ComfyUI reads its metadata too).
 OUTPUT_FORMAT = ChoiceParameter("output_format", ("jpeg", "png", "webp"), default="jpeg")
 

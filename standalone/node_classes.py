@@ -2,7 +2,8 @@
 LoadImageMask and LoraLoaderModelOnly.
 
 `PACK_CLASSES` is what `run` and `serve` run workflows with. The fal server's runner hands each request's image
-over already decoded (`decoded_image_loader`), so that it is decoded once, when the request is checked.
+over already decoded (`decoded_image_loader`, `decoded_mask_loader`), so that it is decoded once, when the request
+is checked.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..fal_api.lora_nodes import LORA_LOADER, STRENGTH_RANGE
 from ..image_io.load import (
     MASK_CHANNELS,
     ImageFileError,
+    channel_mask,
     image_and_mask,
     image_file_problem,
     load_image_file,
@@ -94,6 +96,23 @@ def decoded_image_loader(images: Mapping[str, Image.Image]) -> type:
             return image_and_mask(images[image])
 
     return LoadDecodedImage
+
+
+def decoded_mask_loader(images: Mapping[str, Image.Image]) -> type:
+    """A LoadImageMask whose `image` input names one of `images` (decoded and checked already, as
+    decoded_image_loader's)."""
+
+    class LoadDecodedMask(LoadImageMask):
+        @classmethod
+        def VALIDATE_INPUTS(cls, image: str | None = None) -> bool | str:
+            if image is None or image in images:
+                return True
+            return f"image: {image!r} is not a mask of this request"
+
+        def load_image(self, image: str, channel: str) -> tuple[torch.Tensor]:
+            return (channel_mask(images[image], channel),)
+
+    return LoadDecodedMask
 
 
 class LoraLoaderModelOnly:

@@ -3,10 +3,10 @@
 The aiohttp event loop takes requests; this thread runs them in order. A queued request that is cancelled is
 ended at once; a running one is stopped through the host's interrupt event before the next transformer or
 autoencoder block. Progress reaches the request's logs as "step k/N" lines, each node's start as "running <node
-type>". A request's input image reaches the workflow's LoadImage as the protocol decoded it, and its workflow is
-validated once, when it is submitted, together with the command line's memory pre-flight (preflight.py) against
-what was free when the server started. `shutdown` ends every waiting request as cancelled and interrupts the
-running one.
+type>"; a streamed request also gets a preview per step (previews.py). A request's input image (and mask) reaches
+the workflow's LoadImage (LoadImageMask) as the protocol decoded it, and its workflow is validated once, when it
+is submitted, together with the command line's memory pre-flight (preflight.py) against what was free when the
+server started. `shutdown` ends every waiting request as cancelled and interrupts the running one.
 """
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ from PIL import Image
 from ..fal_api.backend import RequestTooLarge, WorkflowRefused
 from ..fal_api.image_input import InputImage
 from ..fal_api.jobs import CANCELLED, Job
+from ..fal_api.streaming import preview_entry
 from ..fal_api.workflow import finish
 from ..nodes.host import Interrupted, standalone_host
+from ..nodes.host.folders import model_name_problem
 from ..sampling.parameters import nearest_multiple
-from .node_classes import PACK_CLASSES, decoded_image_loader
+from .node_classes import PACK_CLASSES, decoded_image_loader, decoded_mask_loader
 from .preflight import available_memory, memory_problem
+from .previews import preview_maker
 from .runner import CheckedPrompt, WorkflowError, run, validate
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ class RunnerBackend:
         self.interrupt = threading.Event()
         self._images: dict[str, Image.Image] = {}  # LoadImage's value -> the request's decoded image
         self._names = itertools.count()
-        self.classes = {**PACK_CLASSES, "LoadImage": decoded_image_loader(self._images)}
+        self.classes = {**PACK_CLASSES, "LoadImage": decoded_image_loader(self._images),
+                        "LoadImageMask": decoded_mask_loader(self._images)}
         self._waiting: queue.Queue[tuple[Job, CheckedPrompt] | None] = queue.Queue()
         self._order: list[Job] = []  # waiting jobs, oldest first
         self._running: Job | None = None
@@ -56,6 +60,15 @@ class RunnerBackend:
         self.memory = (free, f"{where} (free when the server started)") if memory_check else None
         self._thread = threading.Thread(target=self._work, name="krea-fal-runner", daemon=True)
         self._thread.start()
+
+    def model_folder(self, folder: str) -> Path:
+        return standalone_host().model_search_paths(folder)[0]
+
+    def model_file(self, folder: str, name: str) -> Path | None:
+        problem = model_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return standalone_host().find_model(folder, name)
 
     def image_reference(self, job: Job, image: InputImage) -> str:
         name = f"fal-input-{next(self._names)}"
@@ -147,9 +160,17 @@ class RunnerBackend:
 
     def _run(self, job: Job, prompt: CheckedPrompt) -> None:
         job.start()
+        try:
+            preview = preview_maker(prompt.prompt) if job.wants_previews else None
+        except Exception as err:  # no VAE to preview with: the stream still ends with the result
+            log.warning("fal request %s: no previews (%s)", job.id, err)
+            preview = None
 
         def on_step(step: int, total: int, x0: torch.Tensor) -> None:
             job.log(f"step {step}/{total}")
+            image = preview(x0) if preview is not None and step < total else None
+            if image is not None:
+                job.set_preview(preview_entry(image))
 
         standalone_host().configure(output_dir=self.output_dir, progress=on_step, interrupt=self.interrupt)
         started = time.perf_counter()

@@ -28,7 +28,8 @@ class OptionError(ValueError):
 
 
 def add_serve_commands(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="serve fal's API (fal-ai/flux/krea, .../image-to-image) for the fal clients",
+    s = sub.add_parser("serve", help="serve fal's API (fal-ai/flux/krea[/image-to-image], fal-ai/flux-krea-lora[/...]) "
+                            "for the fal clients",
                        description="Serves fal's protocol over the in-process runner, one request at a time. "
                                    "Set KREA_FAL_API_KEY to require 'Authorization: Key <it>'.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -45,6 +46,10 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     s.add_argument("--allow-remote-images", action="store_true",
                    help="fetch image_url from other hosts (never from loopback, private or link-local addresses)")
+    s.add_argument("--allow-remote-loras", action="store_true",
+                   help="take the LoRA endpoints' loras by http(s) URL (cached in models/loras/fal-cache) or Hugging "
+                        "Face name, never from loopback, private or link-local addresses; default: the loras folder "
+                        "only")
     s.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                    help=f"requests waiting or running at most; more are answered 503 (default: {MAX_QUEUE})")
     s.add_argument("--retention-hours", type=float, default=RETENTION_HOURS,
@@ -95,6 +100,7 @@ def serve_command(args: argparse.Namespace) -> int:
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     service = ServiceSettings(retention_hours=args.retention_hours, max_queue=args.max_queue,
                               allow_remote_images=args.allow_remote_images, api_key=api_key_from_env(),
+                              allow_remote_loras=args.allow_remote_loras,
                               max_megapixels=args.max_megapixels, upload_quota_mb=args.upload_quota_mb,
                               allowed_hosts=allowed_hosts(args.host, args.allowed_host))
     options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, model=args.model,

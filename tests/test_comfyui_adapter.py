@@ -278,12 +278,13 @@ def test_each_model_kind_gets_comfyuis_devices_for_it(comfy):
 def test_every_step_checks_the_interrupt_before_it_reports_and_tells_the_listeners(comfy):
     host = comfy.host.ComfyHost()
     heard = []
-    host.add_step_listener(lambda prompt_id, step, total: heard.append((prompt_id, step, total)))
+    x0 = torch.zeros(1)
+    host.add_step_listener(lambda prompt_id, step, total, latent: heard.append((prompt_id, step, total, latent)))
     host.add_step_listener(lambda *told: heard.append(("second", *told)))
     callback = host.progress_callback(3, node_id="9")
-    callback(1, 3, torch.zeros(1))
+    callback(1, 3, x0)
     assert comfy.calls.events == [("bar", 3, "9"), "interrupt check", ("update", 1, 3, None)]
-    assert heard == [("p1", 1, 3), ("second", "p1", 1, 3)]
+    assert heard == [("p1", 1, 3, x0), ("second", "p1", 1, 3, x0)]
     comfy.calls.interrupted = True
     with pytest.raises(InterruptedError):
         callback(2, 3, torch.zeros(1))

@@ -49,6 +49,7 @@ export const UNMAPPED = Object.freeze({
   image_url: "the input image comes from the Load Image node: load the file there",
   mask_url: "the inpainting mask comes from the Load Image (as Mask) node: load the file there",
   sync_mode: "how fal hands back the result; a graph has no such setting",
+  loras: "LoRAs are LoraLoaderModelOnly nodes in front of the sampler, not a widget",
 });
 
 // ---- node definitions (GET /object_info entries, what beforeRegisterNodeDef receives) ----

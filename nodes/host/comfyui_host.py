@@ -27,7 +27,7 @@ from .folders import GGUF_EXTENSIONS, GGUF_FOLDERS, MODEL_EXTENSIONS, comfyui_to
 from .holding import ModelSlot, UnderPatchers, cached_load, file_key, kept
 from .interface import REPORT_EVENT, Host, LoadedTransformer, WorkCallback
 
-StepListener = Callable[[str, int, int], None]  # (prompt id, step, total)
+StepListener = Callable[[str, int, int, torch.Tensor], None]  # (prompt id, step, total, x0 in model space)
 
 
 def _gguf_key(folder: str) -> str:
@@ -121,12 +121,13 @@ class ComfyHost(Host):
             if self._step_listeners:
                 prompt_id = get_progress_state().prompt_id
                 for listener in self._step_listeners:
-                    listener(prompt_id, step, total_)
+                    listener(prompt_id, step, total_, x0)
 
         return on_step
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """`listener(prompt_id, step, total)` after every sampler step of the pack (the fal routes' logs)."""
+        """`listener(prompt_id, step, total, x0)` after every sampler step of the pack (the fal routes' logs and
+        stream previews)."""
         if listener not in self._step_listeners:
             self._step_listeners.append(listener)
 

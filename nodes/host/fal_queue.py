@@ -21,7 +21,10 @@ from pathlib import Path
 
 import execution  # type: ignore[import-not-found]
 import folder_paths  # type: ignore[import-not-found]
+import latent_preview  # type: ignore[import-not-found]
 import nodes as comfy_nodes  # type: ignore[import-not-found]  (ComfyUI's nodes module, not the pack's)
+import torch
+from comfy import latent_formats  # type: ignore[import-not-found]
 from comfy_execution.progress import get_progress_state  # type: ignore[import-not-found]
 
 from ...fal_api.backend import WorkflowRefused
@@ -29,9 +32,11 @@ from ...fal_api.image_input import InputImage
 from ...fal_api.jobs import CANCELLED, Job
 from ...fal_api.routes import FalService, add_fal_routes
 from ...fal_api.settings import API_KEY_ENV, ServiceSettings
+from ...fal_api.streaming import preview_entry
 from ...fal_api.tls_key import key_exposure
 from ...fal_api.workflow import finish
 from .comfyui_errors import refusal_text
+from .folders import model_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,17 @@ class ComfyQueueBackend:
         self._jobs: dict[str, tuple[Job, dict]] = {}
         self._seen: dict[str, set[str]] = {}  # request id -> the nodes whose start was logged
         self._watcher: asyncio.Task | None = None
+        self._previewer = None  # ComfyUI's latent previewer, made at the first streamed request's first step
+
+    def model_folder(self, folder: str) -> Path:
+        return Path(folder_paths.get_folder_paths(folder)[0])
+
+    def model_file(self, folder: str, name: str) -> Path | None:
+        problem = model_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        found = folder_paths.get_full_path(folder, name)
+        return Path(found) if found is not None else None
 
     def image_reference(self, job: Job, image: InputImage) -> str:
         """ComfyUI's own LoadImage reads files: the bytes as a file in input/, removed when the job ends."""
@@ -116,12 +132,22 @@ class ComfyQueueBackend:
                 seen.add(node_id)
                 job.log(f"running {prompt.get(node_id, {}).get('class_type', 'node')} (node {node_id})")
 
-    def on_step(self, prompt_id: str, step: int, total: int) -> None:
-        """Every sampler step of a fal request, from ComfyUI's worker thread (ComfyHost.add_step_listener)."""
+    def on_step(self, prompt_id: str, step: int, total: int, x0: torch.Tensor) -> None:
+        """Every sampler step of a fal request, from ComfyUI's worker thread (ComfyHost.add_step_listener); a
+        streamed request gets a preview of x0 from ComfyUI's latent previewer (TAESD when the server is set up
+        for it, else its linear latent-to-RGB map for FLUX)."""
         entry = self._jobs.get(prompt_id)
-        if entry is not None:
-            entry[0].start()
-            entry[0].log(f"step {step}/{total}")
+        if entry is None:
+            return
+        job = entry[0]
+        job.start()
+        job.log(f"step {step}/{total}")
+        if job.wants_previews and step < total:
+            if self._previewer is None:
+                flux = latent_formats.Flux()
+                self._previewer = latent_preview.get_previewer(x0.device, flux) or \
+                    latent_preview.Latent2RGBPreviewer(flux.latent_rgb_factors, flux.latent_rgb_factors_bias)
+            job.set_preview(preview_entry(self._previewer.decode_latent_to_preview(x0)))
 
     def _end(self, job: Job, prompt: dict, history: dict) -> None:
         status = history.get("status") or {}
@@ -142,7 +168,8 @@ class ComfyQueueBackend:
                          error_type=error.get("exception_type", "execution_error"))
 
 
-def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int], None]], None]) -> FalService | None:
+def register_fal_routes(add_step_listener: Callable[[Callable[[str, int, int, torch.Tensor], None]], None]
+                        ) -> FalService | None:
     """The protocol under /fal of the running ComfyUI server (None when there is no server: tests, scripts);
     `add_step_listener` is the ComfyUI host's, which tells the backend of every sampler step."""
     try:
