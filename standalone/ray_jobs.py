@@ -39,14 +39,35 @@ def record_of(job: Job) -> dict:
                 "files": [{"path": str(f.path), "content_type": f.content_type, "suffix": f.suffix} for f in job.files]}
 
 
-def job_of(record: dict) -> Job:
-    """A registry record as a Job the routes can answer from (a copy: changing it changes nothing shared)."""
-    return Job(endpoint=record["endpoint"], arguments=None, seed=record["seed"], id=record["id"],
-               base_url=record["base_url"], created=record["created"], status=record["status"],
-               started=record.get("started"), finished=record.get("finished"), logs=list(record.get("logs", [])),
-               output=record.get("output"), error=record.get("error"), error_type=record.get("error_type"),
-               files=[ResultFile(Path(f["path"]), f["content_type"], f["suffix"]) for f in record.get("files", [])],
-               keep_output=record.get("keep_output", True))
+def refresh(job: Job, record: dict) -> None:
+    """Copy what a replica moves along (status, times, logs, result files) from the registry's record."""
+    with job.lock:
+        job.status, job.started, job.finished = record["status"], record.get("started"), record.get("finished")
+        job.logs = list(record.get("logs", []))
+        job.output, job.error, job.error_type = record.get("output"), record.get("error"), record.get("error_type")
+        job.files = [ResultFile(Path(f["path"]), f["content_type"], f["suffix"]) for f in record.get("files", [])]
+
+
+class RegistryJob(Job):
+    """A registry record as a Job the routes answer from (a copy: changing it changes nothing shared). Until it has
+    ended, each status read reads the record again, so a status stream follows the request."""
+    registry: Any = None
+
+    def status_json(self, urls: dict[str, str], logs: bool, position: int | None, since_log: int = 0) -> dict:
+        if not self.done and self.registry is not None:
+            record = ray.get(self.registry.get.remote(self.id))
+            if record is not None:
+                refresh(self, record)
+        return super().status_json(urls, logs, position, since_log)
+
+
+def job_of(record: dict, registry: Any = None) -> Job:
+    job = RegistryJob(endpoint=record["endpoint"], arguments=None, seed=record["seed"], id=record["id"],
+                      base_url=record["base_url"], created=record["created"],
+                      keep_output=record.get("keep_output", True))
+    job.registry = registry
+    refresh(job, record)
+    return job
 
 
 def end_with(job: Job, record: dict) -> None:
@@ -85,7 +106,7 @@ class SharedJobStore(JobStore):
         if own is not None and own.done:
             return own
         record = ray.get(self.registry.get.remote(request_id))
-        return None if record is None else job_of(record)
+        return None if record is None else job_of(record, self.registry)
 
 
 class RayBackend:
