@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -68,7 +69,8 @@ def ingresses(cluster, tmp_path_factory):
 
 
 def client(certs) -> httpx.Client:
-    return httpx.Client(verify=str(certs.ca_cert), headers={"Authorization": f"Key {API_KEY}"}, timeout=60)
+    return httpx.Client(verify=ssl.create_default_context(cafile=str(certs.ca_cert)),
+                        headers={"Authorization": f"Key {API_KEY}"}, timeout=60)
 
 
 def submit(http: httpx.Client, address: str, arguments: dict) -> str:
