@@ -20,7 +20,7 @@ import ray
 from ..fal_api.backend import WorkflowRefused
 from ..fal_api.http_limits import Refusal
 from ..fal_api.image_input import InputImage
-from ..fal_api.jobs import CANCELLED, Job, JobStore, Records, ResultFile
+from ..fal_api.jobs import CANCELLED, IN_PROGRESS, Job, JobStore, Records, ResultFile
 from ..fal_api.storage import StoredFile, Uploads, image_type, is_token
 from .ray_registry import WAITING
 
@@ -50,23 +50,34 @@ def refresh(job: Job, record: dict) -> None:
 
 class RegistryJob(Job):
     """A registry record as a Job the routes answer from (a copy: changing it changes nothing shared). Until it has
-    ended, each status read reads the record again, so a status stream follows the request."""
+    ended, each status read reads the record again, so a status stream follows the request. For a request this
+    ingress took (`own`) in sync_mode, success counts once the replica's answer has reached `own` (it carries the
+    output, which the registry never holds): until then such an ended record reads IN_PROGRESS."""
     registry: Any = None
+    own: Job | None = None
+
+    def follow(self, record: dict | None) -> None:
+        if record is not None:
+            refresh(self, record)
+        if self.own is not None and self.done and not self.own.done and not self.keep_output and self.error is None:
+            with self.lock:
+                self.status, self.finished = IN_PROGRESS, None
+                self.output, self.error, self.error_type = None, None, None
 
     def status_json(self, urls: dict[str, str], logs: bool, position: int | None, since_log: int = 0) -> dict:
+        if self.own is not None and self.own.done:
+            return self.own.status_json(urls, logs, position, since_log)
         if not self.done and self.registry is not None:
-            record = ray.get(self.registry.get.remote(self.id))
-            if record is not None:
-                refresh(self, record)
+            self.follow(ray.get(self.registry.get.remote(self.id)))
         return super().status_json(urls, logs, position, since_log)
 
 
-def job_of(record: dict, registry: Any = None) -> Job:
+def job_of(record: dict, registry: Any = None, own: Job | None = None) -> Job:
     job = RegistryJob(endpoint=record["endpoint"], arguments=None, seed=record["seed"], id=record["id"],
                       base_url=record["base_url"], created=record["created"],
                       keep_output=record.get("keep_output", True))
-    job.registry = registry
-    refresh(job, record)
+    job.registry, job.own = registry, own
+    job.follow(record)
     return job
 
 
@@ -106,7 +117,7 @@ class SharedJobStore(JobStore):
         if own is not None and own.done:
             return own
         record = ray.get(self.registry.get.remote(request_id))
-        return None if record is None else job_of(record, self.registry)
+        return None if record is None else job_of(record, self.registry, own)
 
 
 class RayBackend:
