@@ -29,6 +29,12 @@ EXPIRY_INTERVAL_S = 60.0  # how often lookups scan for expired records and uploa
 MAX_RECORDS = 4096
 
 
+def log_entry(message: str, level: str = "INFO") -> dict:
+    """A log line as the clients parse it."""
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"message": message, "level": level, "source": "USER", "timestamp": stamp, "labels": {}}
+
+
 @dataclass
 class ResultFile:
     """An image served at <base>/results/<request id>/<index><suffix> until the record expires."""
@@ -70,10 +76,9 @@ class Job:
         action()
 
     def log(self, message: str, level: str = "INFO") -> None:
-        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        entry = log_entry(message, level)
         with self.lock:
-            self.logs.append({"message": message, "level": level, "source": "USER", "timestamp": stamp,
-                              "labels": {}})
+            self.logs.append(entry)
 
     def set_preview(self, image: dict) -> None:
         """The latest preview of a streamed request (from the backend's thread); only the latest is kept."""

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request body: the largest image as a base64 data URI, and the rest
 PROXY_TARGETS = {"fal.run": "", "queue.fal.run": "queue/", "rest.fal.ai": "", "v3.fal.media": ""}
 STREAM_POLL_S, STREAM_PING_S = 0.1, 10.0
+JobStoreFactory = Callable[..., JobStore]  # (retention_s, max_active, records=) -> the store
 
 
 def json_error(status: int, detail: object, **extra: object) -> web.Response:
@@ -93,13 +94,16 @@ class FalService:
     body_min_rate: float = BODY_MIN_RATE
 
     @classmethod
-    def create(cls, backend: Backend, uploads_folder: Path, settings: ServiceSettings, prefix: str = "") -> FalService:
+    def create(cls, backend: Backend, uploads_folder: Path, settings: ServiceSettings, prefix: str = "",
+               job_store: JobStoreFactory = JobStore, uploads: Uploads | None = None) -> FalService:
         """The service over `backend` with `settings`: the uploads folder is made and emptied of earlier runs', the
-        records of requests that ended in earlier runs (within retention) are read back from the results folder."""
-        uploads = Uploads(uploads_folder, settings.retention_s, quota_bytes=settings.upload_quota_bytes)
-        uploads.prepare()
-        jobs = JobStore(settings.retention_s, settings.max_queue,
-                        records=RecordFolder(backend.output_dir / RESULTS_SUBFOLDER))
+        records of requests that ended in earlier runs (within retention) are read back from the results folder.
+        `job_store` and `uploads` replace the in-process ones (`serve --ray`: state every ingress shares)."""
+        if uploads is None:
+            uploads = Uploads(uploads_folder, settings.retention_s, quota_bytes=settings.upload_quota_bytes)
+            uploads.prepare()
+        jobs = job_store(settings.retention_s, settings.max_queue,
+                         records=RecordFolder(backend.output_dir / RESULTS_SUBFOLDER))
         restored = jobs.load()
         if restored:
             log.info("fal: %d finished requests of earlier runs are served again", restored)

@@ -72,10 +72,10 @@ def image_type(data: bytes) -> str:
 
 class Signer:
     """Tokens that prove themselves: an expiry time and a random part, signed with a key made at start (a restart
-    makes earlier tokens invalid). Nothing is stored per token."""
+    makes earlier tokens invalid; servers that answer for each other share one key). Nothing is stored per token."""
 
-    def __init__(self) -> None:
-        self._key = secrets.token_bytes(32)
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key if key is not None else secrets.token_bytes(32)
 
     def _mac(self, kind: bytes, body: bytes) -> bytes:
         return hmac.new(self._key, kind + body, hashlib.sha256).digest()[:16]
@@ -110,14 +110,14 @@ class Uploads:
     """The uploads folder: stored files by id (within a size quota), and the signed upload slots and tokens."""
 
     def __init__(self, folder: Path, retention_s: float, max_bytes: int = MAX_UPLOAD_BYTES,
-                 quota_bytes: int = UPLOAD_QUOTA_MB * 1024 * 1024) -> None:
+                 quota_bytes: int = UPLOAD_QUOTA_MB * 1024 * 1024, signing_key: bytes | None = None) -> None:
         self.folder = folder
         self.retention_s = retention_s
         self.max_bytes = max_bytes
         self.quota_bytes = quota_bytes
         self._files: dict[str, StoredFile] = {}
         self._used = 0  # bytes of the stored files
-        self._signer = Signer()
+        self._signer = Signer(signing_key)
         self._lock = threading.Lock()
         self._next_expiry = 0.0
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 DEMO_PREFIX = "krea-serve-demo-"  # + <pid>-<random>: the demo models' temporary folder
 STOP_S = 10.0  # on shutdown, how long the running request may take to reach its next block
 HANDLERS_STOP_S = 3.0  # then how long open calls (a run waiting for its result, a status stream) may take to end
-BACKEND = web.AppKey("backend", RunnerBackend)
+BACKEND = web.AppKey("backend", Any)  # a RunnerBackend, or ray_jobs.RayBackend
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,19 @@ class ServeOptions:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     max_connections: int = MAX_CONNECTIONS
     memory_check: bool = True  # the command line's memory pre-flight before a request is queued
+    ray: Any = None  # ray_serve.RayOptions: the requests run on replicas of a Ray cluster (`serve --ray`)
 
 
-def make_app(options: ServeOptions) -> tuple[web.Application, FalService]:
-    """The aiohttp application with the protocol at its root; the backend's thread stops with the app."""
+def make_app(options: ServeOptions, service: FalService | None = None) -> tuple[web.Application, FalService]:
+    """The aiohttp application with the protocol at its root, over `service` (`serve --ray`) or the in-process
+    runner; the backend stops with the app."""
+    # Also under --ray: the ingress checks LoRA names and files in the models folder before a request is queued.
     standalone_host().configure(models_dir=options.models, output_dir=options.output,
                                 tokenizer_dir=options.tokenizers)
-    backend = RunnerBackend(options.output, options.model, memory_check=options.memory_check)
-    service = FalService.create(backend, options.output / "fal-uploads", options.service)
+    if service is None:
+        backend = RunnerBackend(options.output, options.model, memory_check=options.memory_check)
+        service = FalService.create(backend, options.output / "fal-uploads", options.service)
+    backend = service.backend
     app = web.Application(client_max_size=MAX_BODY_BYTES + 1024 * 1024)
     add_fal_routes(app.router, service)
     app[BACKEND] = backend
@@ -177,7 +183,15 @@ def serve(options: ServeOptions, host_name: str, port: int, tls: ssl.SSLContext 
     with demo_models() if demo else contextlib.nullcontext(None) as made:
         if made is not None:
             options = dataclasses.replace(options, models=made[0], tokenizers=made[1])
-        app, _ = make_app(options)
+        stack = contextlib.ExitStack()
+        service = None
+        if options.ray is not None:
+            from .ray_serve import ray_service
+
+            service = stack.enter_context(ray_service(options.ray, options.service, options.models,
+                                                      options.tokenizers, options.output, options.memory_check,
+                                                      options.model))
+        app, _ = make_app(options, service)
         scheme = "https" if tls else "http"
         shown = f"[{host_name}]" if ":" in host_name else host_name
         key = "set" if options.service.api_key else f"none ({API_KEY_ENV} not set: any key is accepted)"
@@ -189,7 +203,8 @@ def serve(options: ServeOptions, host_name: str, port: int, tls: ssl.SSLContext 
                   f"  JS:     fal.config({{ proxyUrl: {{ url: \"{scheme}://{shown}:{port}/proxy\", "
                   'when: "always" } })', flush=True)
 
-        stopped = asyncio.run(_serve(app, host_name, port, tls, options.max_connections, banner))
+        with stack:
+            stopped = asyncio.run(_serve(app, host_name, port, tls, options.max_connections, banner))
     if not stopped:
         # The worker is inside something no check interrupts (a model being read); letting the interpreter tear
         # torch down under it aborts the process, so it ends here, its temporary folder already removed.

@@ -38,6 +38,28 @@ log = logging.getLogger(__name__)
 SERVER_ADVICE = "Ask for fewer or smaller images."
 
 
+def model_folder(folder: str) -> Path:
+    """The folder of this server's models of one kind (where fal's LoRA endpoints cache fetched files)."""
+    return standalone_host().model_search_paths(folder)[0]
+
+
+def model_file(folder: str, name: str) -> Path | None:
+    """A model name of a request -> its file in this server's models (None: no such file); ValueError when the
+    name leaves the folder."""
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return standalone_host().find_model(folder, name)
+
+
+def use_model(prompt: dict, model_name: str | None) -> None:
+    """`serve --model`: every request's Krea Model Loader reads that transformer file (None: the workflow's own)."""
+    if model_name is not None:
+        for node in prompt.values():
+            if node.get("class_type") == "KreaModelLoader":
+                node["inputs"]["model_name"] = model_name
+
+
 class RunnerBackend:
     """One worker thread over a FIFO of (job, workflow)."""
 
@@ -62,13 +84,10 @@ class RunnerBackend:
         self._thread.start()
 
     def model_folder(self, folder: str) -> Path:
-        return standalone_host().model_search_paths(folder)[0]
+        return model_folder(folder)
 
     def model_file(self, folder: str, name: str) -> Path | None:
-        problem = model_name_problem(name)
-        if problem is not None:
-            raise ValueError(problem)
-        return standalone_host().find_model(folder, name)
+        return model_file(folder, name)
 
     def image_reference(self, job: Job, image: InputImage) -> str:
         name = f"fal-input-{next(self._names)}"
@@ -82,10 +101,7 @@ class RunnerBackend:
         return None if image is None else (nearest_multiple(image.width), nearest_multiple(image.height))
 
     async def submit(self, job: Job, prompt: dict) -> None:
-        if self.model_name is not None:
-            for node in prompt.values():
-                if node.get("class_type") == "KreaModelLoader":
-                    node["inputs"]["model_name"] = self.model_name
+        use_model(prompt, self.model_name)
         problems = validate(prompt, self.classes)  # the models are there and of the right kind, before it waits
         if problems:
             raise WorkflowRefused("; ".join(problems))

@@ -66,6 +66,12 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a host name clients reach the server by (Host header), e.g. behind a reverse proxy; IP "
                         "addresses and localhost are always taken, other names refused (repeatable)")
+    s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the requests on replicas on a Ray cluster with Ray Serve (pip install -e '.[cluster]'): "
+                        "ADDRESS of a running one (auto, HOST:6379, ray://HOST:10001), none: a local cluster")
+    s.add_argument("--replicas", type=int, default=None,
+                   help="with --ray: how many replicas run requests, one per GPU (a CPU core each without GPUs; "
+                        "default: 1); a further --ray ingress attaches to the replicas running")
     s.add_argument("-v", "--verbose", action="store_true", help="also print the informational log (models, runs)")
     c = sub.add_parser("make-cert", help="make a local CA and a server certificate for https (serve, ComfyUI)")
     c.add_argument("folder", type=Path, help="where ca.pem, server.pem and server-key.pem are written (never over "
@@ -97,7 +103,14 @@ def serve_command(args: argparse.Namespace) -> int:
             raise OptionError(exposure[1])
         if exposure is not None:
             log.warning("%s", exposure[1])
+    if args.replicas is not None and (args.ray is None or args.replicas < 1):
+        raise OptionError("--replicas goes with --ray and must be at least 1")
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    ray = None
+    if args.ray is not None:
+        from .ray_serve import RayOptions
+
+        ray = RayOptions(address=args.ray or None, replicas=args.replicas or 1)
     service = ServiceSettings(retention_hours=args.retention_hours, max_queue=args.max_queue,
                               allow_remote_images=args.allow_remote_images, api_key=api_key_from_env(),
                               allow_remote_loras=args.allow_remote_loras,
@@ -105,7 +118,7 @@ def serve_command(args: argparse.Namespace) -> int:
                               allowed_hosts=allowed_hosts(args.host, args.allowed_host))
     options = ServeOptions(output=args.output, models=args.models, tokenizers=args.tokenizers, model=args.model,
                            service=service, max_connections=args.max_connections,
-                           memory_check=not args.no_memory_check)
+                           memory_check=not args.no_memory_check, ray=ray)
     return serve(options, args.host, args.port, tls, args.demo)
 
 
