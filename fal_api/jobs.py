@@ -61,7 +61,9 @@ class Job:
     files: list[ResultFile] = field(default_factory=list)
     keep_output: bool = True  # False (sync_mode): the output is handed out once, then dropped
     wants_previews: bool = False  # a streamed request: the backend hands over a preview image per step
-    preview: dict | None = None  # the latest preview ({url: data URI, width, height, content_type}), not recorded
+    # The latest preview ({url: data URI, width, height, content_type}), not recorded; a stream's outlives the end
+    # until its output is taken, so that a preview made after the stream's last poll is still sent.
+    preview: dict | None = None
     previews_made: int = 0
     # What the backend gave the workflow for the request's input images, taken back once when it ends.
     _on_end: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
@@ -91,6 +93,7 @@ class Job:
             output = self.output
             if not self.keep_output:
                 self.output = None
+            self.preview = None  # a stream's last preview is sent before its output, or never
             return output
 
     def start(self) -> bool:
@@ -109,7 +112,9 @@ class Job:
                 return
             self.status, self.finished = COMPLETED, time.time()
             self.output, self.error, self.error_type = output, error, error_type
-            self.arguments, self.preview = None, None
+            self.arguments = None
+            if not self.wants_previews:
+                self.preview = None
             actions, self._on_end = self._on_end, []
         for action in actions:
             action()

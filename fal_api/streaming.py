@@ -64,6 +64,10 @@ async def stream_output(request: web.Request, job: Job, cancel: Callable[[Job], 
             if quiet >= PING_S:
                 await response.write(b": ping\n\n")
                 quiet = 0.0
+        with job.lock:
+            made, preview = job.previews_made, job.preview
+        if made > sent and preview is not None and job.error is None:  # made after the last poll: still shown
+            await response.write(event({"images": [preview], "seed": seed, "prompt": prompt}))
         if job.error is not None:
             await response.write(event({"detail": job.error, "error_type": job.error_type}))
         else:

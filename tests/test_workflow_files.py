@@ -106,7 +106,7 @@ def test_fal_defaults():
 def test_a_fal_request_saves_jpeg_unless_it_asks_otherwise(endpoint):
     """The shipped workflows save png (ComfyUI restores it); a fal request writes its own output_format, whose
     default is fal's jpeg."""
-    fields = {"prompt": "a fox"} | ({"image_url": "data:image/png;base64,AAAA"} if endpoint.image_fields else {})
+    fields = {"prompt": "a fox"} | {name: "data:image/png;base64,AAAA" for name in endpoint.image_fields}
     for body, expected in ((fields, "jpeg"), (fields | {"output_format": "png"}, "png")):
         prompt = workflow_for(endpoint, endpoint.parse(body), 1, "request",
                               {name: "in.png" for name in endpoint.image_fields})

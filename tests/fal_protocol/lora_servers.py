@@ -116,7 +116,7 @@ def lora_serve(work: Path) -> Iterator[tuple[Server, Path, Path]]:
 def lora_comfyui(work: Path, comfyui_dir: str) -> Iterator[Server]:
     """The real ComfyUI with the pack, remote LoRAs allowed, LoRA URLs led to the test's file server."""
     sys.path.insert(0, str(PACK / "tests" / "comfyui_host"))
-    from scenarios import TINY, write_other_models
+    from host_models import TINY, write_other_models  # (not scenarios: it imports ComfyUI into this process)
 
     base = work / "base"
     nodes, models = base / "custom_nodes", base / "models"
