@@ -138,6 +138,10 @@ def torchrun_processes() -> Iterator[Processes]:
     host.configure(process_group=dist.group.WORLD)
     try:
         yield Processes(rank, size, dist.group.WORLD)
+        # The helpers are done after the sampler, rank 0 only after decoding and saving: all leave the group
+        # together, so that no process exits while gloo's threads still talk to a peer (a helper that did was
+        # aborted by the C++ runtime now and then: "terminate called without an active exception").
+        dist.barrier()
     except BaseException as err:
         if rank and not isinstance(err, SAME_ON_EVERY_RANK):
             stderr.write(f"rank {rank}: error: {type(err).__name__}: {err}\n")
