@@ -60,12 +60,22 @@ def test_exif_metadata_round_trip(output_dir, output_format, pil_format, extensi
     assert exif[EXIF_MAKE - 1] == "extra:[1, 2]"  # further keys count down from Make
 
 
+def jpeg_markers(path) -> list[int]:
+    """The markers of a JPEG's segments from its start to the image data (0xE1: APP1, where EXIF goes)."""
+    data, markers, pos = path.read_bytes(), [], 2
+    while data[pos + 1] != 0xDA:  # start of scan
+        markers.append(data[pos + 1])
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return markers
+
+
 def test_no_metadata_without_prompt(output_dir):
     for output_format in ("png", "webp", "jpeg"):
         (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "plain", output_format), output_dir)
         with Image.open(path) as image:
             assert "exif" not in image.info  # no EXIF block at all, not an empty one
             assert "prompt" not in getattr(image, "text", {})
+    assert 0xE1 not in jpeg_markers(path)
 
 
 def test_jpeg_keeps_the_prompt_when_the_workflow_is_too_big(output_dir, caplog):
@@ -75,15 +85,14 @@ def test_jpeg_keeps_the_prompt_when_the_workflow_is_too_big(output_dir, caplog):
     with Image.open(path) as image:
         exif = image.getexif()
     assert json.loads(exif[EXIF_MODEL].partition(":")[2]) == PROMPT
-    assert EXIF_MAKE not in exif
+    assert EXIF_MAKE not in exif and jpeg_markers(path).count(0xE1) == 1
     assert "too large for JPEG" in caplog.text
 
 
 def test_jpeg_without_room_for_the_prompt_has_no_metadata(output_dir, caplog):
     huge = {"1": {"inputs": {"text": "x" * 70_000}}}
     (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "big", "jpeg", 95, huge), output_dir)
-    with Image.open(path) as image:
-        assert "exif" not in image.info
+    assert 0xE1 not in jpeg_markers(path)
     assert "The prompt is too large for JPEG EXIF" in caplog.text
 
 
