@@ -15,6 +15,7 @@ pytest.importorskip("pydantic", reason="the fal schemas need pydantic: pip insta
 
 from comfyui_krea.fal_api.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, TEXT_TO_IMAGE  # noqa: E402
 from comfyui_krea.fal_api.schema import InputError  # noqa: E402
+from comfyui_krea.fal_api.size_limit import check_requested_size  # noqa: E402
 from comfyui_krea.fal_api.workflow import workflow_for  # noqa: E402
 
 # fal's API page of fal-ai/flux/krea ("Input Schema": the defaults, ranges and options of every field).
@@ -135,6 +136,26 @@ def test_the_prompt_limit_is_accepted_and_one_character_more_refused():
 def test_both_booleans_are_accepted():
     for field in ("sync_mode", "enable_safety_checker"):
         assert [getattr(parse(TEXT_TO_IMAGE, **{field: v}), field) for v in (True, False)] == [True, False]
+
+
+def test_a_refused_value_is_echoed_back_cut_short():
+    # FastAPI's 422 echoes each offending value as `input`; a long one is cut (a 60 MB data URI is not sent back).
+    assert refused(TEXT_TO_IMAGE, num_images="y" * 200)[0]["input"] == "y" * 200
+    assert refused(TEXT_TO_IMAGE, num_images="y" * 201)[0]["input"] == "y" * 200 + "..."
+    assert refused(TEXT_TO_IMAGE, num_images=["z" * 996])[0]["input"] == ["z" * 996]  # shown in 1000 characters
+    assert refused(TEXT_TO_IMAGE, num_images=["z" * 997])[0]["input"] is None
+    assert refused(TEXT_TO_IMAGE, guidance_scale=20.5)[0]["input"] == 20.5
+    assert refused(TEXT_TO_IMAGE, guidance_scale=float("nan"))[0]["input"] == "nan"  # NaN is not JSON
+
+
+def test_a_size_over_the_pixel_cap_is_refused_in_fastapis_shape():
+    cap = 1024 * 1024
+    check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1039, "height": 1024}), cap)  # made 1024 wide
+    with pytest.raises(InputError) as error:
+        check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1040, "height": 1024}), cap)
+    (problem,) = error.value.detail
+    assert problem.pop("msg").startswith("image_size 1040x1024 (1.02 megapixels) is over this server's limit of 1 ")
+    assert problem == {"type": "value_error", "loc": ["body", "image_size"], "input": {"width": 1040, "height": 1024}}
 
 
 def nodes_of(prompt: dict, class_type: str) -> list[dict]:

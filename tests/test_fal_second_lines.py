@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import io
 import json
+import re
 import time
 
 import pytest
@@ -103,6 +105,20 @@ def test_the_store_saves_an_ended_record_once_and_frees_its_queue_slot():
     assert store.active() == 0 and store.add_if_room(second)  # an ended record takes no slot
 
 
+def test_past_max_records_the_record_that_ended_first_is_dropped():
+    records = SavedRecords()
+    store = JobStore(retention_s=HOUR, max_active=4, records=records, max_records=2)
+    first, second, third = (Job(endpoint=T2I, arguments=None, seed=n) for n in (1, 2, 3))
+    for job in (first, second, third):
+        store.add_if_room(job)
+    second.complete(output={})  # ended in another order than they came
+    first.complete(output={})
+    second.finished, first.finished = 1000.0, 1001.0  # apart, however coarse the clock
+    assert store.all() == [first, second, third] and records.removed == []  # two ended: both kept
+    third.complete(output={})
+    assert store.all() == [first, third] and records.removed == [second.id]
+
+
 def test_a_discarded_request_leaves_no_record_when_it_ends():
     records = SavedRecords()
     store = JobStore(retention_s=HOUR, max_active=4, records=records)
@@ -140,6 +156,45 @@ def test_the_status_body_of_each_state():
     job.complete(error="boom", error_type="internal_error")
     failed = job.status_json(urls, logs=False, position=None)
     assert failed["status"] == COMPLETED and failed["error"] == "boom" and failed["error_type"] == "internal_error"
+
+
+def test_a_log_entry_is_what_fals_clients_parse():
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    job.log("step 3/28")
+    assert job.status_json({}, logs=True, position=None)["logs"] == job.logs  # asked for: every entry
+    (entry,) = job.logs
+    stamp = entry.pop("timestamp")
+    assert entry == {"message": "step 3/28", "level": "INFO", "source": "USER", "labels": {}}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)  # UTC, in milliseconds
+    utc = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+    assert abs(utc.timestamp() - time.time()) < 60
+
+
+def test_the_inference_time_is_from_start_to_end_in_milliseconds():
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    job.start()
+    job.complete(output={})
+    job.started, job.finished = 1000.0, 1002.34567
+    assert job.inference_time() == 2.346
+    assert job.status_json({}, logs=False, position=None)["metrics"] == {"inference_time": 2.346}
+    cancelled_in_queue = Job(endpoint=T2I, arguments=None, seed=1)
+    cancelled_in_queue.complete(error="cancelled", error_type="request_cancelled")
+    assert cancelled_in_queue.status_json({}, logs=False, position=None)["metrics"] == {}  # it never ran
+
+
+def test_a_waiter_looks_at_the_record_every_50_ms(monkeypatch):
+    # A sync request's answer waits on the record: it is sent at most 50 ms after the backend ends the request.
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            job.complete(output={})  # the backend, from its thread, ends it meanwhile
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    asyncio.run(job.wait())
+    assert pauses == [0.05, 0.05]
 
 
 # --- sync_mode keeps nothing ---

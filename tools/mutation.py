@@ -1,7 +1,6 @@
-"""Mutation testing (mutmut 3) of the core: per package, how many of the mutants the test suite kills.
+"""Mutation testing (mutmut 3) of the core, image_io and fal's protocol core: per package, how many mutants are killed.
 
-Not part of the default test run: it runs the tests once per mutant and takes long (sampling: minutes;
-the model_loader math: about an hour on two cores).
+Not part of the default test run: it runs the tests once per mutant (minutes to an hour a package on two cores).
 
     .venv/bin/python tools/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
                                        [--time-limit SECONDS] [--survivors] [--report]
@@ -79,11 +78,12 @@ PACKAGES: dict[str, list[str]] = {
                  "tests/test_inpainting.py", "tests/test_hostile_input.py", "tests/test_validate_and_decode_once.py",
                  "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_fal_hostile.py",
                  "tests/test_fal_limits.py", "tests/test_end_to_end.py", "tests/test_load_image.py"],
-    # fal's protocol core, with the test files that run it in-process (those starting servers or clients are slow)
     "fal_api": ["fal_api/jobs.py", "fal_api/storage.py", "fal_api/size_limit.py", "fal_api/http_limits.py",
-                "fal_api/schema.py", "fal_api/fields.py", "fal_api/workflow.py", "tests/test_fal_second_lines.py",
-                "tests/test_fal_limits.py", "tests/test_fal_records.py", "tests/test_fal_retention.py",
-                "tests/test_fal_schema.py", "tests/test_web_fal_mapping.py", "tests/test_workflow_files.py"],
+                "fal_api/schema.py", "fal_api/fields.py", "fal_api/workflow.py",  # fal's protocol core, and the
+                # tests that run it in-process (those starting servers or clients would make each mutant slow)
+                "tests/test_fal_second_lines.py", "tests/test_fal_limits.py", "tests/test_fal_records.py",
+                "tests/test_fal_retention.py", "tests/test_fal_schema.py", "tests/test_fal_response.py",
+                "tests/test_web_fal_mapping.py", "tests/test_workflow_files.py"],
 }
 
 ROOT = Path(__file__).resolve().parent.parent
