@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("pydantic", reason="the fal schemas need pydantic: pip install -e '.[serve]'")
 
 from comfyui_krea.fal_api.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, TEXT_TO_IMAGE  # noqa: E402
+from comfyui_krea.fal_api.fields import write_inputs  # noqa: E402
 from comfyui_krea.fal_api.schema import InputError  # noqa: E402
 from comfyui_krea.fal_api.size_limit import check_requested_size  # noqa: E402
 from comfyui_krea.fal_api.workflow import workflow_for  # noqa: E402
@@ -153,9 +154,19 @@ def test_a_size_over_the_pixel_cap_is_refused_in_fastapis_shape():
     check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1039, "height": 1024}), cap)  # made 1024 wide
     with pytest.raises(InputError) as error:
         check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1040, "height": 1024}), cap)
-    (problem,) = error.value.detail
-    assert problem.pop("msg").startswith("image_size 1040x1024 (1.02 megapixels) is over this server's limit of 1 ")
-    assert problem == {"type": "value_error", "loc": ["body", "image_size"], "input": {"width": 1040, "height": 1024}}
+    message = ("image_size 1040x1024 (1.02 megapixels) is over this server's limit of 1 megapixels per image (a "
+               "megapixel here is 1024x1024 pixels, as fal counts; fal's own limit is 4; the operator sets it with "
+               "--max-megapixels, or KREA_FAL_MAX_MEGAPIXELS inside ComfyUI): ask for a smaller size")
+    assert error.value.detail == [{"type": "value_error", "loc": ["body", "image_size"], "msg": message,
+                                   "input": {"width": 1040, "height": 1024}}]
+    assert str(error.value) == f"body.image_size: {message}"
+
+
+def test_a_field_is_written_into_every_node_of_its_type_even_one_without_inputs():
+    prompt = {"1": {"class_type": "KreaSampler"}, "2": {"class_type": "KreaSampler", "inputs": {"seed": 1}},
+              "3": {"class_type": "KreaSaveImage", "inputs": {}}}
+    write_inputs(prompt, {"seed": 9, "num_images": None})  # None leaves the workflow's own value
+    assert [node.get("inputs") for node in prompt.values()] == [{"seed": 9}, {"seed": 9}, {}]
 
 
 def nodes_of(prompt: dict, class_type: str) -> list[dict]:

@@ -136,10 +136,27 @@ def test_records_expire_after_retention_and_not_before():
     store.add_if_room(old)
     store.add_if_room(running)
     old.complete(output={})
-    store.expire(now=old.finished + 99.0)
+    store.expire(now=old.finished + 100.0)  # served until the limit itself
     assert store.all() == [old, running] and records.removed == []
     store.expire(now=old.finished + 101.0)
     assert store.all() == [running] and records.removed == [old.id]  # a running request never expires
+
+
+def test_expiry_scans_at_most_once_a_minute(tmp_path, monkeypatch):
+    # A lookup scans every record and upload for expired ones: at most once every EXPIRY_INTERVAL_S (60 s), so
+    # a record or an upload may outlive its retention by up to a minute.
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    store = JobStore(retention_s=100.0, max_active=4)
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    store.add_if_room(job)
+    job.complete(output={})
+    job.finished = 1000.0
+    files = uploads(tmp_path, retention_s=100.0)
+    file_id, _ = files.store(b"image", "image/png", "a.png")  # created at 1000, and scanned then
+    for now, there in ((1000.0, True), (1060.0, True), (1101.0, True), (1120.0, False)):  # scans: 1000, 1060, 1120
+        clock[0] = now
+        assert (store.get(job.id) is job, files.get(file_id) is not None) == (there, there), now
 
 
 def test_the_status_body_of_each_state():
@@ -232,8 +249,8 @@ def test_sync_mode_keeps_no_file_no_record_output_and_nothing_after_a_restart(tm
 
 # --- the uploads store on its own ---
 
-def uploads(tmp_path, **options) -> Uploads:
-    store = Uploads(tmp_path / "uploads", retention_s=HOUR, **options)
+def uploads(tmp_path, retention_s: float = HOUR, **options) -> Uploads:
+    store = Uploads(tmp_path / "uploads", retention_s=retention_s, **options)
     store.prepare()
     return store
 
@@ -254,8 +271,11 @@ def test_the_quota_counts_every_stored_byte_and_expiry_gives_it_back(tmp_path):
         store.store(b"b" * 51, "image/png", "b.png")
     assert refused.value.status == 413 and refused.value.error_type == "upload_quota"
     store.store(b"c" * 50, "image/png", "c.png")  # exactly at the quota
+    store.expire(now=first.created + HOUR)  # kept until the limit itself
+    assert store.get(first_id) is first
+    first.path.unlink()  # deleted by someone else meanwhile: forgotten all the same
     store.expire(now=time.time() + 2 * HOUR)
-    assert not first.path.exists() and store.get(first_id) is None
+    assert store.get(first_id) is None
     store.store(b"d" * 250, "image/png", "d.png")
 
 
@@ -271,6 +291,11 @@ def test_a_slot_takes_one_upload_and_a_refused_second_gives_its_bytes_back(tmp_p
     assert stored.path.read_bytes() == b"first"
     assert [p.name for p in store.folder.iterdir()] == [slot]  # no partial file left
     store.store(b"z" * (300 - len(b"first")), "image/png", "z.png")  # the refused bytes were given back
+
+
+def test_stored_uploads_are_readable_by_the_server_only(tmp_path):
+    _, stored = uploads(tmp_path).store(b"data", "image/png", "a.png")
+    assert stored.path.stat().st_mode & 0o777 == 0o600
 
 
 def test_an_id_that_is_not_a_token_never_names_a_path(tmp_path):
@@ -302,6 +327,7 @@ def test_slots_and_tokens_are_signed_for_their_use_and_expire(tmp_path, monkeypa
     tampered = slot[:-2] + ("AA" if slot[-2:] != "AA" else "BB")
     assert not store.slot_open(tampered)
     assert not store.slot_open("not a token at all")
+    assert not store.slot_open("A" * 41) and not store.token_valid("A" * 41)  # token letters, but not base64
     expired = Signer()
     stale = expired.make(b"cdn", time.time() - 1)
     assert not expired.valid(b"cdn", stale)
