@@ -51,6 +51,14 @@ def test_every_saved_image_is_in_the_response_with_its_size_type_and_flag(tmp_pa
                          ResultFile(folder / "other.gif", "application/octet-stream", ".gif")]
 
 
+def test_an_image_without_a_subfolder_is_in_the_output_folder_itself(tmp_path):
+    Image.new("RGB", (6, 2)).save(tmp_path / "top.png")
+    job = Job(endpoint=TEXT_TO_IMAGE, arguments=ENDPOINTS[TEXT_TO_IMAGE].parse({"prompt": "a fox"}), seed=5)
+    finish(job, {"9": {"class_type": "KreaSaveImage"}}, {"9": {"images": [{"filename": "top.png"}]}}, tmp_path, 0.5)
+    assert [(image["width"], image["height"]) for image in job.output["images"]] == [(6, 2)]
+    assert job.files[0].path == (tmp_path / "top.png").resolve()
+
+
 def test_a_reported_file_outside_the_output_folder_ends_nothing(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "elsewhere.png")
     job = Job(endpoint=TEXT_TO_IMAGE, arguments=ENDPOINTS[TEXT_TO_IMAGE].parse({"prompt": "a fox"}), seed=5)

@@ -8,6 +8,7 @@ entry fails against fal's own numbers.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -17,7 +18,7 @@ from comfyui_krea.fal_api.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, TEXT_TO_IM
 from comfyui_krea.fal_api.fields import write_inputs  # noqa: E402
 from comfyui_krea.fal_api.schema import InputError  # noqa: E402
 from comfyui_krea.fal_api.size_limit import check_requested_size  # noqa: E402
-from comfyui_krea.fal_api.workflow import workflow_for  # noqa: E402
+from comfyui_krea.fal_api.workflow import shipped_workflow, workflow_for  # noqa: E402
 
 # fal's API page of fal-ai/flux/krea ("Input Schema": the defaults, ranges and options of every field).
 TEXT_TO_IMAGE_DEFAULTS = {
@@ -167,6 +168,16 @@ def test_a_field_is_written_into_every_node_of_its_type_even_one_without_inputs(
               "3": {"class_type": "KreaSaveImage", "inputs": {}}}
     write_inputs(prompt, {"seed": 9, "num_images": None})  # None leaves the workflow's own value
     assert [node.get("inputs") for node in prompt.values()] == [{"seed": 9}, {"seed": 9}, {}]
+
+
+def test_each_request_starts_from_the_shipped_workflow():
+    endpoint = ENDPOINTS[TEXT_TO_IMAGE]
+    shipped = json.loads(endpoint.workflow.read_text())
+    custom = workflow_for(endpoint, parse(TEXT_TO_IMAGE, image_size={"width": 96, "height": 80}), 1, "first")
+    assert nodes_of(custom, "KreaSampler")[0]["width"] == 96
+    preset = workflow_for(endpoint, parse(TEXT_TO_IMAGE), 2, "second")
+    assert nodes_of(preset, "KreaSampler")[0]["width"] == nodes_of(shipped, "KreaSampler")[0]["width"]
+    assert shipped_workflow(endpoint.workflow) == shipped  # the copy read once is never written to
 
 
 def nodes_of(prompt: dict, class_type: str) -> list[dict]:
