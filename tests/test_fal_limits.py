@@ -252,21 +252,32 @@ def test_a_body_sent_as_another_type_is_refused_naming_that_type():
 
 
 class ChunkedBody:
-    """What aiohttp's request.content hands out for a body sent in chunks with no Content-Length."""
-    content_length = None
+    """A request whose body arrives as aiohttp's request.content hands it out: in two chunks, then the end (with
+    `stall`, the second chunk never comes); `declared`: its Content-Length, if it sent one."""
 
-    def __init__(self, data: bytes) -> None:
-        self.content, self._chunks = self, [data[:60], data[60:], b""]
+    def __init__(self, data: bytes, declared: int | None = None, stall: bool = False) -> None:
+        self.content, self.content_length, self.stall = self, declared, stall
+        self._chunks = [data[:60], data[60:], b""]
 
     async def readany(self) -> bytes:
+        if self.stall and len(self._chunks) < 3:
+            await asyncio.Event().wait()
         return self._chunks.pop(0)
 
 
 def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
-    assert asyncio.run(read_body(ChunkedBody(b"x" * 100), 100)) == b"x" * 100
+    for declared in (None, 100):
+        assert asyncio.run(read_body(ChunkedBody(b"x" * 100, declared), 100)) == b"x" * 100
+    for declared in (None, 101):
+        with pytest.raises(Refusal) as refused:
+            asyncio.run(read_body(ChunkedBody(b"x" * 101, declared), 100))
+        assert refused.value.status == 413 and refused.value.error_type == "too_large"
+
+
+def test_a_body_that_stops_arriving_is_cut_off_after_the_grace():
     with pytest.raises(Refusal) as refused:
-        asyncio.run(read_body(ChunkedBody(b"x" * 101), 100))
-    assert refused.value.status == 413 and refused.value.error_type == "too_large"
+        asyncio.run(read_body(ChunkedBody(b"x" * 100, stall=True), 1000, grace_s=0.05))
+    assert refused.value.status == 408 and refused.value.close
 
 
 def test_a_refusal_keeps_the_connection_open_unless_it_says_close():

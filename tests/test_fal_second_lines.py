@@ -119,6 +119,18 @@ def test_past_max_records_the_record_that_ended_first_is_dropped():
     assert store.all() == [first, third] and records.removed == [second.id]
 
 
+def test_a_restart_keeps_every_record_up_to_max_records():
+    class Kept(SavedRecords):
+        def load(self, retention_s: float) -> list[Job]:
+            return [Job(endpoint=T2I, arguments=None, seed=n, status=COMPLETED, finished=1000.0 + n) for n in (2, 1)]
+
+    records = Kept()
+    store = JobStore(retention_s=HOUR, max_active=4, records=records, max_records=2)
+    assert store.load() == 2 and records.removed == [] and len(store.all()) == 2
+    assert JobStore(HOUR, 4, records, max_records=1).load() == 1 and len(records.removed) == 1  # the oldest
+    assert JobStore(retention_s=HOUR, max_active=4).load() == 0  # no records folder: nothing to load
+
+
 def test_a_discarded_request_leaves_no_record_when_it_ends():
     records = SavedRecords()
     store = JobStore(retention_s=HOUR, max_active=4, records=records)
@@ -293,6 +305,17 @@ def test_a_slot_takes_one_upload_and_a_refused_second_gives_its_bytes_back(tmp_p
     store.store(b"z" * (300 - len(b"first")), "image/png", "z.png")  # the refused bytes were given back
 
 
+def test_a_start_removes_files_left_in_the_uploads_folder_and_nothing_else(tmp_path):
+    folder = tmp_path / "uploads"
+    (folder / "kept folder").mkdir(parents=True)
+    (folder / "left.png").write_bytes(b"from the last run")
+    (tmp_path / "elsewhere.png").write_bytes(b"not ours")
+    (folder / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    uploads(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["kept folder", "link.png"]
+    assert (tmp_path / "elsewhere.png").exists()
+
+
 def test_stored_uploads_are_readable_by_the_server_only(tmp_path):
     _, stored = uploads(tmp_path).store(b"data", "image/png", "a.png")
     assert stored.path.stat().st_mode & 0o777 == 0o600
@@ -328,6 +351,11 @@ def test_slots_and_tokens_are_signed_for_their_use_and_expire(tmp_path, monkeypa
     assert not store.slot_open(tampered)
     assert not store.slot_open("not a token at all")
     assert not store.slot_open("A" * 41) and not store.token_valid("A" * 41)  # token letters, but not base64
+    token, expires = store.issue_token()
+    monkeypatch.setattr(time, "time", lambda: int(expires) - 0.5)
+    assert store.token_valid(token)
+    monkeypatch.setattr(time, "time", lambda: float(int(expires)))  # valid until its whole second, not at it
+    assert not store.token_valid(token)
     expired = Signer()
     stale = expired.make(b"cdn", time.time() - 1)
     assert not expired.valid(b"cdn", stale)
