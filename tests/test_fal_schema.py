@@ -150,6 +150,13 @@ def test_a_refused_value_is_echoed_back_cut_short():
     assert refused(TEXT_TO_IMAGE, guidance_scale=float("nan"))[0]["input"] == "nan"  # NaN is not JSON
 
 
+def test_the_error_text_names_every_problem_where_it_is():
+    with pytest.raises(InputError) as error:
+        parse(TEXT_TO_IMAGE, num_images=0, guidance_scale=0)
+    assert str(error.value) == ("body.guidance_scale: Input should be greater than or equal to 1; "
+                                "body.num_images: Input should be greater than or equal to 1")
+
+
 def test_a_size_over_the_pixel_cap_is_refused_in_fastapis_shape():
     cap = 1024 * 1024
     check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1039, "height": 1024}), cap)  # made 1024 wide
