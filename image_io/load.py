@@ -60,9 +60,9 @@ def decoded_image(source: Path | BinaryIO, name: str, max_pixels: int | None = N
 
 
 def _upright(img: Image.Image) -> Image.Image:
-    """`img` turned upright by its EXIF orientation; a 32-bit integer image (mode I: a TIFF, for example; PIL
-    opens a 16-bit PNG as I;16, which is not scaled) divided by 255 first, as ComfyUI's LoadImage and
-    LoadImageMask do."""
+    """`img` turned upright by its EXIF orientation; a 32-bit integer image (mode I: a TIFF, for example)
+    divided by 255 first, as ComfyUI's LoadImage and LoadImageMask do. PIL opens a 16-bit PNG as I;16, which
+    ComfyUI does not scale: its values clip at 255 there and here alike."""
     upright = ImageOps.exif_transpose(img)
     if upright.mode == "I":
         upright = upright.point(lambda value: value * (1 / 255))
