@@ -62,8 +62,9 @@ def saved_images(prompt: Mapping[str, dict], uis: Mapping[str, dict]) -> tuple[l
 
 def fal_output(job: Job, files: list[Path], flags: list[bool], inference_s: float,
                url_of: Callable[[int, str], str]) -> dict:
-    """fal's response for the saved `files`. sync_mode returns data URIs and keeps nothing (fal: "the output
-    data won't be available in the request history"); otherwise each file is served at url_of(index, suffix)."""
+    """fal's response for the saved `files` and their safety `flags` (one each: saved_images gives an image
+    no safety check flagged False). sync_mode returns data URIs and keeps nothing (fal: "the output data won't be
+    available in the request history"); otherwise each file is served at url_of(index, suffix)."""
     images = []
     for index, path in enumerate(files):
         suffix = path.suffix.lower()
@@ -77,8 +78,6 @@ def fal_output(job: Job, files: list[Path], flags: list[bool], inference_s: floa
             job.files.append(ResultFile(path, content_type, suffix))
             url = url_of(index, suffix)
         images.append({"url": url, "width": width, "height": height, "content_type": content_type})
-    if len(flags) != len(images):
-        flags = (flags + [False] * len(images))[:len(images)]  # no safety node ran: nothing was flagged
     return {"images": images, "timings": {"inference": round(inference_s, 3)}, "seed": job.seed,
             "has_nsfw_concepts": flags, "prompt": job.arguments.prompt}
 

@@ -59,11 +59,21 @@ def decoded_image(source: Path | BinaryIO, name: str, max_pixels: int | None = N
     return img
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` turned upright by its EXIF orientation; a 32-bit integer image (mode I: a TIFF, for example)
+    divided by 255 first, as ComfyUI's LoadImage and LoadImageMask do. PIL opens a 16-bit PNG as I;16, which
+    ComfyUI does not scale: its values clip at 255 there and here alike."""
+    upright = ImageOps.exif_transpose(img)
+    if upright.mode == "I":
+        upright = upright.point(lambda value: value * (1 / 255))
+    return upright
+
+
 def image_and_mask(img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoded image turned upright by its EXIF orientation, as float32 RGB in 0..1, and its mask: 1 where the
+    """A decoded image turned upright (see _upright), as float32 RGB in 0..1, and its mask: 1 where the
     image is transparent (ComfyUI's convention: the mask marks what to repaint); an image without transparency
     gets ComfyUI's all-zero 64x64 mask."""
-    upright = ImageOps.exif_transpose(img)
+    upright = _upright(img)
     has_alpha = "A" in upright.getbands() or (upright.mode == "P" and "transparency" in upright.info)
     rgba = np.asarray(upright.convert("RGBA"), dtype=np.float32) / 255.0
     pixels = torch.from_numpy(rgba[..., :3].copy())[None]
@@ -77,9 +87,7 @@ def channel_mask(img: Image.Image, channel: str) -> torch.Tensor:
     they are (white = 1 = repaint), alpha inverted (transparent = 1), as ComfyUI's LoadImageMask reads it."""
     if channel not in MASK_CHANNELS:
         raise ValueError(f"channel must be one of {', '.join(MASK_CHANNELS)}, got {channel!r}")
-    upright = ImageOps.exif_transpose(img)
-    if upright.mode == "I":  # 32-bit integer images (16-bit PNGs): to 0..255 first, as ComfyUI does
-        upright = upright.point(lambda value: value * (1 / 255))
+    upright = _upright(img)
     values = np.asarray(upright.convert("RGBA").getchannel(channel[0].upper()), dtype=np.float32) / 255.0
     mask = torch.from_numpy(values.copy())[None]
     return 1.0 - mask if channel == "alpha" else mask

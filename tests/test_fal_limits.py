@@ -16,6 +16,8 @@ pytest.importorskip("aiohttp", reason="the fal server needs aiohttp and pydantic
 
 from fal_protocol.service import make_service, png_bytes, raw_request, serving  # noqa: E402
 
+from comfyui_krea.fal_api.http_limits import Refusal, host_name, read_body, require_json  # noqa: E402
+
 T2I, I2I = "/fal-ai/flux/krea", "/fal-ai/flux/krea/image-to-image"
 SMALL = {"image_size": {"width": 32, "height": 32}, "num_inference_steps": 1}
 
@@ -230,6 +232,58 @@ def test_json_only_as_json_and_the_host_must_be_this_server(tmp_path):
             assert service.jobs.active() == 0 and len(service.jobs.all()) == 1
 
     run(scenario)
+
+
+@pytest.mark.parametrize("host", ["fal.example/x", "fal.example?x=1", "fal.example#top", "user@fal.example", ":8443",
+                                  "fal.example:99999", ""])
+def test_a_host_header_is_a_host_and_a_port_and_nothing_else(host):
+    assert host_name(host) is None
+    assert host_name("Fal.Example.:8443") == "fal.example"
+
+
+def test_a_body_sent_as_another_type_is_refused_naming_that_type():
+    from aiohttp.test_utils import make_mocked_request
+
+    long = "text/plain; charset=" + "x" * 200
+    for headers, shown in (({"Content-Type": long}, repr(long[:100])), ({}, "'none'")):
+        with pytest.raises(Refusal) as refused:
+            require_json(make_mocked_request("POST", T2I, headers=headers))
+        assert refused.value.status == 415 and f"(got {shown}); other types" in refused.value.detail
+
+
+class ChunkedBody:
+    """A request whose body arrives as aiohttp's request.content hands it out: in two chunks, then the end (with
+    `stall`, the second chunk never comes); `declared`: its Content-Length, if it sent one."""
+
+    def __init__(self, data: bytes, declared: int | None = None, stall: bool = False) -> None:
+        self.content, self.content_length, self.stall = self, declared, stall
+        self._chunks = [data[:60], data[60:], b""]
+
+    async def readany(self) -> bytes:
+        if self.stall and len(self._chunks) < 3:
+            await asyncio.Event().wait()
+        return self._chunks.pop(0)
+
+
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413():
+    for declared in (None, 100):
+        assert asyncio.run(read_body(ChunkedBody(b"x" * 100, declared), 100)) == b"x" * 100
+    for declared in (None, 101):
+        with pytest.raises(Refusal) as refused:
+            asyncio.run(read_body(ChunkedBody(b"x" * 101, declared), 100))
+        assert refused.value.status == 413 and refused.value.error_type == "too_large"
+
+
+def test_a_body_that_stops_arriving_is_cut_off_after_the_grace():
+    with pytest.raises(Refusal) as refused:
+        asyncio.run(read_body(ChunkedBody(b"x" * 100, stall=True), 1000, grace_s=0.05))
+    assert refused.value.status == 408 and refused.value.close
+
+
+def test_a_refusal_keeps_the_connection_open_unless_it_says_close():
+    plain = Refusal(404, "no such request")
+    assert str(plain) == "no such request" and plain.response().keep_alive is not False
+    assert Refusal(408, "too slow", close=True).response().keep_alive is False
 
 
 # -- 6. the queue limit holds while images are fetched -------------------------------------------------------------

@@ -61,6 +61,7 @@ def test_clean_names_stay_names():
     assert clean_name("/etc/shadow") == "shadow"
     assert clean_name("..") == "upload.bin" and clean_name(None) == "upload.bin"
     assert clean_name("a b;c.png") == "a_b_c.png"
+    assert clean_name("_My-Photo.PNG.") == "My-Photo.PNG" and clean_name("X" * 150) == "X" * 100
 
 
 def test_result_urls_work_until_the_retention_limit(tmp_path):

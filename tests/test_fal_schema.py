@@ -8,14 +8,17 @@ entry fails against fal's own numbers.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 pytest.importorskip("pydantic", reason="the fal schemas need pydantic: pip install -e '.[serve]'")
 
 from comfyui_krea.fal_api.endpoints import ENDPOINTS, IMAGE_TO_IMAGE, TEXT_TO_IMAGE  # noqa: E402
+from comfyui_krea.fal_api.fields import write_inputs  # noqa: E402
 from comfyui_krea.fal_api.schema import InputError  # noqa: E402
-from comfyui_krea.fal_api.workflow import workflow_for  # noqa: E402
+from comfyui_krea.fal_api.size_limit import check_requested_size  # noqa: E402
+from comfyui_krea.fal_api.workflow import shipped_workflow, workflow_for  # noqa: E402
 
 # fal's API page of fal-ai/flux/krea ("Input Schema": the defaults, ranges and options of every field).
 TEXT_TO_IMAGE_DEFAULTS = {
@@ -135,6 +138,53 @@ def test_the_prompt_limit_is_accepted_and_one_character_more_refused():
 def test_both_booleans_are_accepted():
     for field in ("sync_mode", "enable_safety_checker"):
         assert [getattr(parse(TEXT_TO_IMAGE, **{field: v}), field) for v in (True, False)] == [True, False]
+
+
+def test_a_refused_value_is_echoed_back_cut_short():
+    # FastAPI's 422 echoes each offending value as `input`; a long one is cut (a 60 MB data URI is not sent back).
+    assert refused(TEXT_TO_IMAGE, num_images="y" * 200)[0]["input"] == "y" * 200
+    assert refused(TEXT_TO_IMAGE, num_images="y" * 201)[0]["input"] == "y" * 200 + "..."
+    assert refused(TEXT_TO_IMAGE, num_images=["z" * 996])[0]["input"] == ["z" * 996]  # shown in 1000 characters
+    assert refused(TEXT_TO_IMAGE, num_images=["z" * 997])[0]["input"] is None
+    assert refused(TEXT_TO_IMAGE, guidance_scale=20.5)[0]["input"] == 20.5
+    assert refused(TEXT_TO_IMAGE, guidance_scale=float("nan"))[0]["input"] == "nan"  # NaN is not JSON
+
+
+def test_the_error_text_names_every_problem_where_it_is():
+    with pytest.raises(InputError) as error:
+        parse(TEXT_TO_IMAGE, num_images=0, guidance_scale=0)
+    assert str(error.value) == ("body.guidance_scale: Input should be greater than or equal to 1; "
+                                "body.num_images: Input should be greater than or equal to 1")
+
+
+def test_a_size_over_the_pixel_cap_is_refused_in_fastapis_shape():
+    cap = 1024 * 1024
+    check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1039, "height": 1024}), cap)  # made 1024 wide
+    with pytest.raises(InputError) as error:
+        check_requested_size(parse(TEXT_TO_IMAGE, image_size={"width": 1040, "height": 1024}), cap)
+    message = ("image_size 1040x1024 (1.02 megapixels) is over this server's limit of 1 megapixels per image (a "
+               "megapixel here is 1024x1024 pixels, as fal counts; fal's own limit is 4; the operator sets it with "
+               "--max-megapixels, or KREA_FAL_MAX_MEGAPIXELS inside ComfyUI): ask for a smaller size")
+    assert error.value.detail == [{"type": "value_error", "loc": ["body", "image_size"], "msg": message,
+                                   "input": {"width": 1040, "height": 1024}}]
+    assert str(error.value) == f"body.image_size: {message}"
+
+
+def test_a_field_is_written_into_every_node_of_its_type_even_one_without_inputs():
+    prompt = {"1": {"class_type": "KreaSampler"}, "2": {"class_type": "KreaSampler", "inputs": {"seed": 1}},
+              "3": {"class_type": "KreaSaveImage", "inputs": {}}}
+    write_inputs(prompt, {"seed": 9, "num_images": None})  # None leaves the workflow's own value
+    assert [node.get("inputs") for node in prompt.values()] == [{"seed": 9}, {"seed": 9}, {}]
+
+
+def test_each_request_starts_from_the_shipped_workflow():
+    endpoint = ENDPOINTS[TEXT_TO_IMAGE]
+    shipped = json.loads(endpoint.workflow.read_text())
+    custom = workflow_for(endpoint, parse(TEXT_TO_IMAGE, image_size={"width": 96, "height": 80}), 1, "first")
+    assert nodes_of(custom, "KreaSampler")[0]["width"] == 96
+    preset = workflow_for(endpoint, parse(TEXT_TO_IMAGE), 2, "second")
+    assert nodes_of(preset, "KreaSampler")[0]["width"] == nodes_of(shipped, "KreaSampler")[0]["width"]
+    assert shipped_workflow(endpoint.workflow) == shipped  # the copy read once is never written to
 
 
 def nodes_of(prompt: dict, class_type: str) -> list[dict]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import io
 import json
+import re
 import time
 
 import pytest
@@ -103,6 +105,32 @@ def test_the_store_saves_an_ended_record_once_and_frees_its_queue_slot():
     assert store.active() == 0 and store.add_if_room(second)  # an ended record takes no slot
 
 
+def test_past_max_records_the_record_that_ended_first_is_dropped():
+    records = SavedRecords()
+    store = JobStore(retention_s=HOUR, max_active=4, records=records, max_records=2)
+    first, second, third = (Job(endpoint=T2I, arguments=None, seed=n) for n in (1, 2, 3))
+    for job in (first, second, third):
+        store.add_if_room(job)
+    second.complete(output={})  # ended in another order than they came
+    first.complete(output={})
+    second.finished, first.finished = 1000.0, 1001.0  # apart, however coarse the clock
+    assert store.all() == [first, second, third] and records.removed == []  # two ended: both kept
+    third.complete(output={})
+    assert store.all() == [first, third] and records.removed == [second.id]
+
+
+def test_a_restart_keeps_every_record_up_to_max_records():
+    class Kept(SavedRecords):
+        def load(self, retention_s: float) -> list[Job]:
+            return [Job(endpoint=T2I, arguments=None, seed=n, status=COMPLETED, finished=1000.0 + n) for n in (2, 1)]
+
+    records = Kept()
+    store = JobStore(retention_s=HOUR, max_active=4, records=records, max_records=2)
+    assert store.load() == 2 and records.removed == [] and len(store.all()) == 2
+    assert JobStore(HOUR, 4, records, max_records=1).load() == 1 and len(records.removed) == 1  # the oldest
+    assert JobStore(retention_s=HOUR, max_active=4).load() == 0  # no records folder: nothing to load
+
+
 def test_a_discarded_request_leaves_no_record_when_it_ends():
     records = SavedRecords()
     store = JobStore(retention_s=HOUR, max_active=4, records=records)
@@ -120,10 +148,27 @@ def test_records_expire_after_retention_and_not_before():
     store.add_if_room(old)
     store.add_if_room(running)
     old.complete(output={})
-    store.expire(now=old.finished + 99.0)
+    store.expire(now=old.finished + 100.0)  # served until the limit itself
     assert store.all() == [old, running] and records.removed == []
     store.expire(now=old.finished + 101.0)
     assert store.all() == [running] and records.removed == [old.id]  # a running request never expires
+
+
+def test_expiry_scans_at_most_once_a_minute(tmp_path, monkeypatch):
+    # A lookup scans every record and upload for expired ones: at most once every EXPIRY_INTERVAL_S (60 s), so
+    # a record or an upload may outlive its retention by up to a minute.
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    store = JobStore(retention_s=100.0, max_active=4)
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    store.add_if_room(job)
+    job.complete(output={})
+    job.finished = 1000.0
+    files = uploads(tmp_path, retention_s=100.0)
+    file_id, _ = files.store(b"image", "image/png", "a.png")  # created at 1000, and scanned then
+    for now, there in ((1000.0, True), (1060.0, True), (1101.0, True), (1120.0, False)):  # scans: 1000, 1060, 1120
+        clock[0] = now
+        assert (store.get(job.id) is job, files.get(file_id) is not None) == (there, there), now
 
 
 def test_the_status_body_of_each_state():
@@ -140,6 +185,45 @@ def test_the_status_body_of_each_state():
     job.complete(error="boom", error_type="internal_error")
     failed = job.status_json(urls, logs=False, position=None)
     assert failed["status"] == COMPLETED and failed["error"] == "boom" and failed["error_type"] == "internal_error"
+
+
+def test_a_log_entry_is_what_fals_clients_parse():
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    job.log("step 3/28")
+    assert job.status_json({}, logs=True, position=None)["logs"] == job.logs  # asked for: every entry
+    (entry,) = job.logs
+    stamp = entry.pop("timestamp")
+    assert entry == {"message": "step 3/28", "level": "INFO", "source": "USER", "labels": {}}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)  # UTC, in milliseconds
+    utc = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+    assert abs(utc.timestamp() - time.time()) < 60
+
+
+def test_the_inference_time_is_from_start_to_end_in_milliseconds():
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    job.start()
+    job.complete(output={})
+    job.started, job.finished = 1000.0, 1002.34567
+    assert job.inference_time() == 2.346
+    assert job.status_json({}, logs=False, position=None)["metrics"] == {"inference_time": 2.346}
+    cancelled_in_queue = Job(endpoint=T2I, arguments=None, seed=1)
+    cancelled_in_queue.complete(error="cancelled", error_type="request_cancelled")
+    assert cancelled_in_queue.status_json({}, logs=False, position=None)["metrics"] == {}  # it never ran
+
+
+def test_a_waiter_looks_at_the_record_every_50_ms(monkeypatch):
+    # A sync request's answer waits on the record: it is sent at most 50 ms after the backend ends the request.
+    job = Job(endpoint=T2I, arguments=None, seed=1)
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            job.complete(output={})  # the backend, from its thread, ends it meanwhile
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    asyncio.run(job.wait())
+    assert pauses == [0.05, 0.05]
 
 
 # --- sync_mode keeps nothing ---
@@ -177,8 +261,8 @@ def test_sync_mode_keeps_no_file_no_record_output_and_nothing_after_a_restart(tm
 
 # --- the uploads store on its own ---
 
-def uploads(tmp_path, **options) -> Uploads:
-    store = Uploads(tmp_path / "uploads", retention_s=HOUR, **options)
+def uploads(tmp_path, retention_s: float = HOUR, **options) -> Uploads:
+    store = Uploads(tmp_path / "uploads", retention_s=retention_s, **options)
     store.prepare()
     return store
 
@@ -199,8 +283,11 @@ def test_the_quota_counts_every_stored_byte_and_expiry_gives_it_back(tmp_path):
         store.store(b"b" * 51, "image/png", "b.png")
     assert refused.value.status == 413 and refused.value.error_type == "upload_quota"
     store.store(b"c" * 50, "image/png", "c.png")  # exactly at the quota
+    store.expire(now=first.created + HOUR)  # kept until the limit itself
+    assert store.get(first_id) is first
+    first.path.unlink()  # deleted by someone else meanwhile: forgotten all the same
     store.expire(now=time.time() + 2 * HOUR)
-    assert not first.path.exists() and store.get(first_id) is None
+    assert store.get(first_id) is None
     store.store(b"d" * 250, "image/png", "d.png")
 
 
@@ -216,6 +303,22 @@ def test_a_slot_takes_one_upload_and_a_refused_second_gives_its_bytes_back(tmp_p
     assert stored.path.read_bytes() == b"first"
     assert [p.name for p in store.folder.iterdir()] == [slot]  # no partial file left
     store.store(b"z" * (300 - len(b"first")), "image/png", "z.png")  # the refused bytes were given back
+
+
+def test_a_start_removes_files_left_in_the_uploads_folder_and_nothing_else(tmp_path):
+    folder = tmp_path / "uploads"
+    (folder / "kept folder").mkdir(parents=True)
+    (folder / "left.png").write_bytes(b"from the last run")
+    (tmp_path / "elsewhere.png").write_bytes(b"not ours")
+    (folder / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    uploads(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["kept folder", "link.png"]
+    assert (tmp_path / "elsewhere.png").exists()
+
+
+def test_stored_uploads_are_readable_by_the_server_only(tmp_path):
+    _, stored = uploads(tmp_path).store(b"data", "image/png", "a.png")
+    assert stored.path.stat().st_mode & 0o777 == 0o600
 
 
 def test_an_id_that_is_not_a_token_never_names_a_path(tmp_path):
@@ -247,6 +350,12 @@ def test_slots_and_tokens_are_signed_for_their_use_and_expire(tmp_path, monkeypa
     tampered = slot[:-2] + ("AA" if slot[-2:] != "AA" else "BB")
     assert not store.slot_open(tampered)
     assert not store.slot_open("not a token at all")
+    assert not store.slot_open("A" * 41) and not store.token_valid("A" * 41)  # token letters, but not base64
+    token, expires = store.issue_token()
+    monkeypatch.setattr(time, "time", lambda: int(expires) - 0.5)
+    assert store.token_valid(token)
+    monkeypatch.setattr(time, "time", lambda: float(int(expires)))  # valid until its whole second, not at it
+    assert not store.token_valid(token)
     expired = Signer()
     stale = expired.make(b"cdn", time.time() - 1)
     assert not expired.valid(b"cdn", stale)

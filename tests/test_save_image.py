@@ -3,8 +3,11 @@ text, EXIF, none without a prompt, honouring ComfyUI's --disable-metadata), qual
 atomic writes that never replace a file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_krea.image_io.save import _current_umask, to_pil
 from comfyui_krea.nodes.host import host
 from comfyui_krea.nodes.image import KreaSaveImage
 
@@ -43,7 +47,7 @@ def test_png_metadata_round_trip(output_dir):
                                                                    ("jpeg", "JPEG", "jpg")])
 def test_exif_metadata_round_trip(output_dir, output_format, pil_format, extension):
     result = KreaSaveImage().save(torch.rand(1, 24, 32, 3), "krea/krea", output_format, 90, PROMPT,
-                                  {"workflow": WORKFLOW})
+                                  {"workflow": WORKFLOW, "extra": [1, 2]})
     (path,) = saved_paths(result, output_dir)
     assert path.suffix == f".{extension}"
     with Image.open(path) as image:
@@ -53,14 +57,25 @@ def test_exif_metadata_round_trip(output_dir, output_format, pil_format, extensi
     assert key == "prompt" and json.loads(value) == PROMPT
     key, _, value = exif[EXIF_MAKE].partition(":")
     assert key == "workflow" and json.loads(value) == WORKFLOW
+    assert exif[EXIF_MAKE - 1] == "extra:[1, 2]"  # further keys count down from Make
+
+
+def jpeg_markers(path) -> list[int]:
+    """The markers of a JPEG's segments from its start to the image data (0xE1: APP1, where EXIF goes)."""
+    data, markers, pos = path.read_bytes(), [], 2
+    while data[pos + 1] != 0xDA:  # start of scan
+        markers.append(data[pos + 1])
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return markers
 
 
 def test_no_metadata_without_prompt(output_dir):
     for output_format in ("png", "webp", "jpeg"):
         (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "plain", output_format), output_dir)
         with Image.open(path) as image:
-            assert EXIF_MODEL not in image.getexif()
+            assert "exif" not in image.info  # no EXIF block at all, not an empty one
             assert "prompt" not in getattr(image, "text", {})
+    assert 0xE1 not in jpeg_markers(path)
 
 
 def test_jpeg_keeps_the_prompt_when_the_workflow_is_too_big(output_dir, caplog):
@@ -70,15 +85,61 @@ def test_jpeg_keeps_the_prompt_when_the_workflow_is_too_big(output_dir, caplog):
     with Image.open(path) as image:
         exif = image.getexif()
     assert json.loads(exif[EXIF_MODEL].partition(":")[2]) == PROMPT
-    assert EXIF_MAKE not in exif
+    assert EXIF_MAKE not in exif and jpeg_markers(path).count(0xE1) == 1
     assert "too large for JPEG" in caplog.text
 
 
-def test_quality_changes_jpeg_size_and_pixels_are_kept(output_dir):
+def test_jpeg_without_room_for_the_prompt_has_no_metadata(output_dir, caplog):
+    huge = {"1": {"inputs": {"text": "x" * 70_000}}}
+    (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "big", "jpeg", 95, huge), output_dir)
+    assert 0xE1 not in jpeg_markers(path)
+    assert "The prompt is too large for JPEG EXIF" in caplog.text
+
+
+def jpeg_exif_length(prompt, workflow) -> int:
+    exif = Image.Exif()  # the tags ComfyUI writes, built here with PIL alone
+    exif[EXIF_MODEL], exif[EXIF_MAKE] = "prompt:" + json.dumps(prompt), "workflow:" + json.dumps(workflow)
+    return len(exif.tobytes())
+
+
+def test_jpeg_keeps_a_workflow_that_fills_the_exif_segment(output_dir, caplog):
+    # One JPEG APP1 segment (and PIL's JPEG writer) takes at most 65533 bytes; EXIF pads each text to an even
+    # length, so 65532 is the most that these tags can fill.
+    workflow = {"notes": "x" * 60_000}
+    workflow["notes"] += "x" * (65532 - jpeg_exif_length(PROMPT, workflow))
+    assert jpeg_exif_length(PROMPT, workflow) == 65532
+    (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "fit", "jpeg", 95, PROMPT,
+                                               {"workflow": workflow}), output_dir)
+    with Image.open(path) as image:
+        assert json.loads(image.getexif()[EXIF_MAKE].partition(":")[2]) == workflow
+    assert "too large" not in caplog.text
+    workflow["notes"] += "xx"  # 65534 bytes: one word too many
+    (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 16, 16, 3), "fit", "jpeg", 95, PROMPT,
+                                               {"workflow": workflow}), output_dir)
+    with Image.open(path) as image:
+        assert EXIF_MAKE not in image.getexif() and EXIF_MODEL in image.getexif()
+
+
+def png_zlib_level_class(path) -> int:
+    """FLEVEL of the first IDAT's zlib header: 0 for levels 0-1, 1 for 2-5, 2 for 6, 3 for 7-9 (RFC 1950)."""
+    data = path.read_bytes()
+    start = data.index(b"IDAT") + 4
+    return data[start + 1] >> 6
+
+
+def test_png_is_compressed_at_comfyuis_level(output_dir):
+    (path,) = saved_paths(KreaSaveImage().save(torch.rand(1, 32, 32, 3), "level", "png"), output_dir)
+    assert png_zlib_level_class(path) == 1  # ComfyUI's SaveImage uses compress_level 4
+    Image.open(path).save(output_dir / "pil_default.png")
+    assert png_zlib_level_class(output_dir / "pil_default.png") == 2  # PIL's own default, 6: told apart
+
+
+def test_quality_changes_jpeg_and_webp_size_and_png_pixels_are_kept(output_dir):
     image = torch.rand(1, 64, 64, 3)
-    (low,) = saved_paths(KreaSaveImage().save(image, "q", "jpeg", 10), output_dir)
-    (high,) = saved_paths(KreaSaveImage().save(image, "q", "jpeg", 100), output_dir)
-    assert low.stat().st_size < high.stat().st_size
+    for output_format in ("jpeg", "webp"):
+        (low,) = saved_paths(KreaSaveImage().save(image, "q", output_format, 10), output_dir)
+        (high,) = saved_paths(KreaSaveImage().save(image, "q", output_format, 100), output_dir)
+        assert low.stat().st_size < high.stat().st_size, output_format
     (png,) = saved_paths(KreaSaveImage().save(image, "q", "png", 1), output_dir)
     with Image.open(png) as saved:
         pixels = torch.from_numpy(np.array(saved)).float()
@@ -149,13 +210,25 @@ def test_save_refuses_wrong_image_shapes(output_dir):
 
 
 def test_saved_files_get_ordinary_permissions(output_dir):
-    import stat
-
     ui = KreaSaveImage().save(torch.rand(1, 16, 16, 3), "perm/p", "png")
     path = output_dir / "perm" / ui["ui"]["images"][0]["filename"]
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_reading_the_umask_leaves_it_as_it_was():
+    old = os.umask(0o027)
+    try:
+        assert _current_umask() == 0o027 and os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+
+
+def test_to_pil_clamps_and_rounds_in_float32():
+    assert np.asarray(to_pil(torch.tensor([[[-0.5, 0.5, 1.5]]]))).tolist() == [[[0, 128, 255]]]
+    half = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert np.array_equal(np.asarray(to_pil(half)), np.asarray(to_pil(half.float())))
 
 
 # --------------------------------------------------------------------- defaults, names and the inputs' checks
@@ -271,3 +344,41 @@ def test_two_processes_saving_to_one_folder_keep_every_image(output_dir):
     assert len(files) == 48 and len(set(files)) == 48, files  # 2 processes x 12 saves x 2 images
     values = [int(np.asarray(Image.open(output_dir / f)).max()) for f in files]
     assert values.count(0) == 24 and values.count(255) == 24
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_taken_name_sends_the_image_to_the_next_free_one(output_dir, monkeypatch, hard_links):
+    scanned = host.save_image_path  # a folder scan out of date: counter 1, although another run took it since
+    monkeypatch.setattr(host, "save_image_path", lambda prefix, w, h: (*scanned(prefix, w, h)[:2], 1,
+                                                                       scanned(prefix, w, h)[3]))
+    if not hard_links:  # some network and FAT file systems: the name is claimed by an exclusive create instead
+
+        def no_link(source, target):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    (output_dir / "r").mkdir()
+    (output_dir / "r" / "r_00001_.png").write_bytes(b"another run's image")
+    image = torch.rand(1, 8, 8, 3, generator=torch.Generator().manual_seed(2))
+    (path,) = saved_paths(KreaSaveImage().save(image, "r/r", "png"), output_dir)
+    assert path.name == "r_00002_.png"
+    assert (output_dir / "r" / "r_00001_.png").read_bytes() == b"another run's image"
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(to_pil(image[0])))  # complete
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert all_files(output_dir) == ["r/r_00001_.png", "r/r_00002_.png"]
+
+
+def test_an_image_is_written_to_a_hidden_temporary_file_in_its_own_folder(output_dir, monkeypatch):
+    # In the output folder itself, so that naming it is a link or rename within one file system; hidden, and
+    # named as a temporary file, while it is incomplete.
+    seen, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        seen.append([p.name for p in (output_dir / "t").iterdir()])
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    KreaSaveImage().save(torch.rand(1, 8, 8, 3), "t/t", "png")
+    assert len(seen) == 1 and len(seen[0]) == 1 and re.fullmatch(r"\.krea-\w+\.tmp", seen[0][0]), seen

@@ -1,7 +1,6 @@
-"""Mutation testing (mutmut 3) of the core: per package, how many of the mutants the test suite kills.
+"""Mutation testing (mutmut 3) of the core, image_io and fal's protocol core: per package, how many mutants are killed.
 
-Not part of the default test run: it runs the tests once per mutant and takes long (sampling: minutes;
-the model_loader math: about an hour on two cores).
+Not part of the default test run: it runs the tests once per mutant (minutes to an hour a package on two cores).
 
     .venv/bin/python tools/mutation.py [--package sampling ...] [--max-children N] [--workdir DIR] [--keep]
                                        [--time-limit SECONDS] [--survivors] [--report]
@@ -43,19 +42,16 @@ from pathlib import Path
 # suite), "!tests/..." deselects one. Edit this table when the tree moves.
 PACKAGES: dict[str, list[str]] = {
     "sampling": ["sampling/schedule.py", "sampling/latents.py", "sampling/denoise.py", "sampling/step_cache.py",
-                 "sampling/gpu_acceleration.py", "sampling/parameters.py",
-                 "tests/test_schedule.py", "tests/test_pipeline_parity.py", "tests/test_step_cache.py",
-                 "tests/test_sampler_node.py", "tests/test_node_contract.py", "tests/test_denoise_loop.py",
-                 "tests/test_parameters.py",
+                 "sampling/gpu_acceleration.py", "sampling/parameters.py", "tests/test_schedule.py",
+                 "tests/test_pipeline_parity.py", "tests/test_step_cache.py", "tests/test_sampler_node.py",
+                 "tests/test_node_contract.py", "tests/test_denoise_loop.py", "tests/test_parameters.py",
                  "!tests/test_step_cache.py::test_compiled_blocks_share_graphs_across_blocks_and_sizes",
                  "!tests/test_step_cache.py::test_compiled_blocks_serve_a_new_model_and_free_the_old_one"],
     "model_loader math": [
         "model_loader/flux/math.py", "model_loader/flux/layers.py", "model_loader/flux/model.py",
-        "model_loader/flux/layouts.py",
-        "model_loader/flux/loading.py::_convert,_dequantize,_storage",
-        "model_loader/text_encoders/clip.py", "model_loader/text_encoders/t5.py",
-        "model_loader/autoencoder/model.py", "model_loader/autoencoder/tiling.py",
-        "model_loader/autoencoder/config.py",
+        "model_loader/flux/layouts.py", "model_loader/flux/loading.py::_convert,_dequantize,_storage",
+        "model_loader/text_encoders/clip.py", "model_loader/text_encoders/t5.py", "model_loader/autoencoder/model.py",
+        "model_loader/autoencoder/tiling.py", "model_loader/autoencoder/config.py",
         "model_loader/autoencoder/layouts.py::diffusers_key_names,config_from_checkpoint",
         "model_loader/operations.py", "model_loader/compute_dtypes.py",
         "tests/test_flux_parity.py", "tests/test_flux_loading.py", "tests/test_transformer_contract.py",
@@ -64,12 +60,10 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_autoencoder_build.py", "tests/test_vae_tiling.py", "tests/test_text_encoder_loading.py",
         "tests/test_wrong_files.py", "tests/test_attention_seam.py", "tests/test_weights_for_comfyui.py"],
     "nodes": ["nodes/handles.py", "nodes/image.py", "nodes/loader.py", "nodes/model_files.py", "nodes/safety.py",
-              "nodes/sampler.py", "nodes/text.py",
-              # what handles.py held before the host interface took it: the model cache and the ways of
-              # holding a model, and the standalone MODEL, CLIP and VAE
+              "nodes/sampler.py", "nodes/text.py",  # and what handles.py held before the host interface took
+              # it (the model cache, the ways of holding a model, the standalone MODEL, CLIP and VAE)
               "nodes/host/holding.py", "nodes/host/standalone_models.py",
-              # the node-level tests (tests/test_comfyui_host.py runs the pack in processes of its own, which
-              # mutmut's mutants do not reach)
+              # the node-level tests (tests/test_comfyui_host.py runs the pack in processes mutmut does not reach)
               "tests/test_node_contract.py", "tests/test_sampler_node.py", "tests/test_image_nodes.py",
               "tests/test_save_image.py", "tests/test_safety_checker.py", "tests/test_safety_check_node.py",
               "tests/test_end_to_end.py", "tests/test_hostile_input.py", "tests/test_workflow_files.py",
@@ -83,7 +77,13 @@ PACKAGES: dict[str, list[str]] = {
     "image_io": ["image_io/load.py", "image_io/save.py", "tests/test_image_nodes.py", "tests/test_save_image.py",
                  "tests/test_inpainting.py", "tests/test_hostile_input.py", "tests/test_validate_and_decode_once.py",
                  "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_fal_hostile.py",
-                 "tests/test_fal_limits.py", "tests/test_end_to_end.py"],
+                 "tests/test_fal_limits.py", "tests/test_end_to_end.py", "tests/test_load_image.py"],
+    "fal_api": ["fal_api/jobs.py", "fal_api/storage.py", "fal_api/size_limit.py", "fal_api/http_limits.py",
+                "fal_api/schema.py", "fal_api/fields.py", "fal_api/workflow.py",  # fal's protocol core, and the
+                # tests that run it in-process (those starting servers or clients would make each mutant slow)
+                "tests/test_fal_second_lines.py", "tests/test_fal_limits.py", "tests/test_fal_records.py",
+                "tests/test_fal_retention.py", "tests/test_fal_schema.py", "tests/test_fal_response.py",
+                "tests/test_web_fal_mapping.py", "tests/test_workflow_files.py"],
 }
 
 ROOT = Path(__file__).resolve().parent.parent
