@@ -14,7 +14,7 @@ import torch
 from comfyui_krea.model_loader.flux import load_flux, write_random_flux_checkpoint
 from comfyui_krea.sampling import gpu_acceleration
 from comfyui_krea.sampling.denoise import GenerationSettings, generate
-from comfyui_krea.sampling.step_cache import THRESHOLDS, CacheReport, StepCache
+from comfyui_krea.sampling.step_cache import THRESHOLDS, CacheReport, StepCache, l1_change_sums
 from conftest import TINY_FLUX, rel_err
 
 CPU = torch.device("cpu")
@@ -168,6 +168,25 @@ def test_reuse_needs_a_change_strictly_below_the_threshold():
     model.scale = 2 * model.scale        # change 1.0: full
     _call(cache, x)
     assert cache.report.reused_at == [2] and cache.report.full_steps == 3
+
+
+def test_the_change_is_relative_even_for_a_residual_whose_sum_is_below_one():
+    # sum |R| = 300 / 2**14, about 0.018: a change of half of it is 0.009 in absolute terms but 0.5 relative
+    model = _AffineFlux(_residual() * 2.0**-14)
+    x = torch.zeros(2, 3, 4)
+    cache = StepCache(model, threshold=0.25, total_steps=5)
+    _call(cache, x)
+    model.scale = 1.5
+    _call(cache, x)
+    assert cache.report.reused_steps == 0 and cache.report.full_steps == 2
+
+
+def test_change_sums_are_float64_where_float32_would_round():
+    # 2**24 + 1 has no float32: both sums are taken in float64, so the ratio does not lose the last unit
+    previous = torch.tensor([[2.0**24, 1.0]])
+    current = torch.tensor([[2.0**24 + 2, 1.0]])
+    sums = l1_change_sums(current, previous)
+    assert sums.dtype == torch.float64 and sums.tolist() == [2.0, 2.0**24 + 1]
 
 
 def test_threshold_zero_never_reuses_even_an_identical_step():
