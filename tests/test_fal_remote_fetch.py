@@ -15,10 +15,12 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp.abc import ResolveResult
 
 from comfyui_krea.fal_api.remote_fetch import (
     FetchLimits,
     RemoteImageError,
+    _PinnedResolver,
     fetch_image_bytes,
     pinned_connector,
     system_resolver,
@@ -260,6 +262,43 @@ def test_pinned_connector_connects_pinned_hosts_only() -> None:
         assert server.hits["image"] == 2
 
     with_server(scenario)
+
+
+@pytest.mark.parametrize(("pinned", "asked"), [
+    ("\u017f.example", "s.example"),  # LONG S: upper-cased it would be the S of s.example
+    ("images.exampleX", "images.example"),  # only a trailing dot is folded away, never a letter
+])
+def test_a_pin_opens_only_its_own_name(pinned: str, asked: str) -> None:
+    async def scenario(server: Server) -> None:
+        async with aiohttp.ClientSession(connector=pinned_connector({pinned: ["127.0.0.1"]})) as session:
+            with pytest.raises(aiohttp.ClientConnectorError, match="not pinned"):
+                await session.get(server.url("/img.png", host=asked))
+        assert server.hits == {}
+
+    with_server(scenario)
+
+
+def test_the_pinned_resolver_answers_as_aiohttp_resolvers_do() -> None:
+    # aiohttp before 3.10 (pyproject allows 3.9) opens the socket with each answer's family, proto and flags and
+    # checks the certificate against its hostname; later versions use host and port. Both get what they expect.
+    v4, v6 = PUBLIC, "2606:4700:4700::1111"
+    numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+
+    def answer(address: str, family: socket.AddressFamily, port: int = 8443) -> ResolveResult:
+        return ResolveResult(hostname="Images.Example.", host=address, port=port, family=family, proto=0,
+                             flags=numeric)
+
+    async def main() -> None:
+        resolver = _PinnedResolver({"images.example": [v6, v4]})
+        assert await resolver.resolve("Images.Example.", 8443, socket.AF_UNSPEC) == [
+            answer(v6, socket.AF_INET6), answer(v4, socket.AF_INET)]
+        assert await resolver.resolve("Images.Example.", 8443, socket.AF_INET) == [answer(v4, socket.AF_INET)]
+        assert await resolver.resolve("Images.Example.", 8443, socket.AF_INET6) == [answer(v6, socket.AF_INET6)]
+        assert await resolver.resolve("Images.Example.") == [answer(v4, socket.AF_INET, port=0)]  # the ABC's defaults
+        with pytest.raises(OSError, match="no pinned address of the requested family"):
+            await _PinnedResolver({"images.example": [v4]}).resolve("images.example", 80, socket.AF_INET6)
+
+    asyncio.run(main())
 
 
 def test_a_connection_error_is_a_remote_image_error_with_its_reason() -> None:
