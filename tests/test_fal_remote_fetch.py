@@ -54,6 +54,12 @@ def test_system_resolver_returns_addresses_as_strings() -> None:
     assert asyncio.run(system_resolver("::1", 443)) == ["::1"]
 
 
+def test_system_resolver_asks_for_the_port_it_is_given() -> None:
+    # getaddrinfo answers for a host and a port together; one it cannot serve fails like a name it cannot find.
+    with pytest.raises(OSError):
+        asyncio.run(system_resolver("127.0.0.1", -1))
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirects_are_followed_and_checked(status: int) -> None:
     factory = ToTestServer()
