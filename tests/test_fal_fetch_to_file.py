@@ -6,10 +6,12 @@ Like tests/test_fal_remote_fetch.py, nothing here connects anywhere but the test
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from comfyui_krea.fal_api.remote_fetch import FetchLimits, RemoteImageError, fetch_to_file
@@ -94,3 +96,18 @@ def test_a_slow_server_times_out(tmp_path: Path) -> None:
     start = time.monotonic()
     assert with_server(scenario) == "image_url fetch timed out after 0.3 s"
     assert time.monotonic() - start < 3
+
+
+def test_a_download_may_take_longer_than_aiohttps_default_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    # LoRAs get 600 s, past aiohttp's default of 5 minutes a session would otherwise impose. That default is
+    # shortened here to 0.2 s, so that a body taking 0.5 s stands for one taking 6 minutes.
+    monkeypatch.setattr(aiohttp.client, "DEFAULT_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
+    destination = tmp_path / "lora.safetensors"
+
+    async def scenario(server: Server) -> str:
+        asyncio.get_running_loop().call_later(0.5, server.release.set)
+        return await fetch_to_file(server.url("/slow"), destination, resolver=resolver_for_tests(),
+                                   connector_factory=ToTestServer(), limits=FetchLimits(timeout_s=5))
+
+    assert with_server(scenario) == hashlib.sha256(PNG).hexdigest()
