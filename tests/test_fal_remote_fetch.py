@@ -15,6 +15,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.abc import ResolveResult
 
 from comfyui_krea.fal_api.remote_fetch import (
@@ -282,6 +283,40 @@ def test_a_pin_opens_only_its_own_name(pinned: str, asked: str) -> None:
         assert server.hits == {}
 
     with_server(scenario)
+
+
+def test_the_pinned_connector_tries_the_checked_addresses_in_their_order_every_time() -> None:
+    # The order is the resolver's preference; aiohttp's DNS cache would rotate it from one connection to the next.
+    async def main() -> list[str]:
+        seen: list[str] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(request.transport.get_extra_info("sockname")[0] if request.transport else "?")
+            response = web.Response(text="ok")
+            response.force_close()  # a new connection, so a new choice of address, for every request
+            return response
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            port = runner.addresses[0][1]
+            try:
+                await web.TCPSite(runner, "127.0.0.2", port).start()
+            except OSError as exc:
+                pytest.skip(f"127.0.0.2 cannot be listened on here: {exc}")
+            pinned = pinned_connector({"images.example": ["127.0.0.1", "127.0.0.2"]})
+            async with aiohttp.ClientSession(connector=pinned) as session:
+                for _ in range(3):
+                    async with session.get(f"http://images.example:{port}/") as response:
+                        assert await response.text() == "ok"
+        finally:
+            await runner.cleanup()
+        return seen
+
+    assert asyncio.run(main()) == ["127.0.0.1"] * 3
 
 
 def test_the_pinned_resolver_answers_as_aiohttp_resolvers_do() -> None:
