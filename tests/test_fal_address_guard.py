@@ -13,6 +13,7 @@ import asyncio
 import aiohttp
 import pytest
 
+from comfyui_krea.fal_api.address_guard import checked_addresses
 from comfyui_krea.fal_api.remote_fetch import (
     FetchLimits,
     RemoteImageError,
@@ -110,6 +111,20 @@ def test_refused_address_says_what_an_embedded_or_metadata_address_is() -> None:
     assert refused_address("64:ff9b::a00:1") == "private (NAT64 of 10.0.0.1)"
     assert refused_address("169.254.169.254") == "link-local (cloud metadata)"
     assert refused_address("fd00:ec2::254") == "private (cloud metadata)"
+    # Teredo keeps its client's IPv4 address inverted in the last 32 bits: here 10.0.0.1.
+    assert refused_address("2001:0:4136:e378:8000:63bf:f5ff:fffe") == "private (teredo client 10.0.0.1)"
+
+
+@pytest.mark.parametrize("zone", ["%eth0", "%1", "%eth0%1"])
+def test_a_zone_index_changes_nothing(zone: str) -> None:
+    # getaddrinfo gives link-local answers with their interface; the address is the same one.
+    assert refused_address("fe80::1" + zone) == "link-local"
+    assert refused_address("fd00:ec2::254" + zone) == "private (cloud metadata)"
+
+
+@pytest.mark.parametrize("address", ["4000::1", "8000::1", "fe00::1"])
+def test_unassigned_ipv6_ranges_are_refused_as_reserved(address: str) -> None:
+    assert refused_address(address) == "reserved"
 
 
 @pytest.mark.parametrize("address", [
@@ -173,6 +188,8 @@ def test_one_non_public_address_among_public_ones_refuses_the_name(addresses: li
     ("http://256.1.1.1/", "not a valid one"),
     ("http://08.1.1.1/", "not a valid one"),
     ("http://1.2.3.4.5/", "not a valid one"),
+    ("http://1.2.3.4.0/", "not a valid one (more than four parts)"),
+    ("http://0x7f.0x.0x.1/", "IPv4 address 127.0.0.1, a loopback"),  # a bare 0x is 0, as inet_aton reads it
     ("http://4294967296/", "not a valid one"),
 ])
 def test_ip_literal_hosts_are_checked_without_resolving(url: str, says: str) -> None:
@@ -190,6 +207,20 @@ def test_ip_literal_hosts_are_checked_without_resolving(url: str, says: str) -> 
 ])
 def test_only_http_and_https_are_fetched(url: str) -> None:
     assert "only http and https URLs may be fetched" in refused(url, fake_resolver({"images.example": [PUBLIC]}))
+
+
+@pytest.mark.parametrize(("url", "shown", "scheme"), [
+    # The query and fragment may hold a signature or token: never in the message of an absolute URL.
+    ("ftp://images.example/x.png?token=secret#frag", "ftp://images.example/x.png", "'ftp'"),
+    ("images.example/x.png", "images.example/x.png", "no scheme"),
+    # Long URLs (a data: URL may be a whole image) are cut to 80 characters.
+    ("ftp://images.example/" + "a" * 59, "ftp://images.example/" + "a" * 59, "'ftp'"),
+    ("ftp://images.example/" + "a" * 60, "ftp://images.example/" + "a" * 56 + "...", "'ftp'"),
+    ("data:image/png;base64," + "A" * 200, "data:image/png;base64," + "A" * 55 + "...", "'data'"),
+])
+def test_a_refused_scheme_is_named_with_the_url_shown_short(url: str, shown: str, scheme: str) -> None:
+    assert refused(url, fake_resolver({})) == (f"image_url {shown!r} has {scheme}; "
+                                                "only http and https URLs may be fetched")
 
 
 @pytest.mark.parametrize("url", [
@@ -227,6 +258,12 @@ def test_approved_hosts_reach_the_connector_pinned_to_their_checked_addresses() 
         ("http://8.8.8.8/x.png", must_not_resolve, {"8.8.8.8": ["8.8.8.8"]}),
         ("http://[2606:4700:4700::1111]/x.png", must_not_resolve,
          {"2606:4700:4700::1111": ["2606:4700:4700::1111"]}),
+        ("http://1.255.1.1/x.png", must_not_resolve, {"1.255.1.1": ["1.255.1.1"]}),  # 255 is a valid part
+        # A zone index (percent-encoded in the URL) is the host's; the checked address is the address alone.
+        ("http://[2606:4700:4700::1111%25eth0]/x.png", must_not_resolve,
+         {"2606:4700:4700::1111%25eth0": ["2606:4700:4700::1111"]}),
+        ("http://[2606:4700:4700::1111%25a%25b]/x.png", must_not_resolve,
+         {"2606:4700:4700::1111%25a%25b": ["2606:4700:4700::1111"]}),
     ]:
         factory = RecordOnly()
         with pytest.raises(StopBeforeConnecting):
@@ -241,10 +278,24 @@ def test_the_resolver_is_asked_for_the_host_and_the_default_or_given_port() -> N
         asked.append((host, port))
         return [PUBLIC]
 
-    for url in ["http://images.example/x", "https://images.example/x", "http://images.example:8080/x"]:
+    for url in ["http://images.example/x", "https://images.example/x", "http://images.example:8080/x",
+                "http://images.example:1/x", "http://images.example:65535/x"]:
         with pytest.raises(StopBeforeConnecting):
             asyncio.run(fetch_image_bytes(url, resolver=resolver, connector_factory=RecordOnly()))
-    assert asked == [("images.example", 80), ("images.example", 443), ("images.example", 8080)]
+    assert asked == [("images.example", 80), ("images.example", 443), ("images.example", 8080),
+                     ("images.example", 1), ("images.example", 65535)]
+
+
+def test_a_name_ending_in_letters_after_digits_is_a_name() -> None:
+    # Only a last label that is all number makes the host an IPv4 address; 10.0.0.1X is a DNS name.
+    asked: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return [PUBLIC]
+
+    assert asyncio.run(checked_addresses("10.0.0.1X", 80, resolver)) == [PUBLIC]
+    assert asked == ["10.0.0.1X"]
 
 
 def test_a_slow_resolver_times_out() -> None:
