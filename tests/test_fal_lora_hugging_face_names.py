@@ -55,9 +55,9 @@ def test_a_repository_name_is_its_one_lora_file(listed, repo, file):
     assert listed == [repo]
 
 
-@pytest.mark.parametrize("repo, says", [("someone/several", "has 2 .safetensors files (a.safetensors, b/c.safetensors)"),
-                                        ("someone/none", "has 0 .safetensors files"),
-                                        ("someone/offline", "could not be read: OSError")])
+@pytest.mark.parametrize("repo, says", [
+    ("someone/several", "has 2 .safetensors files (a.safetensors, b/c.safetensors)"),
+    ("someone/none", "has 0 .safetensors files"), ("someone/offline", "could not be read: OSError")])
 def test_a_repository_without_one_lora_file_is_refused_saying_what_to_name(listed, repo, says):
     with pytest.raises(ValueError) as refused:
         url_of(repo)

@@ -1,6 +1,9 @@
 """fal_api.lora_input without a server: remote LoRAs off by default (a URL or a Hugging Face name is a 422 saying how
-to allow them), a Hugging Face name resolved to its file's URL and cached like a URL, a cache entry found again by its
-URL without a fetch, a failed fetch leaving nothing in the folder."""
+to allow them), every refusal a value_error on its own LoRA's path that names the LoRA as given, never the server's
+folder; a name in the loras folder taken before it is read as a Hugging Face name; a LoRA checked against the base's
+widths (only its header without a base); a Hugging Face name resolved to its file's URL and cached like a URL; the
+cache (by the URL's sha256, across runs) found again without a fetch, refetched when its file is gone, one fetch per
+URL however many ask at once; a failed fetch leaving nothing in the folder."""
 from __future__ import annotations
 
 import asyncio
