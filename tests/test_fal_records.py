@@ -155,3 +155,38 @@ def test_removing_a_record_that_was_never_written_is_no_error(tmp_path):
     folder = RecordFolder(tmp_path / "fal")
     folder.remove("00000000-0000-4000-8000-000000000000")
     folder.remove("not-a-request-id")
+
+
+def test_an_id_that_is_not_a_request_id_names_no_record_file(tmp_path):
+    """Ids come from URLs: one that is not a request id (a path, `..`) reaches no file, inside the folder or out."""
+    results = tmp_path / "fal"
+    (results / RECORDS_SUBFOLDER).mkdir(parents=True)
+    victims = [results / "victim.json", results / RECORDS_SUBFOLDER / "notes.json"]
+    for victim in victims:
+        victim.write_text("{}")
+    folder = RecordFolder(results)
+    for request_id in ("../victim", "notes"):
+        assert folder.path(request_id) is None
+        folder.remove(request_id)
+    assert all(victim.is_file() for victim in victims)
+
+
+def test_a_request_that_has_not_ended_gets_no_record(tmp_path):
+    folder = RecordFolder(tmp_path / "fal")
+    job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1)
+    job.start()
+    folder.save(job)
+    assert not folder.path(job.id).exists()
+
+
+def test_a_record_that_cannot_be_written_is_logged_and_the_request_goes_on(tmp_path, caplog):
+    """The records folder is a dangling link (a moved disk): nothing is written, nothing raised, a warning says
+    where."""
+    results = tmp_path / "fal"
+    results.mkdir()
+    (results / RECORDS_SUBFOLDER).symlink_to(tmp_path / "gone")
+    job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1)
+    job.complete(output={"images": []})
+    with caplog.at_level("WARNING"):
+        RecordFolder(results).save(job)
+    assert job.id in caplog.text and RECORDS_SUBFOLDER in caplog.text
