@@ -179,12 +179,16 @@ def test_a_request_that_has_not_ended_gets_no_record(tmp_path):
     assert not folder.path(job.id).exists()
 
 
-def test_a_record_that_cannot_be_written_is_logged_and_the_request_goes_on(tmp_path, caplog):
-    """The records folder is a dangling link (a moved disk): nothing is written, nothing raised, a warning says
-    where."""
+@pytest.mark.parametrize("blocker", ["a dangling link", "a file"])
+def test_a_record_that_cannot_be_written_is_logged_and_the_request_goes_on(tmp_path, caplog, blocker):
+    """The records folder is a dangling link (a moved disk) or a file: nothing is written, nothing raised (the
+    request's other end-of-request steps still run), a warning says where."""
     results = tmp_path / "fal"
     results.mkdir()
-    (results / RECORDS_SUBFOLDER).symlink_to(tmp_path / "gone")
+    if blocker == "a file":
+        (results / RECORDS_SUBFOLDER).write_text("not a folder")
+    else:
+        (results / RECORDS_SUBFOLDER).symlink_to(tmp_path / "gone")
     job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1)
     job.complete(output={"images": []})
     with caplog.at_level("WARNING"):
