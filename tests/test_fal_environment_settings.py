@@ -1,6 +1,6 @@
 """The fal server's settings inside ComfyUI (fal_api/settings.py): every KREA_FAL_* environment variable reaches
-its setting, an unset one leaves the default `serve` has too, and flags read as the documented "1", "true" or "yes" in any case.
-(tests/test_fal_limits.py checks the refusals of numbers that are not above 0.)"""
+its setting, an unset one leaves the default `serve` has too, and flags read as the documented "1", "true" or "yes"
+in any case. (tests/test_fal_limits.py checks the refusals of numbers that are not above 0.)"""
 from __future__ import annotations
 
 import pytest
