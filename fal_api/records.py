@@ -9,6 +9,7 @@ copy of them either.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,7 +51,8 @@ class RecordFolder:
             partial.write_text(json.dumps(record))
             os.replace(partial, path)
         except OSError as err:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # no partial file was made, or the records "folder" is not one
+                partial.unlink()
             log.warning("could not write the record of fal request %s to %s: %s", job.id, path, err)
 
     def remove(self, request_id: str) -> None:

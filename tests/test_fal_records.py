@@ -14,7 +14,8 @@ pytest.importorskip("aiohttp", reason="the fal server needs aiohttp and pydantic
 
 from fal_protocol.service import HOUR, make_service, png_bytes, serving  # noqa: E402
 
-from comfyui_krea.fal_api.records import RECORDS_SUBFOLDER  # noqa: E402
+from comfyui_krea.fal_api.jobs import Job, ResultFile  # noqa: E402
+from comfyui_krea.fal_api.records import RECORDS_SUBFOLDER, RecordFolder  # noqa: E402
 
 T2I, I2I = "/fal-ai/flux/krea", "/fal-ai/flux/krea/image-to-image"
 
@@ -109,3 +110,87 @@ def test_at_most_max_records_ended_records_are_kept(tmp_path):
     restarted = make_service(tmp_path, max_records=2)  # a restart with a lower bound keeps the newest
     assert {job.id for job in restarted.jobs.all()} == set(ids[3:])
     assert {p.stem for p in (tmp_path / "output" / "fal" / RECORDS_SUBFOLDER).iterdir()} == set(ids[3:])
+
+
+def test_a_record_read_back_is_the_request_as_it_ended(tmp_path):
+    """Everything the status and result routes answer from survives the restart: seed, base URL, times, logs,
+    output, error, files."""
+    results = tmp_path / "fal"
+    results.mkdir()
+    (results / "a_00001_.png").write_bytes(png_bytes())
+    job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=987654321, base_url="https://gpu.example/fal",
+              created=1000.5, files=[ResultFile(results / "a_00001_.png", "image/png", ".png")])
+    job.log("queued")
+    job.start()
+    job.complete(output={"images": [{"url": "https://gpu.example/fal/results/x/0.png"}], "seed": 987654321},
+                 error="a failure", error_type="runner_error")
+    folder = RecordFolder(results)
+    folder.save(job)
+    [loaded] = folder.load(HOUR)
+    fields = ("id", "endpoint", "seed", "base_url", "created", "started", "finished", "logs", "output", "error",
+              "error_type", "status")
+    assert {name: getattr(loaded, name) for name in fields} == {name: getattr(job, name) for name in fields}
+    assert [(f.path, f.content_type, f.suffix) for f in loaded.files] == [(results.resolve() / "a_00001_.png",
+                                                                          "image/png", ".png")]
+    assert isinstance(loaded.seed, int) and isinstance(loaded.created, float) and job.started is not None
+
+
+def test_records_naming_a_file_outside_the_results_or_a_deleted_image_are_removed_at_start(tmp_path):
+    results = tmp_path / "fal"
+    results.mkdir()
+    (tmp_path / "elsewhere.png").write_bytes(png_bytes())  # exists, but not in the results folder
+    folder = RecordFolder(results)
+    for name in ("../elsewhere.png", "deleted_00001_.png"):
+        job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1,
+                  files=[ResultFile(results / "deleted_00001_.png", "image/png", ".png")])
+        job.complete(output={"images": []})
+        folder.save(job)
+        record = json.loads(folder.path(job.id).read_text())
+        folder.path(job.id).write_text(json.dumps({**record, "files": [{**record["files"][0], "name": name}]}))
+        assert folder.load(HOUR) == [] and not folder.path(job.id).exists()
+
+
+def test_removing_a_record_that_was_never_written_is_no_error(tmp_path):
+    """A record whose write failed (a full disk) still expires and is dropped: its removal finds nothing."""
+    folder = RecordFolder(tmp_path / "fal")
+    folder.remove("00000000-0000-4000-8000-000000000000")
+    folder.remove("not-a-request-id")
+
+
+def test_an_id_that_is_not_a_request_id_names_no_record_file(tmp_path):
+    """Ids come from URLs: one that is not a request id (a path, `..`) reaches no file, inside the folder or out."""
+    results = tmp_path / "fal"
+    (results / RECORDS_SUBFOLDER).mkdir(parents=True)
+    victims = [results / "victim.json", results / RECORDS_SUBFOLDER / "notes.json"]
+    for victim in victims:
+        victim.write_text("{}")
+    folder = RecordFolder(results)
+    for request_id in ("../victim", "notes"):
+        assert folder.path(request_id) is None
+        folder.remove(request_id)
+    assert all(victim.is_file() for victim in victims)
+
+
+def test_a_request_that_has_not_ended_gets_no_record(tmp_path):
+    folder = RecordFolder(tmp_path / "fal")
+    job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1)
+    job.start()
+    folder.save(job)
+    assert not folder.path(job.id).exists()
+
+
+@pytest.mark.parametrize("blocker", ["a dangling link", "a file"])
+def test_a_record_that_cannot_be_written_is_logged_and_the_request_goes_on(tmp_path, caplog, blocker):
+    """The records folder is a dangling link (a moved disk) or a file: nothing is written, nothing raised (the
+    request's other end-of-request steps still run), a warning says where."""
+    results = tmp_path / "fal"
+    results.mkdir()
+    if blocker == "a file":
+        (results / RECORDS_SUBFOLDER).write_text("not a folder")
+    else:
+        (results / RECORDS_SUBFOLDER).symlink_to(tmp_path / "gone")
+    job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1)
+    job.complete(output={"images": []})
+    with caplog.at_level("WARNING"):
+        RecordFolder(results).save(job)
+    assert job.id in caplog.text and RECORDS_SUBFOLDER in caplog.text

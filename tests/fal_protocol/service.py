@@ -75,11 +75,21 @@ def make_service(root: Path, retention_s: float = HOUR, max_active: int = 8, rec
     return FalService(backend=backend, uploads=uploads, jobs=jobs, **options)
 
 
+class DeployedTestServer(TestServer):
+    """aiohttp's TestServer cancels a handler when its client goes away (handler_cancellation=True); `serve` and
+    ComfyUI's server keep aiohttp's default (False), where the handler runs on and finds out on its next write."""
+
+    async def _make_runner(self, **kwargs) -> web.AppRunner:
+        return await super()._make_runner(**{**kwargs, "handler_cancellation": False})
+
+
 @contextlib.asynccontextmanager
-async def serving(service: FalService) -> AsyncIterator[TestClient]:
+async def serving(service: FalService, as_deployed: bool = False) -> AsyncIterator[TestClient]:
+    """A client of `service` served on 127.0.0.1; `as_deployed`: handlers are not cancelled when a client leaves,
+    as in `serve` and inside ComfyUI."""
     app = web.Application()
     add_fal_routes(app.router, service)
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient((DeployedTestServer if as_deployed else TestServer)(app)) as client:
         yield client
 
 
