@@ -342,3 +342,27 @@ def test_model_files_are_looked_up_in_comfyuis_folders_and_names_leaving_them_ar
     assert backend.model_file("loras", "missing.safetensors") is None
     with pytest.raises(ValueError, match="leaves the model folder"):
         backend.model_file("loras", "../style/ink.safetensors")
+
+
+def test_a_request_cancelled_while_another_ends_leaves_the_rest_followed(comfy):
+    async def scenario():
+        backend = backend_of(comfy)
+        ending, cancelled, later = request(), request(), request()
+        for job in (ending, cancelled, later):
+            await backend.submit(job, workflow())
+        queue = comfy.server_class.instance.prompt_queue
+        read = queue.get_history
+
+        def get_history(prompt_id=None):  # a client's cancel comes while the end of another request is read
+            if prompt_id == ending.id and ending.id in queue.history and not cancelled.done:
+                asyncio.get_running_loop().call_soon(backend.cancel, cancelled)
+            return read(prompt_id)
+        queue.get_history = get_history
+        _, number = comfy.run_next()
+        comfy.end(number, "success", messages(ending.id, "execution_success"), saved(comfy, ending))
+        await until(lambda: ending.done and cancelled.done)
+        _, number = comfy.run_next()
+        comfy.end(number, "success", messages(later.id, "execution_success"), saved(comfy, later))
+        await until(lambda: later.done)
+        assert cancelled.error_type == CANCELLED and ending.error is None and later.error is None
+    asyncio.run(scenario())

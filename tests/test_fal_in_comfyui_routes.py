@@ -94,11 +94,13 @@ def test_the_startup_line_says_whether_a_key_is_required(comfy):
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 @pytest.mark.parametrize("mode, warned", [(0o644, "can be read by every user"), (0o640, "can be read by its group"),
-                                          (0o600, None), (None, None)])
+                                          (0o600, None), (None, None), ("no option", None)])
 def test_a_tls_key_others_can_read_is_warned_about(comfy, tmp_path, caplog, mode, warned):
     key = tmp_path / "key.pem"
     key.write_text("-----BEGIN PRIVATE KEY-----\n")
-    if mode is not None:
+    if mode == "no option":  # a ComfyUI whose arguments have no TLS options
+        del sys.modules["comfy.cli_args"].args.tls_keyfile
+    elif mode is not None:
         key.chmod(mode)
         sys.modules["comfy.cli_args"].args.tls_keyfile = str(key)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
