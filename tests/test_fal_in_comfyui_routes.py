@@ -6,6 +6,8 @@ the TLS key warning. The real ComfyUI serving fal's clients is tests/test_fal_cl
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import os
 import sys
@@ -15,6 +17,7 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from comfyui_server_stand_ins import Comfy, forget_fal_queue, import_fal_queue
+from PIL import Image
 
 from comfyui_krea.fal_api import settings as fal_settings
 from comfyui_krea.fal_api.jobs import IN_QUEUE
@@ -51,6 +54,10 @@ def test_the_protocol_is_served_under_fal_of_comfyuis_server_and_requests_reach_
     assert [record.getMessage() for record in caplog.records if record.name == LOGGER] == [
         comfy.fal.startup_line(fal_settings.ServiceSettings.from_environment())]
 
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+
     async def scenario():
         app = web.Application()
         app.add_routes(server.routes)  # as ComfyUI's add_routes does with PromptServer.routes
@@ -71,6 +78,12 @@ def test_the_protocol_is_served_under_fal_of_comfyuis_server_and_requests_reach_
             assert [entry["message"] for entry in status["logs"]][-1] == "step 1/2"
             assert (await client.put(f"/fal/queue/fal-ai/flux/requests/{request_id}/cancel")).status == 202
             assert comfy.interrupts == [True]
+            answer = await client.post("/fal/queue/fal-ai/flux/krea/image-to-image", json={
+                "prompt": "a red fox", "image_url": "data:image/png;base64," + base64.b64encode(png).decode()})
+            assert answer.status == 200, await answer.text()
+            (queued,) = server.prompt_queue.queue
+            (loaded,) = [node["inputs"]["image"] for node in queued[2].values() if node["class_type"] == "LoadImage"]
+            assert loaded.startswith("fal-uploads/") and (comfy.input_dir / loaded).read_bytes() == png
     asyncio.run(scenario())
 
 
