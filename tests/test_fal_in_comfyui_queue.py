@@ -137,6 +137,23 @@ def test_the_position_is_the_place_among_the_prompts_comfyuis_worker_takes_first
     asyncio.run(scenario())
 
 
+def test_a_prompt_numbered_like_a_fal_request_is_counted_in_the_order_comfyuis_worker_takes_them(comfy):
+    """POST /prompt keeps a client's own "number" (a float): on a tie the worker, popping its heap of whole items,
+    takes the smaller prompt id first, so the position is counted the same way."""
+    async def scenario():
+        backend = backend_of(comfy)
+        server = comfy.server_class.instance
+        server.prompt_queue.put(ui_prompt(-1, "ui-front"))
+        job = request()
+        await backend.submit(job, workflow())  # number 0
+        server.prompt_queue.put(ui_prompt(0.0, "0-tie"))  # "0-" sorts before every uuid
+        waiting = server.prompt_queue.queue
+        order = [heapq.heappop(copy)[1] for copy in [list(waiting)] for _ in waiting]
+        assert order == ["ui-front", "0-tie", job.id] and backend.position(job) == 2
+        backend.cancel(job)
+    asyncio.run(scenario())
+
+
 def test_a_waiting_request_cancelled_leaves_the_queue_and_ends_at_once_without_interrupting(comfy):
     async def scenario():
         backend = backend_of(comfy)
