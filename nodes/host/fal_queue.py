@@ -86,7 +86,8 @@ class ComfyQueueBackend:
 
     def position(self, job: Job) -> int | None:
         running, queued = self.server.prompt_queue.get_current_queue_volatile()
-        waiting = [item[1] for item in sorted(queued, key=lambda item: item[0])]
+        # ComfyUI's worker pops the smallest item: by number, then by prompt id (a client's own number can tie).
+        waiting = [item[1] for item in sorted(queued, key=lambda item: item[:2])]
         return waiting.index(job.id) if job.id in waiting else None
 
     def cancel(self, job: Job) -> None:
