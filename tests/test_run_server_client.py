@@ -224,3 +224,34 @@ def test_a_server_that_goes_away_mid_run_is_an_error(standin, tmp_path):
     with pytest.raises(RunFailed, match="^the server closed the connection before the run ended$"):
         run(standin, i2i(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_stopping_before_the_prompt_was_queued_asks_the_server_nothing(standin):
+    import aiohttp
+
+    from comfyui_krea.standalone.remote import stop_on_server
+
+    async def scenario():
+        async with serving(standin) as url, aiohttp.ClientSession() as session:
+            await stop_on_server(session, ServerRun(url))
+
+    asyncio.run(scenario())
+    assert standin.stops == []
+
+
+def test_stopping_on_a_server_that_is_gone_is_no_error():
+    import socket
+
+    import aiohttp
+
+    from comfyui_krea.standalone.remote import stop_on_server
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await stop_on_server(session, ServerRun(f"http://127.0.0.1:{port}", prompt_id="p"))
+
+    asyncio.run(scenario())
