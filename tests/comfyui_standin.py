@@ -8,7 +8,8 @@ file is reused), POST /prompt (ComfyUI's refusals of a node type it lacks, a nod
 without outputs; or the test's `refusal`), GET /history/{id} ({} until the run is recorded), GET /view (ComfyUI's
 checks: 400 for '..' or an absolute name, 403 for a sub-folder outside, 404 for a missing file), POST /interrupt,
 POST /queue. A run sends, to the queuing client's socket: execution_start, execution_cached, then per node
-executing, progress per step (and a binary preview frame), executed, then execution_success or execution_error /
+executing, progress per step (and a binary preview frame), executed, with progress_state (every node's state)
+at each start, step and finish, then execution_success or execution_error /
 execution_interrupted; then the history is recorded, 'status' goes to every socket, and executing with node None
 ends it, as ComfyUI's prompt worker does.
 """
@@ -203,12 +204,16 @@ class StandInComfyUI:
 
         await add_message("execution_start", {"prompt_id": prompt_id}, False)
         await add_message("execution_cached", {"nodes": plan.cached, "prompt_id": prompt_id}, False)
+        states: dict[str, dict] = {}
+        for node in plan.cached:  # their cached outputs stand: finished at once, without 'executing'
+            await self.progress_state(states, node, "finished", prompt_id, sid)
         outputs: dict[str, dict] = {}
         executed: list[str] = []
         success = True
         for run in plan.nodes:
+            await self.progress_state(states, run.node, "running", prompt_id, sid)
             await self.send("executing", {"node": run.node, "display_node": run.node, "prompt_id": prompt_id}, sid)
-            stopped = await self.steps(run, plan, prompt_id, sid)
+            stopped = await self.steps(run, plan, prompt_id, sid, states)
             if stopped == "closed":
                 return
             if stopped or run.error is not None:
@@ -230,6 +235,7 @@ class StandInComfyUI:
                 outputs[run.node] = {"images": [self.save(*image) for image in run.images]}
                 await self.send("executed", {"node": run.node, "display_node": run.node,
                                              "output": outputs[run.node], "prompt_id": prompt_id}, sid)
+            await self.progress_state(states, run.node, "finished", prompt_id, sid)
             executed.append(run.node)
         if success:
             await add_message("execution_success", {"prompt_id": prompt_id}, False)
@@ -244,7 +250,17 @@ class StandInComfyUI:
         if sid is not None:
             await self.send("executing", {"node": None, "prompt_id": prompt_id}, sid)
 
-    async def steps(self, run: NodeRun, plan: Plan, prompt_id: str, sid: str | None) -> str | bool:
+    async def progress_state(self, states: dict[str, dict], node: str, state: str, prompt_id: str, sid: str | None,
+                             value: int | None = None, total: int | None = None) -> None:
+        """WebUIProgressHandler's message: every node that is not pending, on each start, step and finish."""
+        entry = states.setdefault(node, {"value": 0, "max": 1})
+        entry.update(state=state, **({"value": value, "max": total} if value is not None else {}))
+        await self.send("progress_state", {"prompt_id": prompt_id, "nodes": {
+            k: {**v, "node_id": k, "prompt_id": prompt_id, "display_node_id": k, "parent_node_id": None,
+                "real_node_id": k} for k, v in states.items()}}, sid)
+
+    async def steps(self, run: NodeRun, plan: Plan, prompt_id: str, sid: str | None,
+                    states: dict[str, dict]) -> str | bool:
         """The node's progress messages, each with a binary preview frame; True when interrupted."""
         for step in range(1, run.steps + 1):
             if plan.close_at_step == step:
@@ -256,6 +272,7 @@ class StandInComfyUI:
                 await self.resume.wait()
             if self.interrupt.is_set():
                 return True
+            await self.progress_state(states, run.node, "running", prompt_id, sid, step, run.steps)
             await self.send("progress", {"value": step, "max": run.steps, "prompt_id": prompt_id,
                                          "node": run.node}, sid)
             if sid in self.sockets:  # PREVIEW_IMAGE (1): the event, the image type (1: JPEG), the image

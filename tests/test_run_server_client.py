@@ -18,6 +18,7 @@ from comfyui_standin import NodeRun, Plan, StandInComfyUI  # noqa: E402
 
 from comfyui_krea.standalone.remote import RunFailed, ServerRun, run_on_server  # noqa: E402
 from comfyui_krea.standalone.runner import WorkflowError  # noqa: E402
+from comfyui_krea.standalone.terminal import TERMINAL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 I2I = json.loads((ROOT / "workflows/api/krea_image_to_image.json").read_text())
@@ -150,13 +151,16 @@ def test_progress_lines_name_each_node_the_cached_ones_and_the_steps(standin, tm
     prompt["5"]["_meta"] = {}
     standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"), steps=3)
     standin.plan.cached = ["1", "2", "99"]  # a node the prompt does not have: its id
+    standin.plan.nodes.insert(2, NodeRun("5.0.0.2"))  # a node another node expanded into at run time: its id
+    TERMINAL.end_line()  # a bar an earlier test left open
+    capsys.readouterr()
     run(standin, prompt, tmp_path / "out")
     err = capsys.readouterr().err
     lines = err.replace("\r", "\n").split("\n")
-    assert lines[:4] == ["  cached: Krea Model Loader, Krea Text Encode, 99", "  Load Image", "  Krea Encode Image",
-                         "  Krea Sampler"]
-    assert lines[4:7] == ["", "    [##########....................] 1/3", "    [####################..........] 2/3"]
-    assert lines[7:] == ["    [##############################] 3/3", "  KreaDecode", "  KreaSafetyCheck",
+    assert lines[:5] == ["  cached: Krea Model Loader, Krea Text Encode, 99", "  Load Image", "  Krea Encode Image",
+                         "  5.0.0.2", "  Krea Sampler"]
+    assert lines[5:8] == ["", "    [##########....................] 1/3", "    [####################..........] 2/3"]
+    assert lines[8:] == ["    [##############################] 3/3", "  KreaDecode", "  KreaSafetyCheck",
                          "  Krea Save Image", ""]
 
 
@@ -197,10 +201,13 @@ def test_other_prompts_messages_are_not_taken_for_ours(standin, tmp_path, capsys
                                                "exception_type": "X", "exception_message": "y"}, None)
         await standin.send("executing", {"node": None, "prompt_id": "other"}, None)
         await standin.send("executing", {"node": "9", "display_node": "9", "prompt_id": "other"}, None)
+        # Another pack's message (any pack may send its own): a text, but not the pack's report.
+        await standin.send("otherpack.status", {"node": "3", "text": "loading weights"}, None)
         standin.resume.set()
 
-    written, _, _ = run(standin, i2i(), tmp_path / "out", during=another_client)
+    written, reports, _ = run(standin, i2i(), tmp_path / "out", during=another_client)
     assert written == [tmp_path / "out" / "krea" / "krea_00001_.png"]
+    assert reports == [("3", "2 of 2 steps computed")]
     assert "  9" not in capsys.readouterr().err.split("\n")
 
 
@@ -255,3 +262,13 @@ def test_stopping_on_a_server_that_is_gone_is_no_error():
             await stop_on_server(session, ServerRun(f"http://127.0.0.1:{port}", prompt_id="p"))
 
     asyncio.run(scenario())
+
+
+def test_a_node_without_a_title_or_class_type_is_named_by_its_id(capsys):
+    from comfyui_krea.standalone.remote import Progress
+    from comfyui_krea.standalone.terminal import Terminal
+
+    progress = Progress({"5": {"inputs": {}}, "6": {"_meta": {"title": ""}, "class_type": "SaveImage"}}, Terminal())
+    progress.message("executing", {"node": "5"})
+    progress.message("executing", {"node": "6"})
+    assert capsys.readouterr().err == "  5\n  SaveImage\n"
