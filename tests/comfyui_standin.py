@@ -1,7 +1,8 @@
 """A stand-in for a running ComfyUI 0.3.64 server, in-process on aiohttp's TestServer, for tests of `run --server`
 (standalone/remote.py): its routes and websocket messages have the shapes of ComfyUI's server.py, execution.py and
 main.py; what a queued prompt does (which nodes run, their steps, the images they save, a failure) is a `Plan` the
-test gives, since no nodes run here.
+test gives, since no nodes run here. Below the server: `run`, which runs run_on_server against it, and the
+image-to-image workflow's usual plan (`saving`).
 
 Routes: GET /ws?clientId= (a 'status' message first), POST /upload/image (a taken name gets " (1)", an identical
 file is reused), POST /prompt (ComfyUI's refusals of a node type it lacks, a node without class_type, a prompt
@@ -16,6 +17,7 @@ ends it, as ComfyUI's prompt worker does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
+
+from comfyui_krea.standalone.remote import ServerRun, run_on_server
 
 OUTPUT_TYPES = {"KreaSaveImage", "SaveImage", "PreviewImage"}  # OUTPUT_NODE = True among the types used here
 
@@ -62,6 +67,7 @@ class StandInComfyUI:
         self.prompts: list[dict] = []  # the bodies of POST /prompt
         self.stops: list[tuple[str, dict]] = []  # (path, body) of POST /interrupt and POST /queue
         self.uploads: list[dict] = []  # the form fields of POST /upload/image (the file as its name and bytes)
+        self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers) of every request
         self.history: dict[str, dict] = {}
         self.history_asked = 0
         self.queue: list[str] = []
@@ -74,7 +80,7 @@ class StandInComfyUI:
 
     def application(self) -> web.Application:
         """The routes, in an application of its own for each event loop that serves them."""
-        app = web.Application(client_max_size=self.max_upload_size)
+        app = web.Application(client_max_size=self.max_upload_size, middlewares=[self.record])
         app.router.add_get("/ws", self.websocket)
         app.router.add_post("/upload/image", self.upload)
         app.router.add_post("/prompt", self.post_prompt)
@@ -83,6 +89,11 @@ class StandInComfyUI:
         app.router.add_post("/interrupt", self.post_interrupt)
         app.router.add_post("/queue", self.post_queue)
         return app
+
+    @web.middleware
+    async def record(self, request: web.Request, handler) -> web.StreamResponse:
+        self.requests.append((request.method, request.path, dict(request.headers)))
+        return await handler(request)
 
     # -- the websocket ------------------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -313,3 +324,45 @@ class StandInComfyUI:
             if prompt_id in self.queue:
                 self.queue.remove(prompt_id)
         return web.Response(status=200)
+
+
+# -------------------------------------------------------------------------- run_on_server against the stand-in
+
+ROOT = Path(__file__).resolve().parent.parent
+I2I = json.loads((ROOT / "workflows/api/krea_image_to_image.json").read_text())
+NODE_TYPES = {node["class_type"] for node in I2I.values()}
+LIMIT = 20  # seconds for a run that should take a fraction of one: a client that never ends fails instead
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(40))  # /view serves the bytes as they are: any content will do
+
+
+def i2i() -> dict:
+    return json.loads(json.dumps(I2I))
+
+
+def saving(*images: tuple[str, str, bytes, str], steps: int = 2, **plan) -> Plan:
+    """The image-to-image workflow's run: the loader and text encoder cached, the sampler's steps, the save node's
+    images."""
+    return Plan(cached=["1", "2"], nodes=[NodeRun("7"), NodeRun("8"), NodeRun("3", steps=steps,
+                                                                                report="2 of 2 steps computed"),
+                                          NodeRun("4"), NodeRun("5"), NodeRun("6", images=list(images))], **plan)
+
+
+@contextlib.asynccontextmanager
+async def serving(standin: StandInComfyUI):
+    async with TestServer(standin.application(), host="127.0.0.1") as server:
+        yield str(server.make_url("")).rstrip("/")
+
+
+def run(standin: StandInComfyUI, prompt: dict, output: Path, images: dict | None = None, embedded=None,
+        during=None, headers: dict | None = None) -> tuple[list[Path], list[tuple[str, str]], ServerRun]:
+    """run_on_server against the stand-in; `during(url, task)`, when given, runs beside it."""
+    async def scenario():
+        async with serving(standin) as url:
+            server_run = ServerRun(url, headers or {})
+            task = asyncio.create_task(run_on_server(prompt, server_run, output, images or {}, embedded))
+            if during is not None:
+                await during(url, task)
+            written, reports = await task
+            return written, reports, server_run
+
+    return asyncio.run(asyncio.wait_for(scenario(), LIMIT))

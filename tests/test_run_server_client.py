@@ -5,63 +5,22 @@ tests/test_run_server.py runs the same command against the real ComfyUI."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("aiohttp", reason="run --server needs aiohttp: pip install -e '.[serve]'")
 
-from aiohttp.test_utils import TestServer  # noqa: E402
-from comfyui_standin import NodeRun, Plan, StandInComfyUI  # noqa: E402
+from comfyui_standin import NODE_TYPES, PNG, NodeRun, StandInComfyUI, i2i, run, saving, serving  # noqa: E402
 
-from comfyui_krea.standalone.remote import RunFailed, ServerRun, run_on_server  # noqa: E402
+from comfyui_krea.standalone.remote import RunFailed, ServerRun  # noqa: E402
 from comfyui_krea.standalone.runner import WorkflowError  # noqa: E402
 from comfyui_krea.standalone.terminal import TERMINAL  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-I2I = json.loads((ROOT / "workflows/api/krea_image_to_image.json").read_text())
-NODE_TYPES = {node["class_type"] for node in I2I.values()}
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(40))  # /view serves the bytes as they are: any content will do
-
-
-def i2i() -> dict:
-    return json.loads(json.dumps(I2I))
-
-
-def saving(*images: tuple[str, str, bytes, str], steps: int = 2, **plan) -> Plan:
-    """The image-to-image workflow's run: the loader and text encoder cached, the sampler's steps, the save node's
-    images."""
-    return Plan(cached=["1", "2"], nodes=[NodeRun("7"), NodeRun("8"), NodeRun("3", steps=steps,
-                                                                                report="2 of 2 steps computed"),
-                                          NodeRun("4"), NodeRun("5"), NodeRun("6", images=list(images))], **plan)
-
-
-@contextlib.asynccontextmanager
-async def serving(standin: StandInComfyUI):
-    async with TestServer(standin.application(), host="127.0.0.1") as server:
-        yield str(server.make_url("")).rstrip("/")
 
 
 @pytest.fixture
 def standin(tmp_path) -> StandInComfyUI:
     return StandInComfyUI(tmp_path / "comfyui", NODE_TYPES)
-
-
-def run(standin: StandInComfyUI, prompt: dict, output: Path, images: dict | None = None, embedded=None,
-        during=None) -> tuple[list[Path], list[tuple[str, str]], ServerRun]:
-    """run_on_server against the stand-in; `during(url, task)`, when given, runs beside it."""
-    async def scenario():
-        async with serving(standin) as url:
-            server_run = ServerRun(url)
-            task = asyncio.create_task(run_on_server(prompt, server_run, output, images or {}, embedded))
-            if during is not None:
-                await during(url, task)
-            written, reports = await task
-            return written, reports, server_run
-
-    return asyncio.run(scenario())
 
 
 def test_the_prompt_goes_with_the_clients_id_the_uploaded_image_and_the_embedded_workflow(standin, tmp_path):
@@ -272,3 +231,49 @@ def test_a_node_without_a_title_or_class_type_is_named_by_its_id(capsys):
     progress.message("executing", {"node": "5"})
     progress.message("executing", {"node": "6"})
     assert capsys.readouterr().err == "  5\n  SaveImage\n"
+
+
+def test_a_progress_message_without_its_numbers_draws_an_empty_or_full_bar(capsys):
+    from comfyui_krea.standalone.remote import Progress
+    from comfyui_krea.standalone.terminal import Terminal
+
+    progress = Progress({}, Terminal())
+    progress.message("progress", {"max": 4})
+    progress.message("progress", {"value": 1})
+    assert capsys.readouterr().err == f"\r    [{'.' * 30}] 0/4\r    [{'#' * 30}] 1/1\n"
+
+
+def test_the_token_and_headers_go_with_every_request(standin, tmp_path):
+    image = tmp_path / "input.png"
+    image.write_bytes(PNG)
+    standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"))
+    run(standin, i2i(), tmp_path / "out", {"7": image}, headers={"Authorization": "Bearer s3cret", "X-Team": "krea"})
+    (prompt_id,) = standin.history
+    assert [(method, path) for method, path, _ in standin.requests] == [
+        ("POST", "/upload/image"), ("GET", "/ws"), ("POST", "/prompt"), ("GET", f"/history/{prompt_id}"),
+        ("GET", "/view")]
+    assert all((h["Authorization"], h["X-Team"]) == ("Bearer s3cret", "krea") for _, _, h in standin.requests)
+
+
+def test_a_run_of_any_length_is_never_cut_short_and_its_socket_kept_alive(standin, tmp_path, monkeypatch):
+    """No total time limit (aiohttp's default ends any request after 5 minutes: a long run would fail), a server
+    that does not take the connection is given up after 30 s, and the socket is pinged every 30 s (proxies close
+    idle ones)."""
+    import aiohttp
+
+    asked = []
+    session, ws_connect = aiohttp.ClientSession, aiohttp.ClientSession.ws_connect
+
+    def recording_session(*args, **kwargs):
+        asked.append(("session", kwargs.get("timeout")))
+        return session(*args, **kwargs)
+
+    def recording_ws_connect(self, *args, **kwargs):
+        asked.append(("socket", kwargs.get("heartbeat")))
+        return ws_connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp, "ClientSession", recording_session)
+    monkeypatch.setattr(session, "ws_connect", recording_ws_connect)
+    standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"))
+    run(standin, i2i(), tmp_path / "out")
+    assert asked == [("session", aiohttp.ClientTimeout(total=None, sock_connect=30)), ("socket", 30)]

@@ -10,11 +10,15 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="run --server needs aiohttp: pip install -e '.[serve]'")
 
-from comfyui_standin import NodeRun, Plan  # noqa: E402
-from test_run_server_client import PNG, i2i, run, saving, standin  # noqa: E402, F401  (standin: the fixture)
+from comfyui_standin import NODE_TYPES, PNG, NodeRun, Plan, StandInComfyUI, i2i, run, saving  # noqa: E402
 
 from comfyui_krea.standalone import remote  # noqa: E402
 from comfyui_krea.standalone.remote import RunFailed, free_name, inside, write_new  # noqa: E402
+
+
+@pytest.fixture
+def standin(tmp_path) -> StandInComfyUI:
+    return StandInComfyUI(tmp_path / "comfyui", NODE_TYPES)
 
 
 def test_each_saved_image_comes_into_its_sub_folder_and_never_over_another_file(standin, tmp_path):

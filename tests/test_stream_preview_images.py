@@ -9,13 +9,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_AUTOENCODER, fake_clock
 
 from comfyui_krea.model_loader.autoencoder import write_random_autoencoder_checkpoint
 from comfyui_krea.nodes.host import VaeHandle
 from comfyui_krea.sampling.latents import to_raw
 from comfyui_krea.standalone import previews
 from comfyui_krea.standalone.previews import PREVIEW_LATENT_SIDE, preview_maker
+from conftest import TINY_AUTOENCODER, fake_clock
 
 LOADER = {"class_type": "KreaModelLoader", "inputs": {"model_name": "flux1-krea-dev.safetensors",
                                                       "vae_name": "ae.safetensors"}}
