@@ -38,12 +38,14 @@ OUTPUT_TYPES = {"KreaSaveImage", "SaveImage", "PreviewImage"}  # OUTPUT_NODE = T
 @dataclass
 class NodeRun:
     """One node of a run: its steps (progress messages), the images it saves ((subfolder, filename, bytes, type)),
+    more of its ui output,
     the pack's report text, or a failure ((exception_type, exception_message))."""
     node: str
     steps: int = 0
     images: list[tuple[str, str, bytes, str]] = field(default_factory=list)
     report: str | None = None
     error: tuple[str, str] | None = None
+    ui: dict = field(default_factory=dict)  # more of its ui output (e.g. PreviewAny's {"text": [...]})
 
 
 @dataclass
@@ -242,8 +244,9 @@ class StandInComfyUI:
             if run.report is not None:
                 await self.send("krea.report", {"node": run.node, "display_node": run.node, "prompt_id": prompt_id,
                                                 "text": run.report, "report": {}}, sid)
-            if run.images:
-                outputs[run.node] = {"images": [self.save(*image) for image in run.images]}
+            if run.images or run.ui:
+                outputs[run.node] = {**run.ui, **({"images": [self.save(*image) for image in run.images]}
+                                                  if run.images else {})}
                 await self.send("executed", {"node": run.node, "display_node": run.node,
                                              "output": outputs[run.node], "prompt_id": prompt_id}, sid)
             await self.progress_state(states, run.node, "finished", prompt_id, sid)
@@ -290,11 +293,12 @@ class StandInComfyUI:
                 await self.sockets[sid].send_bytes(struct.pack(">I", 1) + struct.pack(">I", 1) + b"\xff\xd8jpeg")
         return False
 
-    def save(self, subfolder: str, filename: str, data: bytes, kind: str) -> dict:
-        folder = self.dirs[kind] / subfolder
+    def save(self, subfolder: str | None, filename: str, data: bytes, kind: str) -> dict:
+        """The file in the `kind` folder, and its ui entry (a custom node may leave out subfolder: None)."""
+        folder = self.dirs[kind] / (subfolder or "")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / filename).write_bytes(data)
-        return {"filename": filename, "subfolder": subfolder, "type": kind}
+        return {"filename": filename, **({"subfolder": subfolder} if subfolder is not None else {}), "type": kind}
 
     async def get_history(self, request: web.Request) -> web.Response:
         prompt_id = request.match_info["prompt_id"]

@@ -37,6 +37,17 @@ def test_each_saved_image_comes_into_its_sub_folder_and_never_over_another_file(
         "ComfyUI_00001_.png", "krea", "krea/krea_00001_.png", "krea/krea_00001__1.png", "krea/krea_00002_.png"]
 
 
+def test_custom_nodes_outputs_without_images_or_sub_folders_or_with_mixed_image_types(standin, tmp_path):
+    standin.plan = Plan(nodes=[
+        NodeRun("4", ui={"text": ["a caption"]}),  # e.g. PreviewAny: no images at all
+        NodeRun("5", images=[("", "preview_00001_.png", b"preview", "temp"),  # a node that previews and saves
+                             ("masks", "mask_00001_.png", PNG, "output")]),
+        NodeRun("6", images=[(None, "krea_00001_.png", PNG[::-1], "output")])])  # no "subfolder": the output folder
+    written, _, _ = run(standin, i2i(), tmp_path / "out")
+    assert written == [tmp_path / "out" / "masks" / "mask_00001_.png", tmp_path / "out" / "krea_00001_.png"]
+    assert [path.read_bytes() for path in written] == [PNG, PNG[::-1]]
+
+
 def test_an_image_gone_from_the_server_fails_its_download(standin, tmp_path):
     standin.plan = Plan(nodes=[NodeRun("6", images=[("krea", "krea_00001_.png", PNG, "output")]),
                                NodeRun("3", steps=2)], hold_at_step=1)
@@ -122,3 +133,20 @@ def test_a_sub_folder_through_a_link_out_of_the_output_folder_is_refused(tmp_pat
                                                  ("a/b", "a/b")])
 def test_sub_folders_inside_the_output_folder_are_kept(tmp_path, subfolder, expected):
     assert inside(tmp_path / "out", subfolder) == tmp_path / "out" / expected
+
+
+def test_a_late_history_is_looked_up_again_every_tenth_of_a_second(standin, tmp_path, monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    slept = []
+
+    async def counted(seconds: float) -> None:  # the waits between looks, counted instead of waited
+        slept.append(seconds)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(remote, "asyncio", SimpleNamespace(sleep=counted, CancelledError=asyncio.CancelledError))
+    standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"), history_late=99)
+    written, _, _ = run(standin, i2i(), tmp_path / "out")
+    assert [path.read_bytes() for path in written] == [PNG]
+    assert standin.history_asked == 100 and slept == [0.1] * 99
