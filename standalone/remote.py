@@ -40,6 +40,15 @@ class ServerRun:
         return f"{scheme}{self.url[self.url.index(':'):]}/ws?clientId={self.client_id}"
 
 
+def json_object(text: str) -> dict | None:
+    """The JSON object `text` holds, or None (not JSON, or not an object: e.g. a proxy's error page)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def node_error_lines(answer: dict, prompt: Mapping[str, dict]) -> list[str]:
     """A 400 answer of POST /prompt as one readable line per problem (each once, under the input it is about)."""
     lines = []
@@ -136,12 +145,14 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
                                                                  else {})}
         async with session.ws_connect(run.ws_url, heartbeat=30) as socket:
             async with session.post(f"{run.url}/prompt", json=body) as answer:
-                body = await answer.json(content_type=None)
-                if answer.status == 400:
+                text = await answer.text()
+                body = json_object(text)
+                if answer.status == 400 and body is not None:
                     raise WorkflowError("the server refused the workflow:\n  " +
                                         "\n  ".join(node_error_lines(body, prompt)))
-                if answer.status != 200:
-                    raise WorkflowError(f"POST /prompt: HTTP {answer.status} {json.dumps(body)[:300]}")
+                if answer.status != 200 or body is None or "prompt_id" not in body:
+                    # e.g. a proxy's error page: said as it came
+                    raise WorkflowError(f"POST /prompt: HTTP {answer.status} {text[:300]}")
                 run.prompt_id = body["prompt_id"]
             progress = Progress(prompt)
             try:
@@ -156,6 +167,9 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
             if history:
                 break
             await asyncio.sleep(0.1)
+        else:
+            raise RunFailed(f"the run ended but the server has no record of it (GET /history/{run.prompt_id} "
+                            "stayed empty for 10 s): its images are in the server's output folder")
         outputs = history.get("outputs", {})
         written = []
         for ui in outputs.values():

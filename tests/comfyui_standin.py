@@ -70,6 +70,7 @@ class StandInComfyUI:
         self.stops: list[tuple[str, dict]] = []  # (path, body) of POST /interrupt and POST /queue
         self.uploads: list[dict] = []  # the form fields of POST /upload/image (the file as its name and bytes)
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers) of every request
+        self.proxy_answer: tuple[int, str] | None = None  # (status, html) a proxy in front answers POST /prompt
         self.history: dict[str, dict] = {}
         self.history_asked = 0
         self.queue: list[str] = []
@@ -95,6 +96,8 @@ class StandInComfyUI:
     @web.middleware
     async def record(self, request: web.Request, handler) -> web.StreamResponse:
         self.requests.append((request.method, request.path, dict(request.headers)))
+        if self.proxy_answer is not None and request.path == "/prompt":  # a reverse proxy's own page
+            return web.Response(status=self.proxy_answer[0], text=self.proxy_answer[1], content_type="text/html")
         return await handler(request)
 
     # -- the websocket ------------------------------------------------------------------------------------------

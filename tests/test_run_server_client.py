@@ -104,6 +104,17 @@ def test_a_refusal_without_node_errors_gives_the_servers_message(standin, tmp_pa
     assert str(refused.value) == f"the server refused the workflow:\n  {line}"
 
 
+@pytest.mark.parametrize("status, page", [(502, "<html><body><h1>502 Bad Gateway</h1></body></html>"),
+                                          (200, "<html><body>Sign in to continue</body></html>"),
+                                          (400, "<html>400 Bad Request</html>")])
+def test_a_proxys_page_instead_of_comfyuis_answer_is_said_as_it_came(standin, tmp_path, status, page):
+    standin.proxy_answer = (status, page)
+    with pytest.raises(WorkflowError) as refused:
+        run(standin, i2i(), tmp_path / "out")
+    assert str(refused.value) == f"POST /prompt: HTTP {status} {page}"
+    assert standin.prompts == [] and not (tmp_path / "out").exists()
+
+
 def test_progress_lines_name_each_node_the_cached_ones_and_the_steps(standin, tmp_path, capsys):
     prompt = i2i()
     del prompt["4"]["_meta"]  # untitled: its class type

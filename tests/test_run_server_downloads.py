@@ -135,18 +135,34 @@ def test_sub_folders_inside_the_output_folder_are_kept(tmp_path, subfolder, expe
     assert inside(tmp_path / "out", subfolder) == tmp_path / "out" / expected
 
 
-def test_a_late_history_is_looked_up_again_every_tenth_of_a_second(standin, tmp_path, monkeypatch):
+@pytest.fixture
+def slept(monkeypatch) -> list[float]:
+    """The client's waits between looks at the history, counted instead of waited."""
     import asyncio
     from types import SimpleNamespace
 
-    slept = []
+    waits = []
 
-    async def counted(seconds: float) -> None:  # the waits between looks, counted instead of waited
-        slept.append(seconds)
+    async def counted(seconds: float) -> None:
+        waits.append(seconds)
         await asyncio.sleep(0)
 
     monkeypatch.setattr(remote, "asyncio", SimpleNamespace(sleep=counted, CancelledError=asyncio.CancelledError))
+    return waits
+
+
+def test_a_late_history_is_looked_up_again_every_tenth_of_a_second(standin, tmp_path, slept):
     standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"), history_late=99)
     written, _, _ = run(standin, i2i(), tmp_path / "out")
     assert [path.read_bytes() for path in written] == [PNG]
     assert standin.history_asked == 100 and slept == [0.1] * 99
+
+
+def test_a_run_the_server_kept_no_record_of_is_an_error_not_an_empty_success(standin, tmp_path, slept):
+    standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"), history_late=100)  # 10 s of looking
+    with pytest.raises(RunFailed) as failed:
+        run(standin, i2i(), tmp_path / "out")
+    (prompt_id,) = standin.history
+    assert str(failed.value) == (f"the run ended but the server has no record of it (GET /history/{prompt_id} "
+                                 "stayed empty for 10 s): its images are in the server's output folder")
+    assert standin.history_asked == 100 and not (tmp_path / "out").exists()
