@@ -2,9 +2,10 @@
 websocket, its images downloaded through /view into the same sub-folders of --output as the server saved them in.
 
 Input images are uploaded first (POST /upload/image). A 400 answer's node_errors become one line per problem
-(WorkflowError: exit code 2, as a bad value locally); any other answer (a proxy's page) is shown as it came. While it runs, stderr shows each node as it starts, the
-cached ones, and a progress bar per node and step. Ctrl-C interrupts the server's job (POST /interrupt with the
-prompt id) and takes it off the queue (POST /queue delete) before the KeyboardInterrupt goes on (exit 130).
+(WorkflowError: exit code 2, as a bad value locally); any other answer (a proxy's page) is shown as it came.
+While it runs, stderr shows each node as it starts, the cached ones, and a progress bar per node and step. Ctrl-C
+interrupts the server's job (POST /interrupt with the prompt id) and takes it off the queue (POST /queue delete)
+before the KeyboardInterrupt goes on (exit 130).
 Downloads never replace a file: a taken name gets the next free counter. A run with no history entry after 10 s is
 a RunFailed, not a success with nothing saved.
 """
