@@ -2,10 +2,12 @@
 websocket, its images downloaded through /view into the same sub-folders of --output as the server saved them in.
 
 Input images are uploaded first (POST /upload/image). A 400 answer's node_errors become one line per problem
-(WorkflowError: exit code 2, as a bad value locally). While it runs, stderr shows each node as it starts, the
-cached ones, and a progress bar per node and step. Ctrl-C interrupts the server's job (POST /interrupt with the
-prompt id) and takes it off the queue (POST /queue delete) before the KeyboardInterrupt goes on (exit 130).
-Downloads never replace a file: a taken name gets the next free counter.
+(WorkflowError: exit code 2, as a bad value locally); any other answer (a proxy's page) is shown as it came.
+While it runs, stderr shows each node as it starts, the cached ones, and a progress bar per node and step. Ctrl-C
+interrupts the server's job (POST /interrupt with the prompt id) and takes it off the queue (POST /queue delete)
+before the KeyboardInterrupt goes on (exit 130).
+Downloads never replace a file: a taken name gets the next free counter. A run with no history entry after 10 s is
+a RunFailed, not a success with nothing saved.
 """
 from __future__ import annotations
 
@@ -38,6 +40,15 @@ class ServerRun:
     def ws_url(self) -> str:
         scheme = "wss" if self.url.startswith("https") else "ws"
         return f"{scheme}{self.url[self.url.index(':'):]}/ws?clientId={self.client_id}"
+
+
+def json_object(text: str) -> dict | None:
+    """The JSON object `text` holds, or None (not JSON, or not an object: e.g. a proxy's error page)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def node_error_lines(answer: dict, prompt: Mapping[str, dict]) -> list[str]:
@@ -136,12 +147,14 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
                                                                  else {})}
         async with session.ws_connect(run.ws_url, heartbeat=30) as socket:
             async with session.post(f"{run.url}/prompt", json=body) as answer:
-                body = await answer.json(content_type=None)
-                if answer.status == 400:
+                text = await answer.text()
+                body = json_object(text)
+                if answer.status == 400 and body is not None:
                     raise WorkflowError("the server refused the workflow:\n  " +
                                         "\n  ".join(node_error_lines(body, prompt)))
-                if answer.status != 200:
-                    raise WorkflowError(f"POST /prompt: HTTP {answer.status} {json.dumps(body)[:300]}")
+                if answer.status != 200 or body is None or "prompt_id" not in body:
+                    # e.g. a proxy's error page: said as it came
+                    raise WorkflowError(f"POST /prompt: HTTP {answer.status} {text[:300]}")
                 run.prompt_id = body["prompt_id"]
             progress = Progress(prompt)
             try:
@@ -156,6 +169,9 @@ async def run_on_server(prompt: dict, run: ServerRun, output: Path, images: Mapp
             if history:
                 break
             await asyncio.sleep(0.1)
+        else:
+            raise RunFailed(f"the run ended but the server has no record of it (GET /history/{run.prompt_id} "
+                            "stayed empty for 10 s): its images are in the server's output folder")
         outputs = history.get("outputs", {})
         written = []
         for ui in outputs.values():

@@ -71,6 +71,19 @@ def test_the_fal_routes_and_run_server_word_each_problem_once():
     assert len(lines) == 5 and refusal_text(None, {}) == "ComfyUI refused the workflow"
 
 
+@pytest.mark.parametrize("answer, line", [
+    ({"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}},
+      "node_errors": {}}, "Prompt has no outputs"),  # ComfyUI's own: empty details leave no dangling ": "
+    ({"error": {"message": "Prompt has no outputs"}}, "Prompt has no outputs"),
+    ({"error": {"message": "The queue is full", "details": "12 waiting on GPU-BOX"}},
+     "The queue is full: 12 waiting on GPU-BOX"),  # a proxy's: said as it is
+    ({"error": {"type": "queue_full", "details": "12 waiting"}}, "the server refused the workflow: 12 waiting"),
+    ({}, "the server refused the workflow"),
+], ids=["comfyui", "no details", "details", "no message", "nothing"])
+def test_run_server_words_a_refusal_without_node_errors_by_its_error(answer, line):
+    assert node_error_lines(answer, {}) == [line]
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the frontend module")
 def test_the_frontend_rewrites_the_krea_nodes_errors_by_the_same_rule(tmp_path):
     """web/krea_errors.js, which the editor applies to a refused prompt before showing it: the Krea nodes' errors
