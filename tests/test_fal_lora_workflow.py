@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="the fal server needs aiohttp and pydantic: pip install -e '.[serve]'")
 
-from conftest import TINY_FLUX  # noqa: E402
 from fal_protocol.service import make_service, serving  # noqa: E402
-from lora_files import write_lora  # noqa: E402
 
 from comfyui_krea.fal_api.lora_input import LoraSources  # noqa: E402
 from comfyui_krea.fal_api.lora_nodes import LORA_LOADER  # noqa: E402
 from comfyui_krea.model_loader.flux import write_random_flux_checkpoint  # noqa: E402
+from conftest import TINY_FLUX  # noqa: E402
+from lora_files import write_lora  # noqa: E402
 
 SMALL = {"prompt": "x", "image_size": {"width": 32, "height": 32}, "num_inference_steps": 1}
 
