@@ -223,3 +223,20 @@ def test_a_bad_mask_url_is_a_422_on_mask_url(tmp_path):
                 assert error["loc"] == ["body", "mask_url"], error
 
     run(scenario)
+
+
+def test_an_image_url_of_another_host_is_fetched_whatever_its_path_looks_like(tmp_path):
+    fetched = []
+
+    async def fetch(url: str) -> bytes:
+        fetched.append(url)
+        return png_bytes()
+
+    async def scenario():
+        async with serving(make_service(tmp_path, allow_remote_images=True, fetch=fetch)) as client:
+            for url in ("https://images.example/a/b/0.png", "https://images.example/storage/x/y/z.png"):
+                answer = await client.post(I2I, json={**SMALL, "image_url": url})
+                assert answer.status == 200, await answer.text()
+            assert fetched == ["https://images.example/a/b/0.png", "https://images.example/storage/x/y/z.png"]
+
+    run(scenario)
