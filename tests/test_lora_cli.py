@@ -84,6 +84,23 @@ def test_loras_need_a_model_loader():
         add_loras({"1": {"class_type": "KreaSaveImage", "inputs": {}}}, [("a.safetensors", 1.0)])
 
 
+def test_lora_loaders_take_the_next_free_numeric_ids_and_follow_every_model_source():
+    prompt = {"save": {"class_type": "KreaSaveImage", "inputs": {"model": ["loader", 0]}},
+              "loader": {"class_type": "UNETLoader", "inputs": {}}, "note": {"class_type": "Note"},
+              "9": {"class_type": "KreaSampler", "inputs": {"model": ["loader", 0], "steps": 4}}}
+    added = add_loras(prompt, [("a.safetensors", 0.5), ("b.safetensors", -1.0)])
+    assert added == ["10", "11"]
+    assert prompt["10"] == {"class_type": LORA_LOADER, "_meta": {"title": "LoRA a.safetensors"},
+                            "inputs": {"model": ["loader", 0], "lora_name": "a.safetensors", "strength_model": 0.5}}
+    assert prompt["11"]["inputs"] == {"model": ["10", 0], "lora_name": "b.safetensors", "strength_model": -1.0}
+    assert prompt["9"]["inputs"] == {"model": ["11", 0], "steps": 4}
+    assert prompt["save"]["inputs"] == {"model": ["11", 0]}
+
+    unnumbered = {"loader": {"class_type": "KreaModelLoader", "inputs": {}}}
+    assert add_loras(unnumbered, [("a.safetensors", 1.0)]) == ["1"]
+    assert add_loras(unnumbered, []) == [] and list(unnumbered) == ["loader", "1"]
+
+
 def run(models, cli, capsys, *options: str) -> tuple[int, str, str]:
     model_dir, tokenizers = models
     code = main(["run", str(TEXT_TO_IMAGE), "--models", str(model_dir), "--tokenizers", str(tokenizers),

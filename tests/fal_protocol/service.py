@@ -33,17 +33,23 @@ def png_bytes(width: int = 32, height: int = 32) -> bytes:
 
 class ModelFreeBackend:
     """Ends each request as the runner would after its workflow saved one 32x16 png; with `hold`, requests wait
-    until cancelled."""
+    until cancelled; with `refuse`, submit raises it, as a backend that cannot take the workflow does. `submitted`
+    keeps each (job, workflow) handed over."""
 
-    def __init__(self, output_dir: Path, hold: bool = False) -> None:
+    def __init__(self, output_dir: Path, hold: bool = False, refuse: Exception | None = None) -> None:
         self.output_dir = output_dir
         self.hold = hold
+        self.refuse = refuse
         self.waiting: list[Job] = []
+        self.submitted: list[tuple[Job, dict]] = []
 
     def image_reference(self, job: Job, image) -> str:
         return "input"
 
     async def submit(self, job: Job, prompt: dict) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+        self.submitted.append((job, prompt))
         if self.hold:
             self.waiting.append(job)
             return
@@ -65,10 +71,11 @@ class ModelFreeBackend:
 
 
 def make_service(root: Path, retention_s: float = HOUR, max_active: int = 8, records: bool = True,
-                 hold: bool = False, quota_bytes: int = 1 << 30, max_records: int = 4096, **options) -> FalService:
+                 hold: bool = False, quota_bytes: int = 1 << 30, max_records: int = 4096,
+                 refuse: Exception | None = None, **options) -> FalService:
     uploads = Uploads(root / "uploads", retention_s, quota_bytes=quota_bytes)
     uploads.prepare()
-    backend = ModelFreeBackend(root / "output", hold=hold)
+    backend = ModelFreeBackend(root / "output", hold=hold, refuse=refuse)
     jobs = JobStore(retention_s, max_active, RecordFolder(root / "output" / RESULTS_SUBFOLDER) if records else None,
                     max_records)
     jobs.load()
