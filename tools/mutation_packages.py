@@ -62,7 +62,9 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_workflow_files.py", "tests/test_lora_cli.py", "tests/test_gguf_standalone.py",
         "tests/test_fal_certificates.py", "tests/test_fal_fetch_to_file.py", "tests/test_fal_tls_key_permissions.py",
         "tests/test_fal_input_images.py", "tests/test_fal_lora_base_and_limits.py",
-        "tests/test_fal_lora_hugging_face_names.py", "tests/test_fal_environment_settings.py"],
+        "tests/test_fal_lora_hugging_face_names.py", "tests/test_fal_environment_settings.py",
+        "tests/test_fal_queue_calls.py", "tests/test_fal_accepting.py", "tests/test_fal_file_calls.py",
+        "tests/test_fal_lora_workflow.py"],
     # the host interface and its two implementations; ComfyUI's runs on the adapter's stand-ins in-process
     "nodes/host": [
         "nodes/host/interface.py", "nodes/host/folders.py", "nodes/host/standalone_host.py",
