@@ -125,3 +125,37 @@ def test_a_stored_file_that_is_not_an_image_is_only_ever_a_download(tmp_path):
             assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
     run(scenario)
+
+
+def test_on_a_keyed_server_only_the_signed_upload_slot_and_the_files_go_without_the_key(tmp_path):
+    async def scenario():
+        async with serving(make_service(tmp_path, api_key="k")) as client:
+            key = {"Authorization": "Key k"}
+            slot = await (await client.post("/storage/upload/initiate", json={"file_name": "cat.png"},
+                                            headers=key)).json()
+            upload, file = path_of(slot["upload_url"]), path_of(slot["file_url"])
+            assert (await client.get(upload, headers=key)).status == 404  # a slot takes a PUT, nothing else
+            assert (await client.post(upload, data=b"", headers=key)).status == 404
+            assert (await client.put(upload, data=png_bytes(), headers={"Content-Type": "image/png"})).status == 200
+            served = await client.get(file)  # no key: the file's URL is what fal's clients hand on
+            assert served.status == 200 and served.headers["Content-Disposition"] == 'inline; filename="cat.png"'
+            assert (await client.put(file, data=png_bytes(), headers=key)).status == 404
+            for method, path in (("GET", upload), ("PUT", "/storage/upload/initiate"), ("PUT", "/queue/x"),
+                                 ("POST", "/storage/upload/initiate")):
+                assert (await client.request(method, path, data=b"{}")).status == 401, (method, path)
+            assert (await client.get(file.replace(file.split("/")[3], "0" * 32), headers=key)).status == 404
+
+    run(scenario)
+
+
+def test_an_upload_keeps_the_name_its_client_gave(tmp_path):
+    async def scenario():
+        async with serving(make_service(tmp_path)) as client:
+            answer = await client.post("/files/upload", data=png_bytes(),
+                                       headers={"Content-Type": "image/png", "X-Fal-File-Name": "my cat.png"})
+            url = (await answer.json())["access_url"]
+            assert url.endswith("/my_cat.png")
+            served = await client.get(path_of(url))
+            assert served.headers["Content-Disposition"] == 'inline; filename="my_cat.png"'
+
+    run(scenario)
