@@ -142,7 +142,12 @@ def test_on_a_keyed_server_only_the_signed_upload_slot_and_the_files_go_without_
             assert (await client.put(file, data=png_bytes(), headers=key)).status == 404
             for method, path in (("GET", upload), ("PUT", "/storage/upload/initiate"), ("PUT", "/queue/x"),
                                  ("POST", "/storage/upload/initiate")):
-                assert (await client.request(method, path, data=b"{}")).status == 401, (method, path)
+                refused = await client.request(method, path, data=b"{}")
+                assert refused.status == 401, (method, path)
+                assert "Authorization: Key" in (await refused.json())["detail"]
+            # request calls need an app, a request id and the word "requests" where fal's clients put it
+            for path in ("/queue/fal-ai/flux/requests", "/queue/fal-ai/flux/krea", "/queue/other/app/requests/x"):
+                assert (await client.get(path, headers=key)).status == 404, path
             assert (await client.get(file.replace(file.split("/")[3], "0" * 32), headers=key)).status == 404
 
     run(scenario)
