@@ -149,6 +149,10 @@ def test_on_a_keyed_server_only_the_signed_upload_slot_and_the_files_go_without_
             for path in ("/queue/fal-ai/flux/requests", "/queue/fal-ai/flux/krea", "/queue/other/app/requests/x"):
                 assert (await client.get(path, headers=key)).status == 404, path
             assert (await client.get(file.replace(file.split("/")[3], "0" * 32), headers=key)).status == 404
+            output = await (await client.post("/fal-ai/flux/krea", json=SMALL, headers=key)).json()
+            result = path_of(output["images"][0]["url"])
+            assert (await client.get(result)).status == 200  # results too: their URLs are handed on
+            assert (await client.post(result, data=b"{}")).status == 401
 
     run(scenario)
 
