@@ -1,4 +1,4 @@
-"""Mutation testing (mutmut 3) of the core, image_io and fal's protocol core: per package, how many mutants are killed.
+"""Mutation testing (mutmut 3) of the pack, package by package (tools/mutation_packages.py): how many mutants die.
 
 Not part of the default test run: it runs the tests once per mutant (minutes to an hour a package on two cores).
 
