@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="run --server needs aiohttp: pip install -e '.[serve]'")
 
-from comfyui_standin import NODE_TYPES, PNG, NodeRun, StandInComfyUI, i2i, run, saving, serving  # noqa: E402
+from comfyui_http_standin import NODE_TYPES, PNG, NodeRun, StandInComfyUI, i2i, run, saving, serving  # noqa: E402
 
 from comfyui_krea.standalone.remote import RunFailed, ServerRun  # noqa: E402
 from comfyui_krea.standalone.runner import WorkflowError  # noqa: E402

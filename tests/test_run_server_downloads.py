@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="run --server needs aiohttp: pip install -e '.[serve]'")
 
-from comfyui_standin import NODE_TYPES, PNG, NodeRun, Plan, StandInComfyUI, i2i, run, saving  # noqa: E402
+from comfyui_http_standin import NODE_TYPES, PNG, NodeRun, Plan, StandInComfyUI, i2i, run, saving  # noqa: E402
 
 from comfyui_krea.standalone import remote  # noqa: E402
 from comfyui_krea.standalone.remote import RunFailed, free_name, inside, write_new  # noqa: E402
