@@ -150,6 +150,20 @@ def test_records_naming_a_file_outside_the_results_or_a_deleted_image_are_remove
         assert folder.load(HOUR) == [] and not folder.path(job.id).exists()
 
 
+def test_retention_is_counted_from_the_end_up_to_the_moment_given_and_folders_inside_are_left(tmp_path):
+    results = tmp_path / "fal"
+    results.mkdir()
+    folder = RecordFolder(results)
+    job = Job(endpoint="fal-ai/flux/krea", arguments=None, seed=1)
+    job.complete(output={"images": []})
+    job.finished = 1000.0
+    folder.save(job)
+    (folder.folder / "a folder").mkdir()  # not a record: never removed, never an error
+    assert [j.id for j in folder.load(100.0, now=1100.0)] == [job.id]  # exactly at retention: kept
+    assert folder.load(100.0, now=1100.5) == [] and not folder.path(job.id).exists()
+    assert (folder.folder / "a folder").is_dir()
+
+
 def test_removing_a_record_that_was_never_written_is_no_error(tmp_path):
     """A record whose write failed (a full disk) still expires and is dropped: its removal finds nothing."""
     folder = RecordFolder(tmp_path / "fal")
