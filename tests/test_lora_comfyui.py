@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,11 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("lora_oracle")
-    done = subprocess.run([sys.executable, str(SCRIPT), str(work)], capture_output=True, text=True, timeout=1800,
-                          cwd=SCRIPT.parent, env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
+    try:
+        done = subprocess.run([sys.executable, str(SCRIPT), str(work)], capture_output=True, text=True, timeout=1800,
+                              cwd=SCRIPT.parent, env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # 3.6 GB of full-width checkpoints: not kept for the rest of the run
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
