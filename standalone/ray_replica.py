@@ -16,29 +16,24 @@ Ray is imported by the caller (ray_serve.py), never at the pack's import.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from ..fal_api.jobs import CANCELLED, Job, log_entry
-from ..fal_api.workflow import finish
-from ..nodes.host import Interrupted, standalone_host
+from ..fal_api.jobs import Job, log_entry
+from ..nodes.host import standalone_host
 from ..sampling.parameters import nearest_multiple
 from .node_classes import PACK_CLASSES, decoded_image_loader
 from .preflight import available_memory, memory_problem
 from .ray_jobs import record_of
 from .ray_registry import NAMESPACE, REGISTRY_NAME
-from .runner import CheckedPrompt, WorkflowError, run, validate
-from .runner_backend import SERVER_ADVICE
-
-log = logging.getLogger(__name__)
+from .runner import CheckedPrompt, validate
+from .runner_backend import SERVER_ADVICE, run_job
 
 STOP_POLL_S = 0.1  # how often a running request's cancel flag is read from the registry
 
@@ -115,21 +110,8 @@ class KreaReplica:
         def on_step(step: int, total: int, x0: torch.Tensor) -> None:
             self._say(job, f"step {step}/{total}")
 
-        standalone_host().configure(output_dir=self.output_dir, progress=on_step, interrupt=stop)
-        started = time.perf_counter()
-        try:
-            uis = run(CheckedPrompt(prompt, self.classes),
-                      on_node=lambda node_id, kind: self._say(job, f"running {kind} (node {node_id})"))
-            finish(job, prompt, uis, self.output_dir, time.perf_counter() - started)
-            self._say(job, "done")
-        except Interrupted:
-            job.complete(error="the request was cancelled while it ran", error_type=CANCELLED)
-        except (WorkflowError, ValueError, OSError) as err:
-            log.warning("fal request %s failed: %s", job.id, err)
-            job.complete(error=str(err), error_type=type(err).__name__)
-        except Exception as err:  # the replica must outlive any one request
-            log.exception("fal request %s failed", job.id)
-            job.complete(error=f"{type(err).__name__}: {err}", error_type="internal_error")
+        run_job(job, CheckedPrompt(prompt, self.classes), self.output_dir, stop, on_step,
+                lambda message: self._say(job, message))
 
     def image_size(self, value: object) -> tuple[int, int] | None:
         """The size Krea Encode Image makes of a request's image (what the pre-flight needs)."""

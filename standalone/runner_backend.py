@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -188,17 +189,25 @@ class RunnerBackend:
             if image is not None:
                 job.set_preview(preview_entry(image))
 
-        standalone_host().configure(output_dir=self.output_dir, progress=on_step, interrupt=self.interrupt)
-        started = time.perf_counter()
-        try:
-            uis = run(prompt, on_node=lambda node_id, kind: job.log(f"running {kind} (node {node_id})"))
-            finish(job, prompt.prompt, uis, self.output_dir, time.perf_counter() - started)
-            job.log("done")
-        except Interrupted:
-            job.complete(error="the request was cancelled while it ran", error_type=CANCELLED)
-        except (WorkflowError, ValueError, OSError) as err:
-            log.warning("fal request %s failed: %s", job.id, err)
-            job.complete(error=str(err), error_type=type(err).__name__)
-        except Exception as err:  # the worker must outlive any one request
-            log.exception("fal request %s failed", job.id)
-            job.complete(error=f"{type(err).__name__}: {err}", error_type="internal_error")
+        run_job(job, prompt, self.output_dir, self.interrupt, on_step, job.log)
+
+
+def run_job(job: Job, prompt: CheckedPrompt, output_dir: Path, interrupt: threading.Event,
+            on_step: Callable[[int, int, torch.Tensor], None], say: Callable[[str], None]) -> None:
+    """Run a started job's checked workflow on the standalone host and end the job: its output, or the error it
+    raised (cancelled, refused by a node, or internal; a server must outlive any one request). `say` adds a line to
+    the job's logs (each node's start, then "done")."""
+    standalone_host().configure(output_dir=output_dir, progress=on_step, interrupt=interrupt)
+    started = time.perf_counter()
+    try:
+        uis = run(prompt, on_node=lambda node_id, kind: say(f"running {kind} (node {node_id})"))
+        finish(job, prompt.prompt, uis, output_dir, time.perf_counter() - started)
+        say("done")
+    except Interrupted:
+        job.complete(error="the request was cancelled while it ran", error_type=CANCELLED)
+    except (WorkflowError, ValueError, OSError) as err:
+        log.warning("fal request %s failed: %s", job.id, err)
+        job.complete(error=str(err), error_type=type(err).__name__)
+    except Exception as err:
+        log.exception("fal request %s failed", job.id)
+        job.complete(error=f"{type(err).__name__}: {err}", error_type="internal_error")
