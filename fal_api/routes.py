@@ -342,10 +342,11 @@ class FalService:
             await response.prepare(request)
             while True:
                 body = job.status_json(self.queue_urls(job), logs, self.backend.position(job), since_log=sent_logs)
-                key = (body["status"], body.get("queue_position"), len(body["logs"] or []))
+                new_logs = len(body["logs"] or [])
+                key = (body["status"], body.get("queue_position"), sent_logs + new_logs)  # logs counted in all
                 if key != last or body["status"] == COMPLETED:
                     await response.write(f"data: {json.dumps(body)}\n\n".encode())
-                    sent_logs += len(body["logs"] or [])
+                    sent_logs += new_logs
                     last, quiet = key, 0.0
                 if body["status"] == COMPLETED:
                     break
