@@ -19,6 +19,7 @@ from comfyui_adapter_stand_ins import CPU, PT_EXTENSIONS, adapter_over_stand_ins
 
 from comfyui_krea.model_loader.flux import FluxConfig, FluxTransformer, write_random_flux_checkpoint
 from comfyui_krea.model_loader.operations import WeightStorage
+from comfyui_krea.nodes.host.holding import ModelSlot
 
 # Unequal depths (FLUX.1: 19 double, 38 single) and every width different, so no two fields can be swapped unseen.
 UNEQUAL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=40, hidden_size=48, num_heads=2,
@@ -51,6 +52,23 @@ def test_the_config_handed_to_comfyui_is_read_off_the_file(comfy, unequal_file):
     assert holder.model_config.inference == (torch.float32, None)  # stored as computed: no manual cast
     assert (patcher.load_device, patcher.offload_device) == (CPU, CPU)
     assert module.dtype == torch.float32  # BaseModel.get_dtype() reads it
+    assert all(type(holder.model_config.unet_config[k]) is int for k in ("in_channels", "out_channels"))
+    # the layer classes and the default dtype are ComfyUI's choices for the device the model computes on
+    assert comfy.calls.pick_operations and {asked[2] for asked in comfy.calls.pick_operations} == {CPU}
+    assert comfy.calls.unet_dtype and {asked[0] for asked in comfy.calls.unet_dtype} == {CPU}
+
+
+def test_the_weight_dtype_picked_is_the_one_stored(comfy, unequal_file):
+    patcher = comfy.models.transformer_model(unequal_file, "bf16")
+    assert patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+
+
+def test_the_loaders_slot_keeps_the_model_until_another_file_or_dtype_is_picked(comfy, unequal_file):
+    host, slot = comfy.host.ComfyHost(), ModelSlot()
+    patcher = host.transformer_model(unequal_file, "bf16", CPU, slot)
+    assert patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+    assert host.transformer_model(unequal_file, "bf16", CPU, slot) is patcher
+    assert host.transformer_model(unequal_file, "default", CPU, slot).model.diffusion_model.dtype == torch.float32
 
 
 def test_default_weights_take_comfyuis_dtype_for_its_flux(comfy, unequal_file):
@@ -92,6 +110,25 @@ def test_the_memory_asked_is_comfyuis_estimate_for_the_latent_plus_the_extra_byt
     assert not loaded.is_pack_model and not loaded.streamed
 
 
+def test_the_loaded_transformer_is_the_models_own_module_and_says_whether_comfyui_streams_it(comfy, unequal_file):
+    model = loaded_holder(comfy)
+    loaded = comfy.host.ComfyHost().loaded_transformer(model, (1, 16, 2, 2))  # no extra bytes by default
+    assert comfy.calls.load_models_gpu == [([model], 1000.5 * 4 * 16)]
+    assert loaded.module is model.model.diffusion_model and loaded.is_pack_model is False and loaded.streamed is False
+    model.model.model_lowvram = True  # ComfyUI loaded it partially
+    assert comfy.models.load_transformer(model, (1, 16, 2, 2), 0).streamed is True
+    pack_model = comfy.models.transformer_model(unequal_file, "default")
+    assert comfy.models.load_transformer(pack_model, (1, 16, 2, 2), 0).is_pack_model is True
+
+
+@pytest.mark.parametrize("unet_config", [{"image_model": "flux"}, {"in_channels": 64, "patch_size": 1}],
+                         ids=["no channel fields", "patch 1"])
+def test_a_flux_of_64_token_features_is_taken_however_its_config_counts_them(comfy, unet_config):
+    model = loaded_holder(comfy, unet_config)
+    comfy.models.load_transformer(model, (1, 16, 2, 2), 0)
+    assert len(comfy.calls.load_models_gpu) == 1
+
+
 def test_the_compute_dtype_is_the_manual_cast_one_and_fp8_computes_in_bf16(comfy):
     assert comfy.models.load_transformer(loaded_holder(comfy, manual_cast=torch.float16), (1, 16, 2, 2),
                                          0).compute_dtype == torch.float16
@@ -113,6 +150,9 @@ def test_a_model_of_another_family_is_refused_by_name_before_anything_loads(comf
     model = comfy.stand_ins["comfy.model_patcher"].ModelPatcher(holder, CPU, CPU)
     with pytest.raises(ValueError, match=r"needs a FLUX.1 MODEL .* the connected model is BaseModel \(SupportedFlux\)"):
         comfy.models.load_transformer(model, (1, 16, 4, 4), 0)
+    holder = types.SimpleNamespace(model=torch.nn.Linear(1, 1))  # a patcher-like holder of no ComfyUI model
+    with pytest.raises(ValueError, match=r"the connected model is Linear\.$"):
+        comfy.models.load_transformer(holder, (1, 16, 4, 4), 0)
     with pytest.raises(ValueError, match="the connected model is str"):
         comfy.models.load_transformer("not a model", (1, 16, 4, 4), 0)
     assert comfy.calls.load_models_gpu == []

@@ -11,10 +11,10 @@ import shutil
 import pytest
 import torch
 from comfyui_adapter_stand_ins import CPU, ExecutionContext, adapter_over_stand_ins, start_server
-from reference_tokenizers import TOKENIZERS, needs_tokenizers
 from tqdm import tqdm
 
 from comfyui_krea.nodes.host.holding import ModelSlot
+from reference_tokenizers import TOKENIZERS, needs_tokenizers
 
 
 @pytest.fixture
@@ -46,7 +46,15 @@ def test_gguf_files_are_listed_and_found_beside_comfyuis_own_in_the_gguf_folders
     assert host.find_model("diffusion_models", "krea.safetensors") == models / "diffusion_models" / "krea.safetensors"
     assert host.find_model("diffusion_models", "a.gguf") == models / "diffusion_models" / "a.gguf"
     assert host.find_model("diffusion_models", "missing.gguf") is None
+    assert host.find_model("vae", "ae.safetensors") == models / "vae" / "ae.safetensors"
     assert host.find_model("vae", "missing.safetensors") is None
+
+
+def test_the_safety_checker_folder_is_registered_when_nothing_configured_it(comfy):
+    del comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"]  # no extra_model_paths.yaml entry
+    comfy.host.ComfyHost()
+    paths, _ = comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"]
+    assert paths == [str(comfy.root / "models" / "safety_checker")]
 
 
 def test_the_safety_checker_is_handed_to_a_modelpatcher_on_comfyuis_devices_and_loaded_by_comfyui(comfy):
