@@ -181,3 +181,16 @@ def test_the_tokenizers_are_loaded_once_per_comfyui_folder(comfy, tmp_path_facto
     ship_tokenizers(other)
     comfy.stand_ins["comfy.utils"].__file__ = str(other / "comfy" / "utils.py")
     assert host.prompt_tokenizers()[0] is not clip
+
+
+def test_the_fal_routes_are_added_to_comfyuis_server_with_the_hosts_step_listener(comfy, monkeypatch, tmp_path):
+    from comfyui_server_stand_ins import Comfy, forget_fal_queue, import_fal_queue
+
+    server_side = Comfy(tmp_path / "server")
+    import_fal_queue(monkeypatch, server_side)
+    try:
+        server = server_side.start_server()
+        comfy.host.ComfyHost().register_routes()
+        assert [(route.method, route.path) for route in server.routes] == [("*", "/fal/{tail:.*}")]
+    finally:
+        forget_fal_queue()
