@@ -95,6 +95,8 @@ def test_a_step_shows_comfyuis_preview_of_the_latent_on_the_bar(comfy):
 
 
 def live_bars() -> list:
+    """tqdm's open bars (tqdm keeps them to place nested bars; a closed bar leaves the set). Its drawing waits
+    0.1 s between frames, so the counts in between are read off the bar rather than off the terminal."""
     return list(getattr(tqdm, "_instances", []))
 
 
