@@ -1,5 +1,6 @@
 """Stand-ins of the ComfyUI 0.3.64 modules the host adapter (nodes/host/comfyui_models.py, comfyui_host.py) imports,
-so the adapter runs in-process in the plain suite (tests/test_comfyui_adapter*.py). Each keeps the real one's shape
+so the adapter runs in-process in the plain suite (tests/test_comfyui_adapter.py, test_comfyui_host_calls.py,
+test_comfyui_gguf_lora_resident.py, test_comfyui_text_encoders_and_vae.py). Each keeps the real one's shape
 and records what the adapter asked of it:
 
 - folder_paths: `folder_names_and_paths` (name -> (folder list, extension set; an empty set lists every file)),
