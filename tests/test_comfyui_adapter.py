@@ -10,157 +10,25 @@ against the real thing.
 """
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import types
-from dataclasses import dataclass, field
 
 import pytest
 import torch
+from comfyui_adapter_stand_ins import CPU, PT_EXTENSIONS, adapter_over_stand_ins
 
 from comfyui_krea.model_loader.flux import FluxConfig, FluxTransformer, write_random_flux_checkpoint
-from comfyui_krea.model_loader.operations import CastOps, WeightStorage
+from comfyui_krea.model_loader.operations import WeightStorage
+from comfyui_krea.nodes.host.holding import ModelSlot
 
-CPU = torch.device("cpu")
 # Unequal depths (FLUX.1: 19 double, 38 single) and every width different, so no two fields can be swapped unseen.
 UNEQUAL = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=24, context_in_dim=40, hidden_size=48, num_heads=2,
                      depth=2, depth_single_blocks=3, axes_dim=(4, 10, 10))
 
 
-@dataclass
-class Calls:
-    """What the adapter asked of the stand-ins."""
-    load_models_gpu: list = field(default_factory=list)
-    pick_operations: list = field(default_factory=list)
-    scaled_fp8_ops: list = field(default_factory=list)
-    unet_dtype: list = field(default_factory=list)
-    unet_dtype_answer: torch.dtype = torch.float32  # ComfyUI's choice on a CPU
-    interrupted: bool = False
-    events: list = field(default_factory=list)
-
-
-def stand_ins(calls: Calls) -> dict[str, types.ModuleType]:
-    """comfy.* and folder_paths modules holding the functions the adapter calls, recording what it asks."""
-    def module(name: str, **attributes) -> types.ModuleType:
-        made = types.ModuleType(name)
-        made.__dict__.update(attributes)
-        return made
-
-    class SupportedFlux:  # comfy.supported_models.Flux: the config a MODEL carries (unet_config)
-        def __init__(self, unet_config: dict) -> None:
-            self.unet_config = dict(unet_config)
-            self.inference = None
-
-        def set_inference_dtype(self, dtype: torch.dtype, manual_cast: torch.dtype | None) -> None:
-            self.inference = (dtype, manual_cast)
-
-    class BaseModel:
-        def __init__(self, model_config, device=None) -> None:
-            self.model_config, self.device = model_config, device
-            self.manual_cast_dtype = model_config.inference[1] if model_config.inference else None
-            self.asked: list[tuple] = []
-
-        def memory_required(self, shape) -> float:  # a stand-in figure; the real estimate is ComfyUI's
-            self.asked.append(tuple(shape))
-            return 1000.5 * math.prod(shape)
-
-        def get_dtype(self) -> torch.dtype:
-            return self.diffusion_model.dtype
-
-    class Flux(BaseModel):
-        pass
-
-    class ModelPatcher:
-        def __init__(self, model, load_device, offload_device) -> None:
-            self.model, self.load_device, self.offload_device = model, load_device, offload_device
-
-    def pick_operations(weight_dtype, compute_dtype, load_device=None, fp8_optimizations=False):
-        calls.pick_operations.append((weight_dtype, compute_dtype, load_device, fp8_optimizations))
-        return CastOps
-
-    def scaled_fp8_ops(fp8_matrix_mult=False, scale_input=False):
-        calls.scaled_fp8_ops.append((fp8_matrix_mult, scale_input))
-        return CastOps
-
-    def unet_dtype(device=None, model_params=0, supported_dtypes=(), weight_dtype=None):
-        calls.unet_dtype.append((device, list(supported_dtypes), weight_dtype))
-        return calls.unet_dtype_answer
-
-    def load_models_gpu(models, memory_required=0, **kwargs):
-        calls.load_models_gpu.append((list(models), memory_required))
-
-    def throw_if_interrupted():
-        calls.events.append("interrupt check")
-        if calls.interrupted:
-            raise InterruptedError
-
-    class ProgressBar:
-        def __init__(self, total, node_id=None) -> None:
-            calls.events.append(("bar", total, node_id))
-
-        def update_absolute(self, value, total=None, preview=None) -> None:
-            calls.events.append(("update", value, total, preview))
-
-    made = {
-        "comfy": module("comfy"),
-        "comfy.model_base": module("comfy.model_base", BaseModel=BaseModel, Flux=Flux),
-        "comfy.model_management": module(
-            "comfy.model_management", get_torch_device=lambda: CPU, unet_offload_device=lambda: CPU,
-            supports_fp8_compute=lambda device: False, unet_dtype=unet_dtype, load_models_gpu=load_models_gpu,
-            throw_exception_if_processing_interrupted=throw_if_interrupted, intermediate_device=lambda: CPU,
-            text_encoder_device=lambda: torch.device("meta"), text_encoder_offload_device=lambda: CPU,
-            vae_device=lambda: torch.device("meta"), vae_offload_device=lambda: CPU),
-        "comfy.model_patcher": module("comfy.model_patcher", ModelPatcher=ModelPatcher),
-        "comfy.ops": module("comfy.ops", pick_operations=pick_operations, scaled_fp8_ops=scaled_fp8_ops),
-        "comfy.weight_adapter": module("comfy.weight_adapter", LoRAAdapter=type("LoRAAdapter", (), {})),
-        "comfy.patcher_extension": module("comfy.patcher_extension", CallbacksMP=types.SimpleNamespace(
-            ON_LOAD="on_load", ON_DETACH="on_detach")),
-        # The text encoders and VAE are ComfyUI's own classes, checked against the real ComfyUI in the host tests.
-        "comfy.sd": module("comfy.sd", CLIP=type("CLIP", (), {}), VAE=type("VAE", (), {}),
-                           CLIPType=types.SimpleNamespace(FLUX="flux")),
-        "comfy.text_encoders": module("comfy.text_encoders"),
-        "comfy.text_encoders.flux": module("comfy.text_encoders.flux", FluxClipModel=type("FluxClipModel", (), {})),
-        "comfy.supported_models": module("comfy.supported_models", Flux=SupportedFlux),
-        "comfy.utils": module("comfy.utils", ProgressBar=ProgressBar, PROGRESS_BAR_ENABLED=False,
-                              __file__="/comfyui/comfy/utils.py"),
-        "comfy.latent_formats": module("comfy.latent_formats", Flux=lambda: "flux latent format"),
-        "latent_preview": module("latent_preview", get_previewer=lambda device, latent_format: None),
-        "comfy_execution": module("comfy_execution"),
-        "comfy_execution.progress": module("comfy_execution.progress",
-                                           get_progress_state=lambda: types.SimpleNamespace(prompt_id="p1")),
-        "folder_paths": module("folder_paths", models_dir="/comfyui/models",
-                               folder_names_and_paths={"safety_checker": (["/extra/safety"], set()),
-                                                       "diffusion_models": (["/comfyui/models/unet"], set()),
-                                                       "text_encoders": (["/comfyui/models/clip"], set())}),
-    }
-    for name, submodule in made.items():  # `import comfy.ops` binds comfy, then reads comfy.ops
-        parent, _, leaf = name.rpartition(".")
-        if parent:
-            setattr(made[parent], leaf, submodule)
-    return made
-
-
-ADAPTER = ("comfyui_krea.nodes.host.comfyui_models", "comfyui_krea.nodes.host.comfyui_host")
-
-
 @pytest.fixture
-def comfy(monkeypatch):
-    """The adapter's modules imported over the stand-ins; both are dropped again afterwards, so the rest of the
-    session never sees them (the pack runs outside ComfyUI there)."""
-    calls = Calls()
-    for name, made in stand_ins(calls).items():
-        monkeypatch.setitem(sys.modules, name, made)
-    for name in ADAPTER:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    models = importlib.import_module(ADAPTER[0])
-    host = importlib.import_module(ADAPTER[1])
-    yield types.SimpleNamespace(calls=calls, models=models, host=host, stand_ins=sys.modules)
-    package = sys.modules["comfyui_krea.nodes.host"]
-    for name in ADAPTER:
-        sys.modules.pop(name, None)
-        if hasattr(package, name.rpartition(".")[2]):
-            delattr(package, name.rpartition(".")[2])
+def comfy(monkeypatch, tmp_path):
+    yield from adapter_over_stand_ins(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +52,23 @@ def test_the_config_handed_to_comfyui_is_read_off_the_file(comfy, unequal_file):
     assert holder.model_config.inference == (torch.float32, None)  # stored as computed: no manual cast
     assert (patcher.load_device, patcher.offload_device) == (CPU, CPU)
     assert module.dtype == torch.float32  # BaseModel.get_dtype() reads it
+    assert all(type(holder.model_config.unet_config[k]) is int for k in ("in_channels", "out_channels"))
+    # the layer classes and the default dtype are ComfyUI's choices for the device the model computes on
+    assert comfy.calls.pick_operations and {asked[2] for asked in comfy.calls.pick_operations} == {CPU}
+    assert comfy.calls.unet_dtype and {asked[0] for asked in comfy.calls.unet_dtype} == {CPU}
+
+
+def test_the_weight_dtype_picked_is_the_one_stored(comfy, unequal_file):
+    patcher = comfy.models.transformer_model(unequal_file, "bf16")
+    assert patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+
+
+def test_the_loaders_slot_keeps_the_model_until_another_file_or_dtype_is_picked(comfy, unequal_file):
+    host, slot = comfy.host.ComfyHost(), ModelSlot()
+    patcher = host.transformer_model(unequal_file, "bf16", CPU, slot)
+    assert patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+    assert host.transformer_model(unequal_file, "bf16", CPU, slot) is patcher
+    assert host.transformer_model(unequal_file, "default", CPU, slot).model.diffusion_model.dtype == torch.float32
 
 
 def test_default_weights_take_comfyuis_dtype_for_its_flux(comfy, unequal_file):
@@ -225,6 +110,25 @@ def test_the_memory_asked_is_comfyuis_estimate_for_the_latent_plus_the_extra_byt
     assert not loaded.is_pack_model and not loaded.streamed
 
 
+def test_the_loaded_transformer_is_the_models_own_module_and_says_whether_comfyui_streams_it(comfy, unequal_file):
+    model = loaded_holder(comfy)
+    loaded = comfy.host.ComfyHost().loaded_transformer(model, (1, 16, 2, 2))  # no extra bytes by default
+    assert comfy.calls.load_models_gpu == [([model], 1000.5 * 4 * 16)]
+    assert loaded.module is model.model.diffusion_model and loaded.is_pack_model is False and loaded.streamed is False
+    model.model.model_lowvram = True  # ComfyUI loaded it partially
+    assert comfy.models.load_transformer(model, (1, 16, 2, 2), 0).streamed is True
+    pack_model = comfy.models.transformer_model(unequal_file, "default")
+    assert comfy.models.load_transformer(pack_model, (1, 16, 2, 2), 0).is_pack_model is True
+
+
+@pytest.mark.parametrize("unet_config", [{"image_model": "flux"}, {"in_channels": 64, "patch_size": 1}],
+                         ids=["no channel fields", "patch 1"])
+def test_a_flux_of_64_token_features_is_taken_however_its_config_counts_them(comfy, unet_config):
+    model = loaded_holder(comfy, unet_config)
+    comfy.models.load_transformer(model, (1, 16, 2, 2), 0)
+    assert len(comfy.calls.load_models_gpu) == 1
+
+
 def test_the_compute_dtype_is_the_manual_cast_one_and_fp8_computes_in_bf16(comfy):
     assert comfy.models.load_transformer(loaded_holder(comfy, manual_cast=torch.float16), (1, 16, 2, 2),
                                          0).compute_dtype == torch.float16
@@ -246,6 +150,9 @@ def test_a_model_of_another_family_is_refused_by_name_before_anything_loads(comf
     model = comfy.stand_ins["comfy.model_patcher"].ModelPatcher(holder, CPU, CPU)
     with pytest.raises(ValueError, match=r"needs a FLUX.1 MODEL .* the connected model is BaseModel \(SupportedFlux\)"):
         comfy.models.load_transformer(model, (1, 16, 4, 4), 0)
+    holder = types.SimpleNamespace(model=torch.nn.Linear(1, 1))  # a patcher-like holder of no ComfyUI model
+    with pytest.raises(ValueError, match=r"the connected model is Linear\.$"):
+        comfy.models.load_transformer(holder, (1, 16, 4, 4), 0)
     with pytest.raises(ValueError, match="the connected model is str"):
         comfy.models.load_transformer("not a model", (1, 16, 4, 4), 0)
     assert comfy.calls.load_models_gpu == []
@@ -254,7 +161,7 @@ def test_a_model_of_another_family_is_refused_by_name_before_anything_loads(comf
 def test_the_safety_checker_folder_is_registered_beside_folders_configured_before(comfy):
     comfy.host.ComfyHost()
     paths, extensions = comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"]
-    assert paths == ["/extra/safety", "/comfyui/models/safety_checker"] and ".safetensors" in extensions
+    assert paths == ["/extra/safety", str(comfy.root / "models" / "safety_checker")] and ".safetensors" in extensions
     comfy.host.ComfyHost()  # a second host (a reload) adds nothing twice
     assert comfy.stand_ins["folder_paths"].folder_names_and_paths["safety_checker"][0] == paths
 
@@ -265,7 +172,7 @@ def test_gguf_files_are_listed_under_keys_of_the_packs_own_over_comfyuis_folder_
     for folder in ("diffusion_models", "text_encoders"):
         paths, extensions = known[f"krea_gguf_{folder}"]
         assert paths is known[folder][0] and extensions == {".gguf"}  # folders ComfyUI adds later count too
-        assert known[folder][1] == set()  # ComfyUI's own loaders keep their lists
+        assert known[folder][1] == PT_EXTENSIONS  # ComfyUI's own loaders keep their lists
 
 
 def test_each_model_kind_gets_comfyuis_devices_for_it(comfy):

@@ -71,6 +71,15 @@ def test_the_fal_routes_and_run_server_word_each_problem_once():
     assert len(lines) == 5 and refusal_text(None, {}) == "ComfyUI refused the workflow"
 
 
+@pytest.mark.parametrize("error, line", [
+    ({"message": "Invalid prompt", "details": "Node 4 has no class_type"}, "Invalid prompt: Node 4 has no class_type"),
+    ({"message": "Prompt has no outputs"}, "Prompt has no outputs"),  # no details: no dangling ": "
+    ({"details": "XlabsSampler: node class not found"}, "XlabsSampler: node class not found"),  # nor a leading one
+], ids=["both", "message", "details"])
+def test_the_fal_routes_word_comfyuis_own_error_by_what_it_holds(error, line):
+    assert refusal_text(error, {}) == line
+
+
 @pytest.mark.parametrize("answer, line", [
     ({"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}},
       "node_errors": {}}, "Prompt has no outputs"),  # ComfyUI's own: empty details leave no dangling ": "

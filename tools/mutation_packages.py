@@ -74,7 +74,9 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_safety_check_node.py", "tests/test_lora_cli.py", "tests/test_node_messages.py",
         "tests/test_node_inputs.py", "tests/test_pack_import.py", "tests/test_gguf_standalone.py",
         "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_sampler_node.py", "tests/test_image_nodes.py",
-        "tests/test_fal_in_comfyui_queue.py", "tests/test_fal_in_comfyui_routes.py"],
+        "tests/test_fal_in_comfyui_queue.py", "tests/test_fal_in_comfyui_routes.py",
+        "tests/test_comfyui_host_calls.py", "tests/test_comfyui_gguf_lora_resident.py",
+        "tests/test_comfyui_text_encoders_and_vae.py"],
     # the command line and the standalone server (runner.py is its own package above; the Ray modules run in Ray's
     # worker processes and sequence_parallel_run.py under torchrun, where mutmut's mutants do not reach)
     "standalone": [
