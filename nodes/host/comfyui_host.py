@@ -63,9 +63,7 @@ class ComfyHost(Host):
         return names
 
     def find_model(self, folder: str, name: str) -> Path | None:
-        found = folder_paths.get_full_path(folder, name)
-        if found is None and folder in GGUF_FOLDERS:
-            found = folder_paths.get_full_path(_gguf_key(folder), name)
+        found = folder_paths.get_full_path(folder, name)  # any extension: a GGUF file too, without its own key
         return Path(found) if found is not None else None
 
     def tokenizer_dir(self) -> Path | None:
