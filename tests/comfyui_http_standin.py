@@ -1,13 +1,15 @@
 """A stand-in for a running ComfyUI 0.3.64 server, in-process on aiohttp's TestServer, for tests of `run --server`
 (standalone/remote.py): its routes and websocket messages have the shapes of ComfyUI's server.py, execution.py and
 main.py; what a queued prompt does (which nodes run, their steps, the images they save, a failure) is a `Plan` the
-test gives, since no nodes run here. Below the server: `run`, which runs run_on_server against it, and the
+test gives, since no nodes run here. Below the server: `run`, which runs run_on_server against it, `serving` and
+`serving_in_thread` (for the command line, whose asyncio.run needs the main thread's loop free), and the
 image-to-image workflow's usual plan (`saving`).
 
-Routes: GET /ws?clientId= (a 'status' message first), POST /upload/image (a taken name gets " (1)", an identical
-file is reused), POST /prompt (ComfyUI's refusals of a node type it lacks, a node without class_type, a prompt
-without outputs; or the test's `refusal`), GET /history/{id} ({} until the run is recorded), GET /view (ComfyUI's
-checks: 400 for '..' or an absolute name, 403 for a sub-folder outside, 404 for a missing file), POST /interrupt,
+Routes: GET /object_info (the node types' definitions), GET /ws?clientId= (a 'status' message first),
+POST /upload/image (a taken name gets " (1)", an identical file is reused), POST /prompt (ComfyUI's refusals of
+a node type it lacks, a node without class_type, a prompt without outputs; or the test's `refusal`),
+GET /history/{id} ({} until the run is recorded), GET /view (ComfyUI's checks: 400 for '..' or an absolute name,
+403 for a sub-folder outside, 404 for a missing file), POST /interrupt,
 POST /queue. A run sends, to the queuing client's socket: execution_start, execution_cached, then per node
 executing, progress per step (and a binary preview frame), executed, with progress_state (every node's state)
 at each start, step and finish, then execution_success or execution_error /
@@ -22,8 +24,10 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +62,9 @@ class Plan:
 
 
 class StandInComfyUI:
-    def __init__(self, root: Path, node_types: set[str], max_upload_size: int = 100 * 1024 * 1024) -> None:
+    def __init__(self, root: Path, node_types: set[str], max_upload_size: int = 100 * 1024 * 1024,
+                 definitions: dict[str, dict] | None = None) -> None:
+        self.definitions = definitions  # GET /object_info's answer; None: a bare entry per node type
         self.dirs = {kind: root / kind for kind in ("input", "output", "temp")}
         for folder in self.dirs.values():
             folder.mkdir(parents=True, exist_ok=True)
@@ -85,6 +91,7 @@ class StandInComfyUI:
         """The routes, in an application of its own for each event loop that serves them."""
         app = web.Application(client_max_size=self.max_upload_size, middlewares=[self.record])
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/object_info", self.object_info)
         app.router.add_post("/upload/image", self.upload)
         app.router.add_post("/prompt", self.post_prompt)
         app.router.add_get("/history/{prompt_id}", self.get_history)
@@ -99,6 +106,10 @@ class StandInComfyUI:
         if self.proxy_answer is not None and request.path == "/prompt":  # a reverse proxy's own page
             return web.Response(status=self.proxy_answer[0], text=self.proxy_answer[1], content_type="text/html")
         return await handler(request)
+
+    async def object_info(self, request: web.Request) -> web.Response:
+        bare = {name: {"input": {}, "input_order": {}, "output": [], "name": name} for name in self.node_types}
+        return web.json_response(self.definitions if self.definitions is not None else bare)
 
     # -- the websocket ------------------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -358,6 +369,34 @@ def saving(*images: tuple[str, str, bytes, str], steps: int = 2, **plan) -> Plan
 async def serving(standin: StandInComfyUI):
     async with TestServer(standin.application(), host="127.0.0.1") as server:
         yield str(server.make_url("")).rstrip("/")
+
+
+@contextlib.contextmanager
+def serving_in_thread(standin: StandInComfyUI, prefix: str = "") -> Iterator[str]:
+    """The stand-in served from an event loop in a thread of its own (its routes under `prefix`, as behind a
+    proxy), for code that runs its own event loop; yields its URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = standin.application()
+    if prefix:
+        outer = web.Application()
+        outer.add_subapp(prefix, app)
+        app = outer
+
+    async def start() -> TestServer:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(LIMIT)
+    try:
+        yield str(server.make_url(prefix)).rstrip("/")
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(LIMIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LIMIT)
+        loop.close()
 
 
 def run(standin: StandInComfyUI, prompt: dict, output: Path, images: dict | None = None, embedded=None,
