@@ -17,6 +17,7 @@ pytest.importorskip("aiohttp", reason="run --server needs aiohttp: pip install -
 from comfyui_http_standin import PNG, StandInComfyUI, saving, serving_in_thread  # noqa: E402
 
 from comfyui_krea.nodes import NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from comfyui_krea.sampling.parameters import GUIDANCE_SCALE, MAX_SIDE, NUM_INFERENCE_STEPS  # noqa: E402
 from comfyui_krea.standalone.cli import main  # noqa: E402
 from comfyui_krea.standalone.node_classes import PACK_CLASSES  # noqa: E402
 from comfyui_krea.standalone.ui_workflow import local_definitions  # noqa: E402
@@ -165,3 +166,14 @@ def test_the_definitions_request_gives_up_on_a_silent_server_after_a_minute(stan
     with serving_in_thread(standin) as url:
         assert main(["run", str(API / "krea_text_to_image.json"), "--server", url, "--output", str(tmp_path)]) == 0
     assert timeouts == [60]
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--steps", "99"], f"num_inference_steps must be between 1 and {NUM_INFERENCE_STEPS.max}, got 99."),
+    (["--guidance", "0.5"], f"guidance_scale must be between {GUIDANCE_SCALE.min} and {GUIDANCE_SCALE.max}, got 0.5."),
+    (["--width", "100"], f"width must be a multiple of 16 between 16 and {MAX_SIDE}, got 100.")])
+def test_a_value_out_of_range_is_refused_before_the_server_is_asked_anything(standin, capsys, options, error):
+    with serving_in_thread(standin) as url:
+        assert main(["run", str(API / "krea_text_to_image.json"), "--server", url, *options]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {error}"
+    assert standin.requests == []
