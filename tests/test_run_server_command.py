@@ -177,3 +177,17 @@ def test_a_value_out_of_range_is_refused_before_the_server_is_asked_anything(sta
         assert main(["run", str(API / "krea_text_to_image.json"), "--server", url, *options]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {error}"
     assert standin.requests == []
+
+
+def test_a_node_written_without_inputs_is_queued_with_empty_ones(standin, tmp_path, capsys):
+    """A hand-written API workflow may leave out "inputs" of a node; ComfyUI's validation reads them as a mapping."""
+    prompt = json.loads((API / "krea_text_to_image.json").read_text())
+    del prompt["5"]["inputs"], prompt["1"]["inputs"]
+    workflow = tmp_path / "hand_written.json"
+    workflow.write_text(json.dumps(prompt))
+    with serving_in_thread(standin) as url:
+        code = main(["run", str(workflow), "--server", url, "--output", str(tmp_path / "out"),
+                     "--set", '1.weight_dtype="fp8_e4m3fn"'])
+    assert code == 0, capsys.readouterr().err
+    (body,) = standin.prompts
+    assert body["prompt"]["5"]["inputs"] == {} and body["prompt"]["1"]["inputs"] == {"weight_dtype": "fp8_e4m3fn"}

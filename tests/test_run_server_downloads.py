@@ -166,3 +166,17 @@ def test_a_run_the_server_kept_no_record_of_is_an_error_not_an_empty_success(sta
     assert str(failed.value) == (f"the run ended but the server has no record of it (GET /history/{prompt_id} "
                                  "stayed empty for 10 s): its images are in the server's output folder")
     assert standin.history_asked == 100 and not (tmp_path / "out").exists()
+
+
+def test_an_image_linked_into_place_is_kept_when_its_temporary_file_vanished_meanwhile(tmp_path, monkeypatch):
+    """Something else may clear the output folder's hidden files (a sync tool, a cleanup) between the link and
+    the removal of the temporary file: the image is in place, so that is no error."""
+    link = os.link
+
+    def link_then_cleared(source, target):
+        link(source, target)
+        os.unlink(source)
+
+    monkeypatch.setattr(remote.os, "link", link_then_cleared)
+    assert write_new(tmp_path, "a.png", b"x") == tmp_path / "a.png"
+    assert os.listdir(tmp_path) == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"x"
