@@ -86,6 +86,8 @@ class StandInComfyUI:
         self.holding = asyncio.Event()  # set once a run waits at hold_at_step
         self.number = 0
         self.max_upload_size = max_upload_size
+        self.flat_uploads = False  # True: keeps every upload in input/ itself and answers subfolder "" (a server
+        # without upload sub-folders)
 
     def application(self) -> web.Application:
         """The routes, in an application of its own for each event loop that serves them."""
@@ -141,8 +143,9 @@ class StandInComfyUI:
             return web.Response(status=400)
         data = image.file.read()
         kind = post.get("type") or "input"
-        subfolder = str(post.get("subfolder", ""))
-        self.uploads.append({"filename": image.filename, "data": data, "subfolder": subfolder, "type": kind})
+        subfolder = "" if self.flat_uploads else str(post.get("subfolder", ""))
+        self.uploads.append({"filename": image.filename, "data": data, "subfolder": post.get("subfolder"),
+                             "type": post.get("type")})  # the form's fields as sent
         base = str(self.dirs.get(kind, self.dirs["input"]))
         folder = os.path.join(base, os.path.normpath(subfolder))
         filename = image.filename

@@ -301,3 +301,13 @@ def test_a_refusal_missing_parts_of_comfyuis_error_says_what_it_has(answer, line
     from comfyui_krea.standalone.remote import node_error_lines
 
     assert node_error_lines(answer, {}) == lines
+
+
+def test_an_upload_the_server_kept_without_its_sub_folder_is_named_without_one(standin, tmp_path):
+    image = tmp_path / "input.png"
+    image.write_bytes(PNG)
+    standin.flat_uploads = True
+    standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"))
+    run(standin, i2i(), tmp_path / "out", {"7": image})
+    assert standin.prompts[0]["prompt"]["7"]["inputs"]["image"] == "input.png"
+    assert (standin.dirs["input"] / "input.png").read_bytes() == PNG
