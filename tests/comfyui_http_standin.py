@@ -74,6 +74,7 @@ class StandInComfyUI:
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.prompts: list[dict] = []  # the bodies of POST /prompt
         self.stops: list[tuple[str, dict]] = []  # (path, body) of POST /interrupt and POST /queue
+        self.views: list[dict] = []  # the queries of GET /view
         self.uploads: list[dict] = []  # the form fields of POST /upload/image (the file as its name and bytes)
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers) of every request
         self.proxy_answer: tuple[int, str] | None = None  # (status, html) a proxy in front answers POST /prompt
@@ -167,6 +168,7 @@ class StandInComfyUI:
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         query = request.rel_url.query
+        self.views.append(dict(query))
         if "filename" in query:
             filename = query["filename"]
             if not filename or filename[0] == "/" or ".." in filename:

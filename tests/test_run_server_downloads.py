@@ -35,6 +35,9 @@ def test_each_saved_image_comes_into_its_sub_folder_and_never_over_another_file(
     assert (out / "krea" / "krea_00001_.png").read_bytes() == b"an earlier run's"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "ComfyUI_00001_.png", "krea", "krea/krea_00001_.png", "krea/krea_00001__1.png", "krea/krea_00002_.png"]
+    assert standin.views == [{"filename": "krea_00001_.png", "subfolder": "krea", "type": "output"},
+                             {"filename": "krea_00002_.png", "subfolder": "krea", "type": "output"},
+                             {"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]
 
 
 def test_custom_nodes_outputs_without_images_or_sub_folders_or_with_mixed_image_types(standin, tmp_path):
@@ -180,3 +183,16 @@ def test_an_image_linked_into_place_is_kept_when_its_temporary_file_vanished_mea
     monkeypatch.setattr(remote.os, "link", link_then_cleared)
     assert write_new(tmp_path, "a.png", b"x") == tmp_path / "a.png"
     assert os.listdir(tmp_path) == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"x"
+
+
+def test_a_history_record_without_outputs_is_a_run_that_saved_nothing(tmp_path):
+    class WithoutOutputs(StandInComfyUI):  # a server whose record leaves out an empty "outputs"
+        async def get_history(self, request):
+            for record in self.history.values():
+                record.pop("outputs", None)
+            return await super().get_history(request)
+
+    standin = WithoutOutputs(tmp_path / "comfyui", NODE_TYPES)
+    standin.plan = saving()
+    written, reports, _ = run(standin, i2i(), tmp_path / "out")
+    assert written == [] and reports == [("3", "2 of 2 steps computed")] and not (tmp_path / "out").exists()
