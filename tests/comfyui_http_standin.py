@@ -1,8 +1,7 @@
 """A stand-in for a running ComfyUI 0.3.64 server, in-process on aiohttp's TestServer, for tests of `run --server`
 (standalone/remote.py): its routes and websocket messages have the shapes of ComfyUI's server.py, execution.py and
 main.py; what a queued prompt does (which nodes run, their steps, the images they save, a failure) is a `Plan` the
-test gives, since no nodes run here. Below the server: `run`, which runs run_on_server against it, `serving` and
-`serving_in_thread` (for the command line, whose asyncio.run needs the main thread's loop free), and the
+test gives, since no nodes run here. Below the server: `run`, which runs run_on_server against it, and the
 image-to-image workflow's usual plan (`saving`).
 
 Routes: GET /object_info (the node types' definitions), GET /ws?clientId= (a 'status' message first),
@@ -24,10 +23,8 @@ import hashlib
 import json
 import os
 import struct
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,34 +371,6 @@ def saving(*images: tuple[str, str, bytes, str], steps: int = 2, **plan) -> Plan
 async def serving(standin: StandInComfyUI):
     async with TestServer(standin.application(), host="127.0.0.1") as server:
         yield str(server.make_url("")).rstrip("/")
-
-
-@contextlib.contextmanager
-def serving_in_thread(standin: StandInComfyUI, prefix: str = "") -> Iterator[str]:
-    """The stand-in served from an event loop in a thread of its own (its routes under `prefix`, as behind a
-    proxy), for code that runs its own event loop; yields its URL."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    app = standin.application()
-    if prefix:
-        outer = web.Application()
-        outer.add_subapp(prefix, app)
-        app = outer
-
-    async def start() -> TestServer:
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        return server
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(LIMIT)
-    try:
-        yield str(server.make_url(prefix)).rstrip("/")
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(LIMIT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(LIMIT)
-        loop.close()
 
 
 def run(standin: StandInComfyUI, prompt: dict, output: Path, images: dict | None = None, embedded=None,

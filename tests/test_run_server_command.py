@@ -1,12 +1,17 @@
 """`python -m comfyui_krea run WORKFLOW --server URL` as a command (cli.main in this process) against the stand-in
-ComfyUI 0.3.64 (comfyui_http_standin.py) served from a thread: the options reach the queued prompt, the input image
+ComfyUI 0.3.64 (comfyui_http_standin.py) served from a thread (`serving_in_thread`: the command's asyncio.run
+needs this thread's loop free): the options reach the queued prompt, the input image
 and mask are uploaded, a UI workflow is converted with the server's own node definitions and embedded in the
 images, the images land in --output (./output without it), the printed lines, the URL forms taken, and the refusals
 that come before the server is asked to run anything. tests/test_run_server.py runs the same against the real
 ComfyUI."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,9 @@ from PIL import Image
 
 pytest.importorskip("aiohttp", reason="run --server needs aiohttp: pip install -e '.[serve]'")
 
-from comfyui_http_standin import PNG, StandInComfyUI, saving, serving_in_thread  # noqa: E402
+from aiohttp import web  # noqa: E402
+from aiohttp.test_utils import TestServer  # noqa: E402
+from comfyui_http_standin import LIMIT, PNG, StandInComfyUI, saving  # noqa: E402
 
 from comfyui_krea.nodes import NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 from comfyui_krea.sampling.parameters import GUIDANCE_SCALE, MAX_SIDE, NUM_INFERENCE_STEPS  # noqa: E402
@@ -25,6 +32,34 @@ from comfyui_krea.standalone.ui_workflow import local_definitions  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 API = ROOT / "workflows" / "api"
 DEFINITIONS = local_definitions(PACK_CLASSES, NODE_DISPLAY_NAME_MAPPINGS)  # what ComfyUI serves for these nodes
+
+
+@contextlib.contextmanager
+def serving_in_thread(standin: StandInComfyUI, prefix: str = "") -> Iterator[str]:
+    """The stand-in served from an event loop in a thread of its own (its routes under `prefix`, as behind a
+    proxy), for code that runs its own event loop; yields its URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = standin.application()
+    if prefix:
+        outer = web.Application()
+        outer.add_subapp(prefix, app)
+        app = outer
+
+    async def start() -> TestServer:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(LIMIT)
+    try:
+        yield str(server.make_url(prefix)).rstrip("/")
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(LIMIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LIMIT)
+        loop.close()
 
 
 @pytest.fixture
