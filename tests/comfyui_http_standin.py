@@ -4,10 +4,11 @@ main.py; what a queued prompt does (which nodes run, their steps, the images the
 test gives, since no nodes run here. Below the server: `run`, which runs run_on_server against it, and the
 image-to-image workflow's usual plan (`saving`).
 
-Routes: GET /ws?clientId= (a 'status' message first), POST /upload/image (a taken name gets " (1)", an identical
-file is reused), POST /prompt (ComfyUI's refusals of a node type it lacks, a node without class_type, a prompt
-without outputs; or the test's `refusal`), GET /history/{id} ({} until the run is recorded), GET /view (ComfyUI's
-checks: 400 for '..' or an absolute name, 403 for a sub-folder outside, 404 for a missing file), POST /interrupt,
+Routes: GET /object_info (the node types' definitions), GET /ws?clientId= (a 'status' message first),
+POST /upload/image (a taken name gets " (1)", an identical file is reused), POST /prompt (ComfyUI's refusals of
+a node type it lacks, a node without class_type, a prompt without outputs; or the test's `refusal`),
+GET /history/{id} ({} until the run is recorded), GET /view (ComfyUI's checks: 400 for '..' or an absolute name,
+403 for a sub-folder outside, 404 for a missing file), POST /interrupt,
 POST /queue. A run sends, to the queuing client's socket: execution_start, execution_cached, then per node
 executing, progress per step (and a binary preview frame), executed, with progress_state (every node's state)
 at each start, step and finish, then execution_success or execution_error /
@@ -58,7 +59,9 @@ class Plan:
 
 
 class StandInComfyUI:
-    def __init__(self, root: Path, node_types: set[str], max_upload_size: int = 100 * 1024 * 1024) -> None:
+    def __init__(self, root: Path, node_types: set[str], max_upload_size: int = 100 * 1024 * 1024,
+                 definitions: dict[str, dict] | None = None) -> None:
+        self.definitions = definitions  # GET /object_info's answer; None: a bare entry per node type
         self.dirs = {kind: root / kind for kind in ("input", "output", "temp")}
         for folder in self.dirs.values():
             folder.mkdir(parents=True, exist_ok=True)
@@ -68,6 +71,7 @@ class StandInComfyUI:
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.prompts: list[dict] = []  # the bodies of POST /prompt
         self.stops: list[tuple[str, dict]] = []  # (path, body) of POST /interrupt and POST /queue
+        self.views: list[dict] = []  # the queries of GET /view
         self.uploads: list[dict] = []  # the form fields of POST /upload/image (the file as its name and bytes)
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers) of every request
         self.proxy_answer: tuple[int, str] | None = None  # (status, html) a proxy in front answers POST /prompt
@@ -80,11 +84,14 @@ class StandInComfyUI:
         self.holding = asyncio.Event()  # set once a run waits at hold_at_step
         self.number = 0
         self.max_upload_size = max_upload_size
+        self.flat_uploads = False  # True: keeps every upload in input/ itself and answers subfolder "" (a server
+        # without upload sub-folders)
 
     def application(self) -> web.Application:
         """The routes, in an application of its own for each event loop that serves them."""
         app = web.Application(client_max_size=self.max_upload_size, middlewares=[self.record])
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/object_info", self.object_info)
         app.router.add_post("/upload/image", self.upload)
         app.router.add_post("/prompt", self.post_prompt)
         app.router.add_get("/history/{prompt_id}", self.get_history)
@@ -99,6 +106,10 @@ class StandInComfyUI:
         if self.proxy_answer is not None and request.path == "/prompt":  # a reverse proxy's own page
             return web.Response(status=self.proxy_answer[0], text=self.proxy_answer[1], content_type="text/html")
         return await handler(request)
+
+    async def object_info(self, request: web.Request) -> web.Response:
+        bare = {name: {"input": {}, "input_order": {}, "output": [], "name": name} for name in self.node_types}
+        return web.json_response(self.definitions if self.definitions is not None else bare)
 
     # -- the websocket ------------------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -130,8 +141,9 @@ class StandInComfyUI:
             return web.Response(status=400)
         data = image.file.read()
         kind = post.get("type") or "input"
-        subfolder = str(post.get("subfolder", ""))
-        self.uploads.append({"filename": image.filename, "data": data, "subfolder": subfolder, "type": kind})
+        subfolder = "" if self.flat_uploads else str(post.get("subfolder", ""))
+        self.uploads.append({"filename": image.filename, "data": data, "subfolder": post.get("subfolder"),
+                             "type": post.get("type")})  # the form's fields as sent
         base = str(self.dirs.get(kind, self.dirs["input"]))
         folder = os.path.join(base, os.path.normpath(subfolder))
         filename = image.filename
@@ -153,6 +165,7 @@ class StandInComfyUI:
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         query = request.rel_url.query
+        self.views.append(dict(query))
         if "filename" in query:
             filename = query["filename"]
             if not filename or filename[0] == "/" or ".." in filename:

@@ -38,3 +38,10 @@ def test_a_log_record_never_lands_behind_a_bar(capsys):
         logger.removeHandler(handler)
     err = capsys.readouterr().err
     assert "] 1/4\na warning\n" in err and "] 4/4" in err and err.endswith("s/step)\n"), err
+
+
+def test_a_message_before_any_bar_comes_without_a_blank_line(capsys):
+    terminal = Terminal()
+    terminal.end_line()
+    terminal.line("  Krea Model Loader")
+    assert capsys.readouterr().err == "  Krea Model Loader\n"

@@ -18,7 +18,12 @@ import pytest
 pytest.importorskip("cryptography")
 httpx = pytest.importorskip("httpx")
 
-from comfyui_krea.standalone.certificates import Certificates, client_settings, make_certificates  # noqa: E402
+from comfyui_krea.standalone.certificates import (  # noqa: E402
+    Certificates,
+    certificate_paths,
+    client_settings,
+    make_certificates,
+)
 
 SUBPROCESS_TIMEOUT = 30
 
@@ -260,3 +265,51 @@ def test_without_cryptography_says_what_to_install(tmp_path: Path, monkeypatch: 
     with pytest.raises(RuntimeError, match="pip install cryptography"):
         make_certificates(tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_client_settings_are_lines_a_shell_python_and_node_take_as_printed(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every line is blank, a comment, an `export`, the server's options or fal.config(...): pasted into a shell,
+    nothing is run by mistake; the Python lines in the comments are Python that points fal_client's uploads here."""
+    fal_client_module = pytest.importorskip("fal_client.client")
+    certs = certificate_paths(tmp_path / "my certs")
+    text = client_settings(certs, host="::1", port=8188, prefix="/fal")
+    assert text.endswith("\n") and not text.endswith("\n\n")
+    lines = text.splitlines()
+    assert lines.count("") == 2  # a blank line between the server's, Python's and Node's settings
+    exports, python = {}, []
+    for line in lines:
+        if line.startswith("export "):
+            name, _, value = shlex.split(line, comments=True)[1].partition("=")
+            exports[name] = value
+        elif line.startswith("#   "):
+            python.append(line.removeprefix("#   "))
+        else:
+            assert line == "" or line.startswith(("# ", "--tls-", "fal.config({")), line
+    ca = str(certs.ca_cert)
+    assert exports == {"FAL_RUN_HOST": "[::1]:8188/fal", "FAL_QUEUE_RUN_HOST": "[::1]:8188/fal/queue",
+                       "SSL_CERT_FILE": ca, "FAL_KEY": "any-value", "NODE_EXTRA_CA_CERTS": ca}
+    monkeypatch.setattr(fal_client_module, "REST_URL", fal_client_module.REST_URL)
+    monkeypatch.setattr(fal_client_module, "CDN_URL", fal_client_module.CDN_URL)
+    exec("\n".join(python), {})
+    assert (fal_client_module.REST_URL, fal_client_module.CDN_URL) == ("https://[::1]:8188/fal",) * 2
+
+
+@pytest.mark.parametrize("prefix, base", [("", "https://127.0.0.1:8443"), ("/", "https://127.0.0.1:8443"),
+                                          ("//", "https://127.0.0.1:8443"), ("X", "https://127.0.0.1:8443/X"),
+                                          ("/XL/", "https://127.0.0.1:8443/XL"),
+                                          ("/api/fal/", "https://127.0.0.1:8443/api/fal")])
+def test_client_settings_take_any_path_prefix_with_or_without_slashes(tmp_path: Path, prefix: str, base: str) -> None:
+    lines = client_settings(certificate_paths(tmp_path), prefix=prefix).splitlines()
+    assert f"export FAL_RUN_HOST={base.removeprefix('https://')}" in lines
+    assert f'#   fal_client.client.REST_URL = "{base}"' in lines
+    assert f'fal.config({{ proxyUrl: {{ url: "{base}/proxy", when: "always" }} }})' in lines
+
+
+@pytest.mark.parametrize("host, netloc", [("::1", "[::1]:8443"), ("[::1]", "[::1]:8443"), (" ::1 ", "[::1]:8443"),
+                                          ("[fe80::1]", "[fe80::1]:8443"), ("localhost", "localhost:8443"),
+                                          ("10.0.0.2", "10.0.0.2:8443")])
+def test_client_settings_put_ipv6_hosts_in_brackets_once(tmp_path: Path, host: str, netloc: str) -> None:
+    lines = client_settings(certificate_paths(tmp_path), host=host).splitlines()
+    assert f"export FAL_RUN_HOST={netloc}" in lines
+    assert f'#   fal_client.client.CDN_URL = "https://{netloc}"' in lines

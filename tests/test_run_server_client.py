@@ -288,3 +288,26 @@ def test_a_run_of_any_length_is_never_cut_short_and_its_socket_kept_alive(standi
     standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"))
     run(standin, i2i(), tmp_path / "out")
     assert asked == [("session", aiohttp.ClientTimeout(total=None, sock_connect=30)), ("socket", 30)]
+
+
+@pytest.mark.parametrize("answer, lines", [
+    ({}, ["the server refused the workflow"]),  # a 400 in JSON with nothing in it
+    ({"error": {"type": "x"}, "node_errors": {}}, ["the server refused the workflow"]),  # no message, no details
+    ({"error": {"message": "Prompt has no outputs"}}, ["Prompt has no outputs"]),
+    ({"error": {"message": "Unknown model: FLUX", "details": ""}}, ["Unknown model: FLUX"]),  # nothing cut off
+    ({"error": {"details": "Node ID '#5'"}}, ["the server refused the workflow: Node ID '#5'"]),
+], ids=["empty", "bare error", "message only", "message ending in X", "details only"])
+def test_a_refusal_missing_parts_of_comfyuis_error_says_what_it_has(answer, lines):
+    from comfyui_krea.standalone.remote import node_error_lines
+
+    assert node_error_lines(answer, {}) == lines
+
+
+def test_an_upload_the_server_kept_without_its_sub_folder_is_named_without_one(standin, tmp_path):
+    image = tmp_path / "input.png"
+    image.write_bytes(PNG)
+    standin.flat_uploads = True
+    standin.plan = saving(("krea", "krea_00001_.png", PNG, "output"))
+    run(standin, i2i(), tmp_path / "out", {"7": image})
+    assert standin.prompts[0]["prompt"]["7"]["inputs"]["image"] == "input.png"
+    assert (standin.dirs["input"] / "input.png").read_bytes() == PNG

@@ -35,6 +35,9 @@ def test_each_saved_image_comes_into_its_sub_folder_and_never_over_another_file(
     assert (out / "krea" / "krea_00001_.png").read_bytes() == b"an earlier run's"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "ComfyUI_00001_.png", "krea", "krea/krea_00001_.png", "krea/krea_00001__1.png", "krea/krea_00002_.png"]
+    assert standin.views == [{"filename": "krea_00001_.png", "subfolder": "krea", "type": "output"},
+                             {"filename": "krea_00002_.png", "subfolder": "krea", "type": "output"},
+                             {"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]
 
 
 def test_custom_nodes_outputs_without_images_or_sub_folders_or_with_mixed_image_types(standin, tmp_path):
@@ -166,3 +169,30 @@ def test_a_run_the_server_kept_no_record_of_is_an_error_not_an_empty_success(sta
     assert str(failed.value) == (f"the run ended but the server has no record of it (GET /history/{prompt_id} "
                                  "stayed empty for 10 s): its images are in the server's output folder")
     assert standin.history_asked == 100 and not (tmp_path / "out").exists()
+
+
+def test_an_image_linked_into_place_is_kept_when_its_temporary_file_vanished_meanwhile(tmp_path, monkeypatch):
+    """Something else may clear the output folder's hidden files (a sync tool, a cleanup) between the link and
+    the removal of the temporary file: the image is in place, so that is no error."""
+    link = os.link
+
+    def link_then_cleared(source, target):
+        link(source, target)
+        os.unlink(source)
+
+    monkeypatch.setattr(remote.os, "link", link_then_cleared)
+    assert write_new(tmp_path, "a.png", b"x") == tmp_path / "a.png"
+    assert os.listdir(tmp_path) == ["a.png"] and (tmp_path / "a.png").read_bytes() == b"x"
+
+
+def test_a_history_record_without_outputs_is_a_run_that_saved_nothing(tmp_path):
+    class WithoutOutputs(StandInComfyUI):  # a server whose record leaves out an empty "outputs"
+        async def get_history(self, request):
+            for record in self.history.values():
+                record.pop("outputs", None)
+            return await super().get_history(request)
+
+    standin = WithoutOutputs(tmp_path / "comfyui", NODE_TYPES)
+    standin.plan = saving()
+    written, reports, _ = run(standin, i2i(), tmp_path / "out")
+    assert written == [] and reports == [("3", "2 of 2 steps computed")] and not (tmp_path / "out").exists()
