@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -189,8 +190,9 @@ def test_connections_past_the_bound_get_fals_503_and_idle_ones_are_closed(demo, 
         seen = {}
         open_ = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         time.sleep(0.05)
-        with socket.create_connection(("127.0.0.1", port)) as third:
-            seen["third"] = read_all(third, 2)
+        for over in ("third", "fourth"):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                seen[over] = read_all(sock, 2)
         open_[0].sendall(b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # the bounded ones are served
         seen["served"] = read_all(open_[0], 0.2)[0]
         started = time.monotonic()
@@ -203,9 +205,10 @@ def test_connections_past_the_bound_get_fals_503_and_idle_ones_are_closed(demo, 
 
     code, seen, _ = serve_while(visit, options_for(demo, tmp_path / "out", max_connections=2))
     assert code == 0
-    answer, closed = seen["third"]
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert closed and head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error_type"] == BUSY_TYPE
+    for over in ("third", "fourth"):
+        answer, closed = seen[over]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert closed and head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error_type"] == BUSY_TYPE, over
     assert seen["served"].startswith(b"HTTP/1.1 404 ")
     idle_closed, after = seen["idle"]
     assert idle_closed and after < 2.0
@@ -314,7 +317,7 @@ def test_a_running_request_that_does_not_stop_in_time_ends_the_process_with_143(
 def test_stale_demo_folders_are_removed_only_when_this_users_server_is_gone(tmp_path, monkeypatch):
     gone = "999999999"
     folders = {name: tmp_path / f"{DEMO_PREFIX}{name}" for name in (
-        f"{gone}-a", f"{os.getpid()}-b", "nopid-c", "-e")}
+        f"{gone}-a", f"{gone}-a-b", f"{os.getpid()}-b", "nopid-c", "-e")}
     for path in folders.values():
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"x")
@@ -329,8 +332,8 @@ def test_stale_demo_folders_are_removed_only_when_this_users_server_is_gone(tmp_
     a_file.write_bytes(b"x")
 
     fal_server.remove_stale_demo_folders(tmp_path)
-    assert not folders[f"{gone}-a"].exists()
-    assert all(folders[name].is_dir() for name in folders if name != f"{gone}-a")
+    assert not folders[f"{gone}-a"].exists() and not folders[f"{gone}-a-b"].exists()
+    assert all(folders[name].is_dir() for name in folders if not name.startswith(f"{gone}-"))
     assert others.is_dir() and linked.is_symlink() and unrelated.is_dir() and a_file.is_file()
 
 
@@ -348,3 +351,25 @@ def test_a_demo_folder_of_a_process_of_another_user_is_kept(tmp_path, monkeypatc
     monkeypatch.setattr(os, "kill", kill)
     fal_server.remove_stale_demo_folders(tmp_path)
     assert path.is_dir()
+
+
+def test_a_stale_demo_folder_that_cannot_be_removed_is_left_and_does_not_stop_the_start(tmp_path):
+    base = Path(tempfile.mkdtemp())  # /tmp/tmpXXX: others may pass /tmp, unlike pytest's own folders
+    try:
+        base.chmod(0o755)
+        stale = base / f"{DEMO_PREFIX}999999999-x"
+        (stale / "sub").mkdir(parents=True)
+        (stale / "sub" / "model.safetensors").write_bytes(b"x")
+        if os.geteuid() == 0:  # root removes anything: act as a user who may not (the real uid, the owner, stays)
+            os.seteuid(65534)
+            try:
+                fal_server.remove_stale_demo_folders(base)
+            finally:
+                os.seteuid(0)
+        else:
+            (stale / "sub").chmod(0o500)
+            fal_server.remove_stale_demo_folders(base)
+            (stale / "sub").chmod(0o700)
+        assert (stale / "sub" / "model.safetensors").is_file()
+    finally:
+        shutil.rmtree(base)
