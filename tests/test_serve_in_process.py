@@ -347,7 +347,7 @@ def test_a_running_request_that_does_not_stop_in_time_ends_the_process_with_143(
 def test_stale_demo_folders_are_removed_only_when_this_users_server_is_gone(tmp_path, monkeypatch):
     gone = "999999999"
     folders = {name: tmp_path / f"{DEMO_PREFIX}{name}" for name in (
-        f"{gone}-a", f"{gone}-a-b", f"{os.getpid()}-b", "nopid-c", "-e")}
+        f"{gone}-a", f"{gone}-a-b", f"{os.getpid()}-b", "nopid-c", "-e", f"{gone}{gone}{gone}-huge")}
     for path in folders.values():
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"x")
@@ -363,6 +363,7 @@ def test_stale_demo_folders_are_removed_only_when_this_users_server_is_gone(tmp_
 
     fal_server.remove_stale_demo_folders(tmp_path)
     assert not folders[f"{gone}-a"].exists() and not folders[f"{gone}-a-b"].exists()
+    assert not folders[f"{gone}{gone}{gone}-huge"].exists()  # past any process id: gone too (no OverflowError)
     assert all(folders[name].is_dir() for name in folders if not name.startswith(f"{gone}-"))
     assert others.is_dir() and linked.is_symlink() and unrelated.is_dir() and a_file.is_file()
 
