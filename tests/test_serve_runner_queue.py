@@ -1,11 +1,12 @@
 """The queue of `serve`'s in-process runner (standalone/runner_backend.py) as fal's clients see it, on the demo models
 over aiohttp's TestServer: the positions of waiting requests, cancelling a waiting and a running request, what a
 request is refused for before it waits (a model name leaving the folder, a missing LoRA, too much memory), `--model`,
-and shutdown."""
+shutdown, and where uploads are kept."""
 from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 from pathlib import Path
 
@@ -162,3 +163,15 @@ def test_after_shutdown_waiting_requests_end_cancelled_and_new_ones_are_refused(
     assert seen["second"]["error_type"] == "request_cancelled"
     assert "while it ran" in seen["first"]["error"]
     assert seen["new"][1]["error_type"] == "workflow_refused" and "shutting down" in seen["new"][1]["detail"]
+
+
+def test_uploads_are_kept_in_the_outputs_fal_uploads_folder_and_no_worker_outlives_the_server(demo, tmp_path,
+                                                                                              host_state):
+    async def scenario(client, app):
+        answer = await client.post("/files/upload", data=png_bytes(), headers={"Content-Type": "image/png"})
+        return answer.status
+
+    assert run(demo, tmp_path / "out", scenario) == 200
+    kept = [path for path in (tmp_path / "out" / "fal-uploads").rglob("*") if path.is_file()]
+    assert [path.read_bytes() for path in kept if path.read_bytes() == png_bytes()] == [png_bytes()], kept
+    assert not [thread for thread in threading.enumerate() if thread.name == "krea-fal-runner"]
