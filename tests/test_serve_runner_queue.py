@@ -156,6 +156,7 @@ def test_after_shutdown_waiting_requests_end_cancelled_and_new_ones_are_refused(
         seen = {"second": await status(client, second), "first": await until(client, first, "COMPLETED")}
         answer = await client.post(f"/{T2I}", json={"prompt": "x", **SMALL})
         seen["new"] = answer.status, await answer.json()
+        seen["worker stopped"] = app[BACKEND].close(30)  # as `serve` does after shutdown
         return seen
 
     seen = run(demo, tmp_path / "out", scenario)
@@ -163,6 +164,7 @@ def test_after_shutdown_waiting_requests_end_cancelled_and_new_ones_are_refused(
     assert seen["second"]["error_type"] == "request_cancelled"
     assert "while it ran" in seen["first"]["error"]
     assert seen["new"][1]["error_type"] == "workflow_refused" and "shutting down" in seen["new"][1]["detail"]
+    assert seen["worker stopped"]
 
 
 def test_uploads_are_kept_in_the_outputs_fal_uploads_folder_and_no_worker_outlives_the_server(demo, tmp_path,
