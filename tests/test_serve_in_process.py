@@ -423,3 +423,24 @@ def test_serve_starts_again_on_the_port_it_left_with_connections_it_closed_still
     code, status, _ = serve_while(lambda port: call(f"http://127.0.0.1:{port}", "fal-ai/flux/requests/0/status")[0],
                                   options, port=port)
     assert code == 0 and status == 404
+
+
+def test_a_client_still_sending_its_body_when_serve_stops_is_cut_off_after_the_handlers_grace(demo, tmp_path,
+                                                                                             host_state, exits,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(fal_server, "HANDLERS_STOP_S", 0.5)  # the body's own grace is 10 s
+    slow: list[socket.socket] = []
+
+    def visit(port: int) -> None:
+        sock = held(port)  # a connection the server took, then a request whose body never comes
+        sock.sendall(f"POST /{T2I} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n{\"prompt\": ".encode())
+        slow.append(sock)
+        time.sleep(0.2)  # the handler is reading the body
+
+    try:
+        code, _, stopping = serve_while(visit, options_for(demo, tmp_path / "out"))
+    finally:
+        for sock in slow:
+            sock.close()
+    assert code == 0 and stopping < 5.0
