@@ -1,5 +1,6 @@
 """`serve` run in the test's own process (standalone/fal_server.py's `serve`, over the demo models): it answers fal's
-requests until SIGINT or SIGTERM, only at the address given, prints the settings each client needs, bounds its
+requests until SIGINT or SIGTERM, only at the address given, prints the settings each client needs (at once, also
+to a pipe), bounds its
 connections (503 past the bound, idle ones and silent TLS handshakes closed), ends waiting requests cancelled on
 shutdown (a restart reports them) and cuts off unfinished calls after HANDLERS_STOP_S, exits 143 when the running
 request does not stop in time, starts again on the port it left, runs `--ray` requests on the cluster's service
@@ -446,3 +447,27 @@ def test_a_client_still_sending_its_body_when_serve_stops_is_cut_off_after_the_h
         for sock in slow:
             sock.close()
     assert code == 0 and stopping < 5.0
+
+
+def test_the_settings_reach_a_piped_stdout_while_the_server_runs(demo, tmp_path, host_state, exits, monkeypatch):
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    piped = open(write_end, "w", buffering=8192)  # block-buffered, as Python makes a stdout that is a pipe
+    monkeypatch.setattr("sys.stdout", piped)
+
+    def visit(port: int) -> bytes:
+        deadline, got = time.monotonic() + 5, b""
+        while b"JS:" not in got and time.monotonic() < deadline:
+            try:
+                got += os.read(read_end, 65536)
+            except BlockingIOError:
+                time.sleep(0.02)
+        return got
+
+    try:
+        code, shown, _ = serve_while(visit, options_for(demo, tmp_path / "out"))
+    finally:
+        monkeypatch.undo()
+        piped.close()
+        os.close(read_end)
+    assert code == 0 and b"fal protocol at http://127.0.0.1:" in shown and b"proxyUrl" in shown
