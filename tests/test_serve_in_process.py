@@ -1,10 +1,9 @@
 """`serve` run in the test's own process (standalone/fal_server.py's `serve`, over the demo models): it answers fal's
 requests until SIGINT or SIGTERM, only at the address given, prints the settings each client needs (at once, also
-to a pipe), bounds its
-connections (503 past the bound, idle ones and silent TLS handshakes closed), ends waiting requests cancelled on
-shutdown (a restart reports them) and cuts off unfinished calls after HANDLERS_STOP_S, exits 143 when the running
-request does not stop in time, starts again on the port it left, runs `--ray` requests on the cluster's service
-(a stand-in here), and keeps no demo folder behind (nor one a killed server left).
+to a pipe), bounds its connections (503 past the bound, idle ones and silent TLS handshakes closed), ends waiting
+requests cancelled on shutdown (a restart reports them) and cuts off unfinished calls after HANDLERS_STOP_S, exits
+143 when the running request does not stop in time, starts again on the port it left, runs `--ray` requests on the
+cluster's service (a stand-in here), and keeps no demo folder behind (nor one a killed server left).
 
 A client thread talks to the server over real sockets and then sends the signal to this process, which the server's
 event loop handles; the previous signal handlers are put back after each test.
