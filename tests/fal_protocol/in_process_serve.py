@@ -36,7 +36,7 @@ def call(base: str, path: str, body: dict | None = None, headers: dict | None = 
                                      data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=120, context=context) as answer:
+        with urllib.request.urlopen(request, timeout=30, context=context) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -47,8 +47,8 @@ def serve_while(visit: Callable[[int], object], options: ServeOptions, host: str
                 port: int | None = None) -> tuple[int, object, float]:
     """Run `serve` here until `visit(port)`, run by a client thread once the port takes connections, has returned
     and `signum` reached this process: (serve's exit code, what visit returned, seconds from the signal to the
-    return). Whatever visit raised is raised here; when the port takes no connection within a minute, the signal
-    is sent all the same."""
+    return). Whatever visit raised is raised here; when the port takes no connection in time (20 s, a minute with
+    `demo`, whose models are written first), the signal is sent all the same."""
     port = port or free_port()
     done = threading.Event()
     outcome: dict = {}
@@ -56,7 +56,7 @@ def serve_while(visit: Callable[[int], object], options: ServeOptions, host: str
 
     def client() -> None:
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + (60 if demo else 20)
             while not done.is_set():
                 try:
                     socket.create_connection((host, port), timeout=1).close()
@@ -84,7 +84,7 @@ def serve_while(visit: Callable[[int], object], options: ServeOptions, host: str
         returned = time.monotonic()
         signal.signal(signal.SIGTERM, lambda *_: None)  # the loop left SIG_DFL: no late signal may end pytest
         done.set()
-        thread.join(60)
+        thread.join(30)
         for number, handler in previous.items():
             signal.signal(number, handler)
     if "error" in outcome:
