@@ -89,7 +89,7 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number past any process id
         return False
     except PermissionError:
         return True  # another user's process

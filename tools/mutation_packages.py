@@ -93,5 +93,6 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_comfyui_errors.py", "tests/test_fal_certificates.py", "tests/test_workflow_files.py",
         "tests/test_end_to_end.py", "tests/test_hostile_input.py", "tests/test_run_server.py",
         "tests/test_run_server_client.py", "tests/test_run_server_downloads.py", "tests/test_stream_preview_images.py",
-        "tests/test_run_server_command.py"],
+        "tests/test_run_server_command.py", "tests/test_serve_options.py", "tests/test_serve_in_process.py",
+        "tests/test_serve_runner_queue.py", "tests/test_serve_demo_folders.py"],
 }
