@@ -177,7 +177,7 @@ def read_equivalents() -> dict[str, str]:
     kind = "equivalent"
     if EQUIVALENT_LIST.exists():
         for line in EQUIVALENT_LIST.read_text().splitlines():
-            if line.startswith("#"):
+            if line.startswith(("# ", "## ")):  # a section's kind holds for its ### module headings
                 elsewhere = "second device" in line.lower() or "inside comfyui" in line.lower()
                 kind = "elsewhere" if elsewhere else "equivalent"
             m = re.match(r"\|\s*`([^`]+__mutmut_\d+)`\s*\|(.*)\|", line)
