@@ -42,7 +42,15 @@ from ..sampling.parameters import (
     NumericParameter,
 )
 from .node_classes import PACK_CLASSES
-from .overrides import api_prompt, apply_overrides, is_image_to_image, option_problems, read_workflow, unused_options
+from .overrides import (
+    api_prompt,
+    apply_overrides,
+    is_image_to_image,
+    option_problems,
+    read_workflow,
+    sampler_nodes,
+    unused_options,
+)
 from .preflight import lora_problems
 from .runner import WorkflowError, check, structure_problems
 from .sequence_parallel_run import torchrun_problem, torchrun_processes
@@ -212,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*BAD_INPUT, FileExistsError) as err:
         return fail(str(err), 2)
     except Exception as err:
-        return fail(f"the run failed: {type(err).__name__}: {err}" + ("" if getattr(args, "debug", False) else
-                    " (run again with --debug for the traceback)"), 1)
+        offers_debug = hasattr(args, "debug")  # run has --debug; serve and make-cert do not
+        hint = " (run again with --debug for the traceback)" if offers_debug and not args.debug else ""
+        return fail(f"the run failed: {type(err).__name__}: {err}{hint}", 1)
 
 
 def run_command(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
@@ -231,8 +240,8 @@ def run_command(args: argparse.Namespace, stop: threading.Event | None = None) -
     unused = unused_options(prompt, args)
     if unused:
         raise WorkflowError("; ".join(unused) + ".")
-    if args.demo:
-        from .demo import DEMO_SETTINGS, write_demo_models
+    if args.demo and sampler_nodes(prompt):  # the demo's small size and few steps, for a workflow that samples
+        from .demo import DEMO_SETTINGS
 
         sized_elsewhere = args.image_size is not None or is_image_to_image(prompt)  # by the user or the input
         for name, value in DEMO_SETTINGS.items():
@@ -247,6 +256,8 @@ def run_command(args: argparse.Namespace, stop: threading.Event | None = None) -
         models = args.models if args.models is not None else (root / "models" if root else Path("models"))
         tokenizers = args.tokenizers
         if args.demo:
+            from .demo import write_demo_models
+
             print("--demo: building small RANDOM-WEIGHT models; the image will be noise. It only proves that "
                   "the install, the nodes and the workflow run.", file=sys.stderr)
             models, tokenizers = write_demo_models(Path(scratch_dir))

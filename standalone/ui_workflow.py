@@ -127,14 +127,15 @@ def _upload_button_after(definition: dict) -> str | None:
     return required[-1] if required else None
 
 
-def _links(workflow: dict) -> dict[int, tuple[int, int, str]]:
-    """link id -> (origin node id, origin slot, type); links are lists or (newer files) objects."""
+def _links(workflow: dict) -> dict[int, tuple[int, int]]:
+    """link id -> (origin node id, origin slot); links are lists or (newer files) objects. A link's own type is
+    not needed: the frontend resolves by the types of the inputs and outputs at its ends."""
     out = {}
-    for link in workflow.get("links", []) or []:
+    for link in workflow.get("links") or []:
         if isinstance(link, dict):
-            out[link["id"]] = (link["origin_id"], link["origin_slot"], link.get("type", "*"))
+            out[link["id"]] = (link["origin_id"], link["origin_slot"])
         else:
-            out[link[0]] = (link[1], link[2], link[5] if len(link) > 5 else "*")
+            out[link[0]] = (link[1], link[2])
     return out
 
 
@@ -188,7 +189,7 @@ def to_api(workflow: dict, definitions: Mapping[str, dict]) -> dict:
         inputs = node.get("inputs") or []
         if index >= len(inputs) or inputs[index].get("link") not in links:
             return None
-        origin, slot, _ = links[inputs[index]["link"]]
+        origin, slot = links[inputs[index]["link"]]
         return from_output(origin, slot, inputs[index].get("type", "*") if kind is None else kind, seen)
 
     def from_output(node_id: Any, slot: int, kind: object, seen: set) -> Resolved:

@@ -10,7 +10,13 @@ import pytest
 
 from comfyui_krea.nodes import NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_krea.standalone.node_classes import PACK_CLASSES
-from comfyui_krea.standalone.ui_workflow import ConversionError, local_definitions, to_api, widget_values
+from comfyui_krea.standalone.ui_workflow import (
+    ConversionError,
+    local_definitions,
+    to_api,
+    widget_values,
+    with_values,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFINITIONS = local_definitions(PACK_CLASSES, NODE_DISPLAY_NAME_MAPPINGS)
@@ -208,6 +214,61 @@ def test_reroutes_on_both_sides_of_a_bypassed_node():
     assert prompt[ids["KreaEncodeImage"]]["inputs"]["image"] == [ids["LoadImage"], 0]
 
 
+def test_a_reroute_asks_a_bypassed_node_for_the_type_its_target_wants():
+    prompt, ids = converted("reroute_after_a_bypassed_sampler")
+    assert prompt[ids["KreaDecode"]]["inputs"]["samples"] == [ids["KreaEncodeImage"], 0]
+
+
+def switch(node_id, links, output="*", mode=4):
+    """A custom node (a "switch" of any type, as several packs have) with one IMAGE and one LATENT input."""
+    out = node(node_id, "AnySwitch", [], [{"name": "image", "type": "IMAGE", "link": links[0]},
+                                          {"name": "latent", "type": "LATENT", "link": links[1]}], mode=mode)
+    out["outputs"] = [{"name": "out", "type": output}]
+    return out
+
+
+def test_a_bypassed_node_of_any_output_type_passes_the_input_its_target_wants():
+    # Without the target's type the first input (the IMAGE) would fit the switch's "*" output.
+    graph = text_to_image(extra_nodes=[node(7, "LoadImage", ["other.png", "image"]), switch(9, [30, 31])],
+                          extra_links=[[30, 7, 0, 9, 0, "IMAGE"], [31, 3, 0, 9, 1, "LATENT"], [32, 9, 0, 4, 1, "*"]])
+    graph["nodes"][3]["inputs"][1]["link"] = 32  # the decoder's samples from the switch
+    prompt = to_api(graph, DEFINITIONS)
+    assert prompt["4"]["inputs"]["samples"] == ["3", 0]
+
+
+def test_an_input_without_a_type_takes_any_type():
+    graph = text_to_image(extra_nodes=[node(7, "LoadImage", ["other.png", "image"]),
+                                       switch(9, [30, 31], output="LATENT")],
+                          extra_links=[[30, 7, 0, 9, 0, "IMAGE"], [31, 3, 0, 9, 1, "LATENT"], [32, 9, 0, 4, 1, "*"]])
+    samples = graph["nodes"][3]["inputs"][1]
+    samples["link"] = 32
+    del samples["type"]
+    # any type wanted: the input at the output's index (the IMAGE), as the frontend picks for a "*" input
+    assert to_api(graph, DEFINITIONS)["4"]["inputs"]["samples"] == ["7", 0]
+
+
+def test_a_bypassed_node_without_inputs_passes_nothing():
+    graph = text_to_image(extra_nodes=[node(9, "PrimitiveInt", [7, "fixed"], [], mode=4)],
+                          extra_links=[[30, 9, 0, 4, 1, "*"]])
+    samples = graph["nodes"][3]["inputs"][1]
+    samples.update(link=30, type="*")
+    assert "samples" not in to_api(graph, DEFINITIONS)["4"]["inputs"]
+
+
+def test_links_saved_as_objects_resolve_as_lists_do():
+    graph = text_to_image()
+    graph["links"] = [{"id": link[0], "origin_id": link[1], "origin_slot": link[2], "target_id": link[3],
+                       "target_slot": link[4], "type": link[5]} for link in graph["links"]]
+    assert to_api(graph, DEFINITIONS) == to_api(text_to_image(), DEFINITIONS)
+
+
+def test_a_graph_without_links_or_nodes_converts():
+    graph = {"nodes": [node(7, "LoadImage", ["other.png", "image"])]}
+    assert to_api(graph, DEFINITIONS) == {"7": {"inputs": {"image": "other.png"}, "class_type": "LoadImage",
+                                                "_meta": {"title": "Load Image"}}}
+    assert to_api({"links": []}, DEFINITIONS) == {}
+
+
 def test_an_input_fed_by_a_muted_node_is_left_out_widget_value_and_all():
     prompt, ids = converted("muted_sources")
     assert "seed" not in prompt[ids["KreaSampler"]]["inputs"]  # the widget's own 42 is not kept either
@@ -229,3 +290,45 @@ def test_types_fit_as_litegraph_decides():
 
     assert fits("IMAGE", "IMAGE") and fits("*", "MASK") and fits("", "LATENT") and fits("image", "IMAGE")
     assert fits("IMAGE,MASK", "MASK") and not fits("IMAGE,MASK", "LATENT") and not fits("IMAGE", "MASK")
+
+
+# ------------------------------------------------ the values a run used, written back into its UI workflow
+# (what a saved image embeds, so that dropped on ComfyUI it restores them)
+
+def test_the_prompts_widget_values_are_written_into_a_copy_of_the_workflow():
+    graph = text_to_image()
+    original = json.loads(json.dumps(graph))
+    prompt = to_api(graph, DEFINITIONS)
+    prompt["3"]["inputs"].update(seed=7, width=128, model=["5", 0])  # a link in the prompt is not a widget value
+    del prompt["3"]["inputs"]["height"]  # a widget the prompt does not name keeps its value
+    prompt["2"]["inputs"]["prompt"] = "a cat"
+    out = with_values(graph, prompt, DEFINITIONS)
+    assert graph == original  # the workflow given is left as it was
+    assert out["nodes"][2]["widgets_values"] == ["custom", 128, 48, 2, 4.5, 7, "randomize", 1, "none", 0.95]
+    assert out["nodes"][1]["widgets_values"] == ["a cat"]
+    assert to_api(out, DEFINITIONS)["3"]["inputs"]["model"] == ["1", 0]
+
+
+def test_nodes_the_prompt_or_the_server_does_not_know_keep_their_values():
+    graph = text_to_image(extra_nodes=[node(9, "Note", ["hello"]), node(10, "Unknown", [1, 2])])
+    graph["nodes"].insert(0, graph["nodes"].pop())  # the unknown node first: later nodes are still written
+    graph["nodes"].append(node(11, "KreaTextEncode", {"prompt": "saved by name"}))
+    prompt = {"10": {"inputs": {"x": 3}}, "1": {"class_type": "KreaModelLoader"}, "2": {"inputs": {"prompt": "a cat"}},
+              "11": {"inputs": {"prompt": "a cat"}}}
+    out = with_values(graph, prompt, DEFINITIONS)
+    by_id = {n["id"]: n["widgets_values"] for n in out["nodes"]}
+    assert by_id[10] == [1, 2] and by_id[9] == ["hello"] and by_id[11] == {"prompt": "saved by name"}
+    assert by_id[1] == graph["nodes"][1]["widgets_values"]  # no inputs in its prompt entry
+    assert by_id[3] == graph["nodes"][3]["widgets_values"]  # not in the prompt at all
+    assert by_id[2] == ["a cat"]
+    assert with_values({"links": []}, prompt, DEFINITIONS) == {"links": []}
+
+
+def test_a_primitive_node_without_a_value_and_a_link_from_a_note_resolve_to_nothing():
+    graph = text_to_image(extra_nodes=[node(9, "PrimitiveNode", []), node(10, "Note", ["hi"])],
+                          extra_links=[[30, 9, 0, 3, 2, "INT"], [31, 10, 0, 3, 3, "INT"]])
+    sampler = graph["nodes"][2]
+    sampler["inputs"] += [{"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 30},
+                          {"name": "num_images", "type": "INT", "widget": {"name": "num_images"}, "link": 31}]
+    inputs = to_api(graph, DEFINITIONS)["3"]["inputs"]
+    assert (inputs["seed"], inputs["num_images"]) == (42, 1)  # the widgets keep their own values

@@ -120,6 +120,15 @@ def reroutes_around_a_bypassed_node(g: Graph) -> None:
     g.connect(second, 0, g.node("KreaEncodeImage"), "image")
 
 
+def reroute_after_a_bypassed_sampler(g: Graph) -> None:
+    """Krea Sampler bypassed -> Reroute -> Krea Decode: the reroute asks for the decoder's LATENT, not for any type
+    (which would pass the sampler's first input, the MODEL), so the decoder gets the encoded image."""
+    reroute = g.add("Reroute")
+    g.node("KreaSampler")["mode"] = BYPASSED
+    g.connect(g.node("KreaSampler"), 0, reroute, "")
+    g.connect(reroute, 0, g.node("KreaDecode"), "samples")
+
+
 def muted_sources(g: Graph) -> None:
     """A muted PrimitiveInt into the sampler's seed widget (the seed is left out, value and all), and a muted
     ImageInvert behind a bypassed ImageBlend into the safety check (its images is left out)."""
@@ -134,7 +143,7 @@ def muted_sources(g: Graph) -> None:
 
 CASES: dict[str, Callable[[Graph], None]] = {f.__name__: f for f in (
     sampler_bypassed, same_index_preferred, unconnected_choice_gives_nothing, chain_of_bypassed_nodes,
-    no_input_of_the_type, reroutes_around_a_bypassed_node, muted_sources)}
+    no_input_of_the_type, reroutes_around_a_bypassed_node, reroute_after_a_bypassed_sampler, muted_sources)}
 
 
 def case(name: str) -> Graph:

@@ -13,7 +13,8 @@ relative to the package (workflows/, ...) resolve inside it. The tracked sources
 
 Log and exception message arguments are not mutated (the work folder's mutmut configuration skips their lines):
 mutants that only change what an error or log line says are counted as equivalent as a class. So are mutants
-that only rewrite a tooltip's text (what the frontend shows on hover), told from each mutant's diff. The other
+that only rewrite a tooltip's text (what the frontend shows on hover) or a command-line help text (what --help
+prints; that every option has one is tested), told from each mutant's diff. The other
 equivalent mutants are listed, with the reason, in tools/mutation_equivalent.md; the score "excl. equivalent"
 leaves them out. Mutants listed there under a heading that says "second device" or "inside ComfyUI" are not
 equivalent: they change device moves, which only a machine with a GPU can tell apart, or code that runs only
@@ -81,7 +82,10 @@ def message_lines(source: str) -> list[str]:
     return sorted(line for line in picked if line.strip())
 
 
-TOOLTIP_TEXT = re.compile(r'("tooltip":\s*|tooltip=)"(?:[^"\\]|\\.)*"')
+# Texts shown to a person and read by no program: a node input's tooltip, a command-line option's or command's
+# help=, description= and metavar= (what --help prints).
+UI_TEXT_KEYS = ("tooltip", "help", "description", "metavar")
+TOOLTIP_TEXT = re.compile(r'("tooltip":\s*|(?:tooltip|help|description|metavar)=f?)"(?:[^"\\]|\\.)*"')
 
 
 @functools.cache
@@ -97,7 +101,7 @@ def tooltip_continuation_lines(path: Path) -> frozenset[str]:
         values = []
         if isinstance(node, ast.Dict):
             values = [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "tooltip"]
-        elif isinstance(node, ast.keyword) and node.arg == "tooltip":
+        elif isinstance(node, ast.keyword) and node.arg in UI_TEXT_KEYS:
             values = [node.value]
         for value in values:
             found |= {lines[i - 1].strip() for i in range(value.lineno + 1, value.end_lineno + 1)}
@@ -105,7 +109,8 @@ def tooltip_continuation_lines(path: Path) -> frozenset[str]:
 
 
 def ui_text_only(key: str, diff: str) -> bool:
-    """True when a mutant only rewrites the text of a tooltip (what the frontend shows on hover)."""
+    """True when a mutant only rewrites the text of a tooltip (what the frontend shows on hover) or of a command's
+    or option's help (what --help prints), not whether there is one."""
     removed = [line[1:] for line in diff.splitlines() if line.startswith("-")]
     added = [line[1:] for line in diff.splitlines() if line.startswith("+")]
     if not removed or len(removed) != len(added):
@@ -113,7 +118,7 @@ def ui_text_only(key: str, diff: str) -> bool:
     path = ROOT / (key.split(".x", 1)[0].removeprefix("comfyui_krea.").replace(".", "/") + ".py")
     continuation = tooltip_continuation_lines(path)
     for old, new in zip(removed, added):
-        if old.strip() in continuation and old.strip().startswith('"'):
+        if old.strip() in continuation and old.strip().startswith(('"', 'f"')):
             continue
         if TOOLTIP_TEXT.search(old) is None or TOOLTIP_TEXT.sub(r'\1""', old) != TOOLTIP_TEXT.sub(r'\1""', new):
             return False

@@ -68,31 +68,46 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_fal_lora_hugging_face_names.py", "tests/test_fal_environment_settings.py",
         "tests/test_fal_queue_calls.py", "tests/test_fal_accepting.py", "tests/test_fal_file_calls.py",
         "tests/test_fal_lora_workflow.py"],
-    # the host interface and its two implementations; ComfyUI's runs on the adapter's stand-ins in-process
-    "nodes/host": [
+    # the host interface and its two implementations, in two packages so that each can be rerun alone (mutmut takes
+    # hours for both on two cores). ComfyUI's runs on the adapter's stand-ins in-process.
+    "nodes/host comfyui": [
+        "nodes/host/comfyui_host.py", "nodes/host/comfyui_models.py", "nodes/host/comfyui_errors.py",
+        "nodes/host/fal_queue.py",
+        "tests/test_comfyui_adapter.py", "tests/test_comfyui_errors.py", "tests/test_fal_in_comfyui_queue.py",
+        "tests/test_fal_in_comfyui_routes.py", "tests/test_comfyui_host_calls.py",
+        "tests/test_comfyui_gguf_lora_resident.py", "tests/test_comfyui_text_encoders_and_vae.py",
+        "tests/test_model_handles.py", "tests/test_safety_check_node.py"],
+    "nodes/host standalone": [
         "nodes/host/interface.py", "nodes/host/folders.py", "nodes/host/standalone_host.py",
-        "nodes/host/standalone_models.py", "nodes/host/holding.py", "nodes/host/comfyui_host.py",
-        "nodes/host/comfyui_models.py", "nodes/host/comfyui_errors.py", "nodes/host/fal_queue.py",
-        "tests/test_comfyui_adapter.py", "tests/test_comfyui_errors.py", "tests/test_model_handles.py",
-        "tests/test_safety_check_node.py", "tests/test_lora_cli.py", "tests/test_node_messages.py",
-        "tests/test_node_inputs.py", "tests/test_pack_import.py", "tests/test_gguf_standalone.py",
-        "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_sampler_node.py", "tests/test_image_nodes.py",
-        "tests/test_fal_in_comfyui_queue.py", "tests/test_fal_in_comfyui_routes.py",
-        "tests/test_comfyui_host_calls.py", "tests/test_comfyui_gguf_lora_resident.py",
-        "tests/test_comfyui_text_encoders_and_vae.py"],
-    # the command line and the standalone server (runner.py is its own package above; the Ray modules run in Ray's
-    # worker processes and sequence_parallel_run.py under torchrun, where mutmut's mutants do not reach)
-    "standalone": [
+        "nodes/host/standalone_models.py", "nodes/host/holding.py",
+        "tests/test_model_handles.py", "tests/test_safety_check_node.py", "tests/test_lora_cli.py",
+        "tests/test_node_messages.py", "tests/test_node_inputs.py", "tests/test_pack_import.py",
+        "tests/test_gguf_standalone.py", "tests/test_runner.py", "tests/test_cli_run.py", "tests/test_sampler_node.py",
+        "tests/test_image_nodes.py", "tests/test_comfyui_adapter.py", "tests/test_comfyui_host_calls.py",
+        "tests/test_standalone_host.py", "tests/test_save_image.py", "tests/test_wrong_files.py",
+        "tests/test_checkpoints.py", "tests/test_end_to_end.py", "tests/test_node_contract.py",
+        "tests/test_vae_interrupt.py", "tests/test_hostile_input.py"],
+    # the command line and the standalone server, in two packages as nodes/host (runner.py is its own package above;
+    # the Ray modules run in Ray's worker processes and sequence_parallel_run.py under torchrun, where mutmut's
+    # mutants do not reach)
+    "standalone commands": [
         "standalone/cli.py", "standalone/demo.py", "standalone/overrides.py", "standalone/preflight.py",
-        "standalone/ui_workflow.py", "standalone/node_classes.py", "standalone/remote.py", "standalone/terminal.py",
-        "standalone/previews.py", "standalone/runner_backend.py", "standalone/fal_server.py",
-        "standalone/serve_commands.py", "standalone/certificates.py",
+        "standalone/ui_workflow.py", "standalone/node_classes.py", "standalone/terminal.py",
         "tests/test_cli_run.py", "tests/test_cli_terminal.py", "tests/test_ui_workflow.py",
         "tests/test_web_migration.py", "tests/test_runner.py", "tests/test_lora_cli.py",
-        "tests/test_gguf_standalone.py", "tests/test_fal_schema.py", "tests/test_validate_and_decode_once.py",
-        "tests/test_comfyui_errors.py", "tests/test_fal_certificates.py", "tests/test_workflow_files.py",
-        "tests/test_end_to_end.py", "tests/test_hostile_input.py", "tests/test_run_server.py",
+        "tests/test_gguf_standalone.py", "tests/test_workflow_files.py", "tests/test_end_to_end.py",
+        "tests/test_hostile_input.py", "tests/test_run_server_command.py", "tests/test_serve_options.py",
+        "tests/test_validate_and_decode_once.py", "tests/test_fal_schema.py", "tests/test_comfyui_errors.py",
+        "tests/test_cli_options.py", "tests/test_cli_exits.py", "tests/test_cli_report.py",
+        "tests/test_cli_run_setup.py", "tests/test_preflight.py", "tests/test_preflight_loras.py",
+        "tests/test_workflow_options.py", "tests/test_demo_models.py", "tests/test_node_classes.py",
+        "tests/test_ui_bypass_rules.py", "tests/test_ui_definitions.py"],
+    "standalone serve": [
+        "standalone/remote.py", "standalone/previews.py", "standalone/runner_backend.py", "standalone/fal_server.py",
+        "standalone/serve_commands.py", "standalone/certificates.py",
+        "tests/test_runner.py", "tests/test_fal_certificates.py", "tests/test_run_server.py",
         "tests/test_run_server_client.py", "tests/test_run_server_downloads.py", "tests/test_stream_preview_images.py",
         "tests/test_run_server_command.py", "tests/test_serve_options.py", "tests/test_serve_in_process.py",
-        "tests/test_serve_runner_queue.py", "tests/test_serve_demo_folders.py"],
+        "tests/test_serve_runner_queue.py", "tests/test_serve_demo_folders.py", "tests/test_cli_terminal.py",
+        "tests/test_validate_and_decode_once.py", "tests/test_cli_options.py"],
 }
