@@ -212,7 +212,7 @@ def test_only_the_options_the_user_gave_are_refused_with_demo(tmp_path, capsys):
     assert err == "error: --prompt is not used by this workflow: it needs a Krea Text Encode node.\n"
 
 
-def test_demo_runs_a_workflow_without_a_sampler(tmp_path, capsys):
+def test_demo_runs_a_workflow_without_a_sampler(tmp_path, capsys, host_state):
     # The demo's small size and few steps are for a sampler; a workflow without one runs with them left out.
     from PIL import Image
 
