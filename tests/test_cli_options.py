@@ -144,15 +144,11 @@ def test_a_header_without_a_name_and_a_colon_is_refused(item):
     assert str(refused.value) == f"--header {item!r}: expected NAME:VALUE"
 
 
-def _subcommands(parser):
-    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return action, action.choices
-
-
 def test_every_command_and_every_option_is_explained_in_help():
     """What `--help` lists: each command with its one-line help (serve with a description too), each option with
     a text. (argparse keeps them on its actions; their wording is pinned for run above.)"""
-    action, commands = _subcommands(build_parser())
+    action = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = action.choices
     assert set(commands) == {"run", "serve", "make-cert"}
     summaries = {choice.dest: choice.help for choice in action._choices_actions}
     for name, command in commands.items():

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from comfyui_krea.nodes.host import Interrupted, standalone_host
 from comfyui_krea.nodes.host.standalone_host import StandaloneSettings
@@ -200,29 +201,29 @@ def test_a_workflow_with_something_that_is_not_a_node_is_refused_as_such(tmp_pat
                                        '{"class_type": ..., "inputs": {...}})\n')
 
 
-def test_only_the_options_the_user_gave_are_refused_with_demo(tmp_path, capsys):
-    # A workflow without a Krea Sampler: --demo's small size and step count must not be reported as unused options
-    # the user gave (--prompt is the one given that the workflow has no place for).
-    (tmp_path / "copy.json").write_text(json.dumps({
+def copy_workflow(folder: Path) -> Path:
+    """folder/copy.json: LoadImage -> Krea Save Image, a workflow without a Krea Sampler."""
+    path = folder / "copy.json"
+    path.write_text(json.dumps({
         "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
         "2": {"class_type": "KreaSaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "copy",
                                                         "output_format": "png", "quality": 95}}}))
-    assert main(["run", str(tmp_path / "copy.json"), "--demo", "--prompt", "a fox"]) == 2
+    return path
+
+
+def test_only_the_options_the_user_gave_are_refused_with_demo(tmp_path, capsys):
+    # A workflow without a Krea Sampler: --demo's small size and step count must not be reported as unused options
+    # the user gave (--prompt is the one given that the workflow has no place for).
+    assert main(["run", str(copy_workflow(tmp_path)), "--demo", "--prompt", "a fox"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --prompt is not used by this workflow: it needs a Krea Text Encode node.\n"
 
 
 def test_demo_runs_a_workflow_without_a_sampler(tmp_path, capsys, host_state):
     # The demo's small size and few steps are for a sampler; a workflow without one runs with them left out.
-    from PIL import Image
-
     Image.new("RGB", (24, 16), (200, 10, 10)).save(tmp_path / "red.png")
-    (tmp_path / "copy.json").write_text(json.dumps({
-        "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
-        "2": {"class_type": "KreaSaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "copy",
-                                                        "output_format": "png", "quality": 95}}}))
     out = tmp_path / "out"
-    assert main(["run", str(tmp_path / "copy.json"), "--demo", "--image", str(tmp_path / "red.png"),
+    assert main(["run", str(copy_workflow(tmp_path)), "--demo", "--image", str(tmp_path / "red.png"),
                  "--output", str(out)]) == 0, capsys.readouterr().err
     with Image.open(out / "copy_00001_.png") as saved:
         assert saved.size == (24, 16) and saved.getpixel((0, 0)) == (200, 10, 10)

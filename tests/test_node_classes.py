@@ -9,12 +9,15 @@ import torch
 from PIL import Image
 
 from comfyui_krea.standalone.node_classes import (
+    PACK_CLASSES,
     LoadImage,
     LoadImageMask,
     LoraLoaderModelOnly,
     decoded_image_loader,
     decoded_mask_loader,
 )
+from comfyui_krea.standalone.runner import validate
+from comfyui_krea.standalone.ui_workflow import local_definitions, to_api
 from conftest import zeros_file
 
 # One pixel per channel value: red 255, green 0, blue 51 (0.2), alpha 204 (0.8 opaque).
@@ -115,9 +118,6 @@ def test_lora_loader_at_strength_zero_hands_the_model_on_untouched():
 # ComfyUI's frontend) into prompts: both must see the inputs ComfyUI's own core nodes have.
 
 def test_the_runner_checks_the_stand_ins_inputs_as_comfyui_declares_them():
-    from comfyui_krea.standalone.node_classes import PACK_CLASSES
-    from comfyui_krea.standalone.runner import validate
-
     prompt = {"1": {"class_type": "LoadImage", "inputs": {}},
               "2": {"class_type": "LoadImageMask", "inputs": {"channel": "purple"}},
               "3": {"class_type": "LoraLoaderModelOnly", "inputs": {"strength_model": 200}},
@@ -135,9 +135,6 @@ def test_the_runner_checks_the_stand_ins_inputs_as_comfyui_declares_them():
 
 
 def test_a_ui_workflows_stand_in_nodes_convert_to_the_inputs_comfyui_would_queue():
-    from comfyui_krea.standalone.node_classes import PACK_CLASSES
-    from comfyui_krea.standalone.ui_workflow import local_definitions, to_api
-
     # As ComfyUI's frontend saves them: widget values in input order, the image nodes' upload button value last.
     workflow = {"nodes": [
         {"id": 1, "type": "KreaModelLoader", "inputs": [], "outputs": [{"name": "MODEL", "type": "MODEL"}]},

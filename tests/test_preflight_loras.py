@@ -18,11 +18,6 @@ from comfyui_krea.standalone import preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_TO_IMAGE = ROOT / "workflows" / "api" / "krea_text_to_image.json"
-IMAGE_TO_IMAGE = ROOT / "workflows" / "api" / "krea_image_to_image.json"
-
-
-def _load_image_node(prompt: dict) -> dict:
-    return next(n for n in prompt.values() if n["class_type"] == "LoadImage")
 
 
 # ------------------------------------------------------------------ LoRA chains that reach no Krea Model Loader

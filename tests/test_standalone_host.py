@@ -5,7 +5,6 @@ checks (model_path, save_folder_problem) as the command line and the fal server 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from fal_protocol.servers import free_port
 
 from comfyui_krea.model_loader import FileKind, ModelFileError
 from comfyui_krea.nodes.host import standalone_models
@@ -95,7 +95,7 @@ def test_a_missing_model_lists_the_folders_searched(tmp_path, host_state):
         "Put the file in one of them (or pick another file in the node).")
 
 
-def test_a_host_without_model_folders_says_so(tmp_path):
+def test_a_host_without_model_folders_says_so():
     class NoFolders(StandaloneHost):
         def model_search_paths(self, folder):
             return []
@@ -115,7 +115,7 @@ def test_models_are_listed_from_every_folder_of_a_kind_with_their_endings(tmp_pa
 
 # --------------------------------------------------------------------------------------- the host itself
 
-def test_a_new_host_keeps_the_latest_model_of_each_kind_and_reads_the_environment(monkeypatch):
+def test_a_new_host_keeps_the_latest_model_of_each_kind_and_has_no_callbacks_or_group():
     fresh = StandaloneHost()
     assert isinstance(fresh.models, LatestPerKind)
     settings = fresh.settings()
@@ -220,15 +220,9 @@ def test_the_transformer_is_handed_over_resident_on_its_device_in_its_compute_dt
     assert loaded.is_pack_model is True and loaded.streamed is False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed's gloo")
 def test_with_a_process_group_the_transformer_is_sampled_by_the_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         group = dist.new_group([0])
         module = random_flux()

@@ -85,12 +85,12 @@ def message_lines(source: str) -> list[str]:
 # Texts shown to a person and read by no program: a node input's tooltip, a command-line option's or command's
 # help=, description= and metavar= (what --help prints).
 UI_TEXT_KEYS = ("tooltip", "help", "description", "metavar")
-TOOLTIP_TEXT = re.compile(r'("tooltip":\s*|(?:tooltip|help|description|metavar)=f?)"(?:[^"\\]|\\.)*"')
+UI_TEXT = re.compile(r'("tooltip":\s*|(?:tooltip|help|description|metavar)=f?)"(?:[^"\\]|\\.)*"')
 
 
 @functools.cache
-def tooltip_continuation_lines(path: Path) -> frozenset[str]:
-    """The stripped lines of a source file that hold only the continuation of a tooltip's text (its second line
+def ui_text_continuation_lines(path: Path) -> frozenset[str]:
+    """The stripped lines of a source file that hold only the continuation of a tooltip's or help text (its second line
     on); read and parsed once per file, however many of its mutants are asked about."""
     if not path.exists():
         return frozenset()
@@ -116,11 +116,11 @@ def ui_text_only(key: str, diff: str) -> bool:
     if not removed or len(removed) != len(added):
         return False
     path = ROOT / (key.split(".x", 1)[0].removeprefix("comfyui_krea.").replace(".", "/") + ".py")
-    continuation = tooltip_continuation_lines(path)
+    continuation = ui_text_continuation_lines(path)
     for old, new in zip(removed, added):
         if old.strip() in continuation and old.strip().startswith(('"', 'f"')):
             continue
-        if TOOLTIP_TEXT.search(old) is None or TOOLTIP_TEXT.sub(r'\1""', old) != TOOLTIP_TEXT.sub(r'\1""', new):
+        if UI_TEXT.search(old) is None or UI_TEXT.sub(r'\1""', old) != UI_TEXT.sub(r'\1""', new):
             return False
     return True
 
